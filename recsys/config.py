@@ -1,0 +1,89 @@
+"""Runtime settings, read from the environment so that the CLI, Airflow tasks and tests agree.
+
+Every process of the platform (the stack launcher, Airflow workers, the Triton python backend,
+pytest) resolves its paths and endpoints through :func:`load_settings`, so a single set of
+``RECSYS_*`` variables points the whole system at another data set, repository or port.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_NAME = "product_search"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the platform keeps its state and how it reaches its services."""
+
+    home: Path
+    """State folder: MLflow DB and artifacts, Airflow home, logs, audit log, monitor state."""
+    triton_repo: Path
+    """Triton model repository; versions are written here atomically."""
+    data_path: Path
+    """Home Depot style relevance CSV (id, product_uid, product_title, search_term, relevance)."""
+    model_name: str
+    """Name of the model in both the MLflow registry and the Triton repository."""
+    mlflow_tracking_uri: str
+    triton_host: str
+    triton_http_port: int
+    triton_grpc_port: int
+    triton_metrics_port: int
+    mlflow_port: int
+    airflow_port: int
+
+    @property
+    def triton_http_url(self) -> str:
+        return f"{self.triton_host}:{self.triton_http_port}"
+
+    @property
+    def triton_grpc_url(self) -> str:
+        return f"{self.triton_host}:{self.triton_grpc_port}"
+
+    @property
+    def triton_metrics_url(self) -> str:
+        return f"http://{self.triton_host}:{self.triton_metrics_port}/metrics"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.home / "audit" / "audit.jsonl"
+
+    @property
+    def monitor_state(self) -> Path:
+        return self.home / "monitor" / "state.json"
+
+    @property
+    def runs_dir(self) -> Path:
+        """Per-run working folders (validated data, checkpoints, exports, reports)."""
+        return self.home / "runs"
+
+
+def _env_path(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser().resolve() if value else default
+
+
+def load_settings() -> Settings:
+    """Build :class:`Settings` from ``RECSYS_*`` / ``MLFLOW_TRACKING_URI`` variables."""
+    home = _env_path("RECSYS_HOME", PROJECT_ROOT / ".recsys")
+    mlflow_port = int(os.environ.get("RECSYS_MLFLOW_PORT", "5000"))
+    return Settings(
+        home=home,
+        triton_repo=_env_path("RECSYS_TRITON_REPO", PROJECT_ROOT / "triton_repo"),
+        data_path=_env_path(
+            "RECSYS_DATA_PATH", PROJECT_ROOT.parent / "shared" / "data" / "homedepot" / "train.csv"
+        ),
+        model_name=os.environ.get("RECSYS_MODEL_NAME", DEFAULT_MODEL_NAME),
+        mlflow_tracking_uri=os.environ.get(
+            "MLFLOW_TRACKING_URI", f"http://127.0.0.1:{mlflow_port}"
+        ),
+        triton_host=os.environ.get("RECSYS_TRITON_HOST", "127.0.0.1"),
+        triton_http_port=int(os.environ.get("RECSYS_TRITON_HTTP_PORT", "8000")),
+        triton_grpc_port=int(os.environ.get("RECSYS_TRITON_GRPC_PORT", "8001")),
+        triton_metrics_port=int(os.environ.get("RECSYS_TRITON_METRICS_PORT", "8002")),
+        mlflow_port=mlflow_port,
+        airflow_port=int(os.environ.get("RECSYS_AIRFLOW_PORT", "8080")),
+    )

@@ -1,0 +1,90 @@
+"""Loading and splitting of query-product relevance data.
+
+The pipeline accepts any CSV with the Home Depot columns, so a shop can point it at its own export
+(``RECSYS_DATA_PATH`` or the DAG's ``data_path`` param). Loading is strict about structure and
+lenient about encoding: the Kaggle file is latin-1, a shop's export is usually UTF-8.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REQUIRED_COLUMNS = ("id", "product_uid", "product_title", "search_term", "relevance")
+
+
+class DataFormatError(ValueError):
+    """The input file cannot be read as relevance data; the message says why and where."""
+
+
+def read_relevance_csv(path: Path | str) -> pd.DataFrame:
+    """Read a relevance CSV as strings/floats without dropping or repairing any row.
+
+    Cleaning is the data-quality gate's job: it quarantines bad rows with a reason, which a
+    loader that silently coerced or dropped them would make impossible.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"relevance data not found at {path} (set RECSYS_DATA_PATH)")
+    frame = None
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            frame = pd.read_csv(
+                path, encoding=encoding, dtype={"product_title": str, "search_term": str}
+            )
+            break
+        except UnicodeDecodeError:
+            continue
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise DataFormatError(f"{path} is not a readable CSV: {exc}") from exc
+    if frame is None:  # pragma: no cover - latin-1 decodes any byte sequence
+        raise DataFormatError(f"{path} has an unknown text encoding")
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataFormatError(
+            f"{path} lacks required column(s) {missing}; found {list(frame.columns)}"
+        )
+    return frame
+
+
+def frame_fingerprint(frame: pd.DataFrame) -> str:
+    """SHA-256 of the frame's content, recorded as lineage on every registered model version."""
+    hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()
+    return hashlib.sha256(hashed.tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class QuerySplit:
+    """Train and held-out frames with no search term in both, so evaluation never sees a
+    training query (a split by row would leak the query and inflate every metric)."""
+
+    train: pd.DataFrame
+    test: pd.DataFrame
+
+
+def split_by_query(frame: pd.DataFrame, test_fraction: float = 0.2, seed: int = 13) -> QuerySplit:
+    """Split rows so that every search term lands wholly in train or wholly in test."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    queries = np.array(sorted(frame["search_term"].unique()))
+    if len(queries) < 2:
+        raise DataFormatError("need at least two distinct search terms to split by query")
+    rng = np.random.default_rng(seed)
+    rng.shuffle(queries)
+    n_test = max(1, round(len(queries) * test_fraction))
+    test_queries = set(queries[:n_test])
+    is_test = frame["search_term"].isin(test_queries)
+    return QuerySplit(
+        train=frame[~is_test].reset_index(drop=True), test=frame[is_test].reset_index(drop=True)
+    )
+
+
+def product_catalog(frame: pd.DataFrame) -> pd.DataFrame:
+    """Distinct products (id as string, title) that the served model ranks."""
+    catalog = frame[["product_uid", "product_title"]].drop_duplicates("product_uid")
+    catalog = catalog.assign(product_uid=catalog["product_uid"].astype(str))
+    return catalog.sort_values("product_uid").reset_index(drop=True)

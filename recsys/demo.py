@@ -1,0 +1,119 @@
+"""The end-to-end demo on the running stack, driven the way an operator would drive it.
+
+1. trigger ``search_model_pipeline`` through Airflow's REST API (real MiniLM, a data slice);
+2. answer a real query over Triton gRPC;
+3. deploy a deliberately faulty version (it passes its smoke query, then fails under load);
+4. send traffic and let the scheduled ``triton_monitor`` DAG notice and roll back;
+5. show the registry aliases, the audit trail and the restored answers.
+"""
+
+from __future__ import annotations
+
+import time
+
+from recsys.config import Settings
+
+QUERIES = [
+    "angle bracket",
+    "cordless drill",
+    "deck paint",
+    "led light bulb",
+    "toilet seat",
+    "garden hose",
+]
+
+
+def _say(text: str) -> None:
+    print(f"\n=== {text}", flush=True)
+
+
+def _show_answer(settings: Settings, query: str) -> None:
+    from recsys.triton.control import TritonControl
+
+    hits = TritonControl(settings.triton_grpc_url).search(settings.model_name, query, top_k=5)
+    print(f"query {query!r} ->")
+    for rank, (product_id, score) in enumerate(hits, 1):
+        print(f"  {rank}. product {product_id}  score {score:.3f}")
+
+
+def _traffic_until_rollback(settings: Settings, bad_version: int, timeout_s: float) -> bool:
+    """Send queries (some fail: that is the fault) until the champion alias leaves the bad
+    version, i.e. the monitor DAG has rolled back."""
+    from recsys import registry
+    from recsys.triton.control import TritonControl
+
+    control = TritonControl(settings.triton_grpc_url)
+    deadline = time.monotonic() + timeout_s
+    sent = failed = 0
+    while time.monotonic() < deadline:
+        for query in QUERIES:
+            sent += 1
+            try:
+                control.search(settings.model_name, query, top_k=5)
+            except Exception:
+                failed += 1
+        champion = registry.alias_version(
+            settings.mlflow_tracking_uri, settings.model_name, "champion"
+        )
+        if champion != bad_version:
+            print(f"sent {sent} queries, {failed} failed; champion is now v{champion}")
+            return True
+        time.sleep(1)
+    print(f"sent {sent} queries, {failed} failed; no rollback within {timeout_s:.0f}s")
+    return False
+
+
+def run_demo(settings: Settings, max_rows: int = 4000, max_steps: int = 40) -> int:
+    from recsys import registry, stack
+    from recsys.airflow_client import AirflowClient
+    from recsys.audit import read_records
+
+    _say("stack up")
+    stack.up(settings)
+    airflow = AirflowClient(
+        f"http://127.0.0.1:{settings.airflow_port}",
+        stack.AIRFLOW_USER,
+        stack.airflow_password(settings),
+    )
+    for dag_id in ("search_model_pipeline", "triton_monitor"):
+        airflow.wait_for_dag(dag_id)
+        airflow.set_paused(dag_id, False)
+
+    conf = {"max_rows": max_rows, "max_steps": max_steps, "epochs": 1, "base_model": "minilm"}
+    _say(f"pipeline run: fine-tune MiniLM on {max_rows} rows, register, deploy")
+    run_id = airflow.trigger("search_model_pipeline", conf)
+    state = airflow.wait_for_run("search_model_pipeline", run_id)
+    print(f"run {run_id}: {state} {airflow.task_states('search_model_pipeline', run_id)}")
+    if state != "success":
+        return 1
+    good = registry.alias_version(settings.mlflow_tracking_uri, settings.model_name, "champion")
+    print(f"champion: v{good}")
+    _say("a real query, answered by Triton over gRPC")
+    _show_answer(settings, "angle bracket")
+
+    _say("deploy a faulty version (passes its smoke query, then raises under traffic)")
+    fault = {"mode": "raise", "after_requests": 3}
+    run_id = airflow.trigger("search_model_pipeline", {**conf, "fault_injection": fault})
+    state = airflow.wait_for_run("search_model_pipeline", run_id)
+    bad = registry.alias_version(settings.mlflow_tracking_uri, settings.model_name, "champion")
+    print(f"run {run_id}: {state}; champion: v{bad} (faulty)")
+    if state != "success" or bad == good:
+        return 1
+
+    _say("traffic: the triton_monitor DAG (every minute) should detect the breach and roll back")
+    if not _traffic_until_rollback(settings, bad, timeout_s=420):
+        return 1
+    aliases = {
+        alias: registry.alias_version(settings.mlflow_tracking_uri, settings.model_name, alias)
+        for alias in ("champion", "previous")
+    }
+    print(f"aliases now: {aliases}")
+    for record in read_records(settings.audit_log, settings.model_name)[-3:]:
+        print(f"audit: {record['ts']} {record['action']} {record}")
+    _say("served again by the good version")
+    _show_answer(settings, "angle bracket")
+    print(
+        f"\nAirflow UI: http://127.0.0.1:{settings.airflow_port}  (login {stack.AIRFLOW_USER} / "
+        f"{stack.airflow_password(settings)}), MLflow UI: http://127.0.0.1:{settings.mlflow_port}"
+    )
+    return 0 if aliases["champion"] == good else 1

@@ -1,0 +1,324 @@
+"""Turn a metrics window into a rollback decision, with hysteresis that survives between runs.
+
+The monitor runs as a short Airflow task every minute, so everything it must remember between
+runs (the previous snapshot to diff against and how many windows in a row have breached) lives in
+a small JSON file. Writes are atomic (temp file + ``os.replace``) so a killed task never leaves a
+half-written file, reads and writes are serialised with ``flock`` because a rollback or deploy
+resets the same file from another process, and a file that is corrupt anyway is reported and
+replaced rather than crashing the monitor forever.
+
+Decision rules, in order:
+
+* no baseline yet (first run, or first after :func:`reset_model`): store one, decide nothing;
+* fewer than ``min_requests`` in the window: decide nothing, because no traffic is neither an
+  outage nor a recovery, and the consecutive-breach count is left as it was;
+* otherwise the window breaches when its error rate or mean latency is over the limit; a breach
+  adds one to the count, a healthy window sets it to zero, and a rollback is due once the count
+  reaches ``consecutive_windows``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recsys.monitoring.metrics import MetricsSnapshot, scrape
+from recsys.monitoring.window import WindowStats, aggregate_model, compute_window
+
+log = logging.getLogger(__name__)
+
+_STATE_FORMAT = 1
+_LOCK_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits for one window; the defaults match the ``triton_monitor`` DAG's params."""
+
+    max_error_rate: float = 0.05
+    max_mean_latency_ms: float = 1000.0
+    min_requests: int = 5
+    consecutive_windows: int = 1
+
+    def __post_init__(self) -> None:
+        # Fail at construction: a bad limit would otherwise surface as a silent non-decision
+        # (or a division by zero) inside the monitor a minute later.
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ValueError(f"max_error_rate must be within [0, 1], got {self.max_error_rate}")
+        if not self.max_mean_latency_ms > 0:
+            raise ValueError(f"max_mean_latency_ms must be > 0, got {self.max_mean_latency_ms}")
+        if self.min_requests < 1:
+            raise ValueError(f"min_requests must be >= 1, got {self.min_requests}")
+        if self.consecutive_windows < 1:
+            raise ValueError(f"consecutive_windows must be >= 1, got {self.consecutive_windows}")
+
+
+@dataclass
+class Verdict:
+    """The outcome of one check: whether this window breached, whether that makes the breach
+    sustained enough to roll back, and the human-readable reasons (they end up in the rollback
+    record and the alert)."""
+
+    model: str
+    breached: bool
+    should_rollback: bool
+    reasons: list[str]
+    stats: WindowStats | None
+    consecutive: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form for Airflow's XCom."""
+        return {
+            "model": self.model,
+            "breached": self.breached,
+            "should_rollback": self.should_rollback,
+            "reasons": list(self.reasons),
+            "stats": None if self.stats is None else self.stats.to_dict(),
+            "consecutive": self.consecutive,
+        }
+
+
+@dataclass
+class MonitorState:
+    """What the monitor remembers between runs: per model, the last snapshot of its versions and
+    the number of consecutive breaching windows.
+
+    Snapshots are kept per model so that monitoring several models with one state file never
+    moves one model's baseline under another. ``recovered_from`` is not persisted: it tells the
+    caller that :meth:`load` found a corrupt file and started over.
+    """
+
+    snapshots: dict[str, MetricsSnapshot] = field(default_factory=dict)
+    consecutive: dict[str, int] = field(default_factory=dict)
+    recovered_from: str | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": _STATE_FORMAT,
+            "snapshots": {model: snap.to_dict() for model, snap in sorted(self.snapshots.items())},
+            "consecutive": dict(sorted(self.consecutive.items())),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MonitorState:
+        if not isinstance(data, dict) or data.get("format") != _STATE_FORMAT:
+            raise ValueError("not a monitor state record (missing or unknown 'format')")
+        consecutive = {str(k): int(v) for k, v in data.get("consecutive", {}).items()}
+        if any(v < 0 for v in consecutive.values()):
+            raise ValueError("negative consecutive-breach count")
+        return cls(
+            snapshots={
+                str(model): MetricsSnapshot.from_dict(snap)
+                for model, snap in data.get("snapshots", {}).items()
+            },
+            consecutive=consecutive,
+        )
+
+    @classmethod
+    def load(cls, path: Path | str) -> MonitorState:
+        """Read the state; a missing file is a fresh start, a corrupt one is logged as a warning
+        and replaced by an empty state (the monitor then re-baselines instead of failing every
+        minute until someone deletes the file). Unreadable files (permissions) still raise."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cls()
+        try:
+            return cls.from_dict(json.loads(text))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "monitor state %s is corrupt (%s); starting again from an empty state",
+                path,
+                problem,
+            )
+            return cls(recovered_from=problem)
+
+    def save(self, path: Path | str) -> None:
+        """Write atomically: a temp file in the same folder, fsynced, then ``os.replace``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
+                handle.write("\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+
+
+@contextlib.contextmanager
+def _locked(state_path: Path, timeout_s: float = _LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Exclusive ``flock`` on ``<state>.lock`` for one read-modify-write of the state file, so a
+    :func:`reset_model` from a rollback cannot be overwritten by a concurrent check."""
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = state_path.with_name(state_path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"monitor state lock {lock_path} held for more than {timeout_s:.0f}s"
+                    ) from None
+                time.sleep(0.1)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} ms"
+
+
+def evaluate(
+    stats: WindowStats | None, thresholds: Thresholds, previous_consecutive: int
+) -> Verdict:
+    """Judge one window against ``thresholds``, continuing a run of ``previous_consecutive``
+    breaching windows. Pure: no I/O, so the policy is testable on its own."""
+    if stats is None:
+        return Verdict(
+            model="",
+            breached=False,
+            should_rollback=False,
+            reasons=["no metrics for the model in this window (not loaded?); no decision"],
+            stats=None,
+            consecutive=previous_consecutive,
+        )
+    if stats.requests < thresholds.min_requests:
+        return Verdict(
+            model=stats.model,
+            breached=False,
+            should_rollback=False,
+            reasons=[
+                f"only {stats.requests:g} requests in {stats.seconds:.0f}s "
+                f"(< min_requests {thresholds.min_requests}): too little traffic to judge, and "
+                "no traffic is not an error; no decision"
+            ],
+            stats=stats,
+            consecutive=previous_consecutive,
+        )
+    reasons = []
+    if stats.error_rate > thresholds.max_error_rate:
+        reasons.append(
+            f"error rate {stats.error_rate:.1%} ({stats.failures:g} of {stats.requests:g} "
+            f"requests failed in {stats.seconds:.0f}s) > max {thresholds.max_error_rate:.1%}"
+        )
+    if stats.mean_latency_ms is not None and stats.mean_latency_ms > thresholds.max_mean_latency_ms:
+        reasons.append(
+            f"mean latency {_fmt_ms(stats.mean_latency_ms)} over {stats.successes:g} successful "
+            f"requests > max {_fmt_ms(thresholds.max_mean_latency_ms)}"
+        )
+    breached = bool(reasons)
+    consecutive = previous_consecutive + 1 if breached else 0
+    should_rollback = breached and consecutive >= thresholds.consecutive_windows
+    if breached:
+        reasons.append(
+            f"breaching window {consecutive} of {thresholds.consecutive_windows} needed"
+            + ("; rollback due" if should_rollback else "")
+        )
+    else:
+        reasons.append(
+            f"healthy: error rate {stats.error_rate:.1%} <= {thresholds.max_error_rate:.1%}, "
+            f"mean latency {_fmt_ms(stats.mean_latency_ms)} <= "
+            f"{_fmt_ms(thresholds.max_mean_latency_ms)} over {stats.requests:g} requests"
+        )
+    return Verdict(
+        model=stats.model,
+        breached=breached,
+        should_rollback=should_rollback,
+        reasons=reasons,
+        stats=stats,
+        consecutive=consecutive,
+    )
+
+
+def check_once(
+    metrics_url: str,
+    model: str,
+    state_path: Path | str,
+    thresholds: Thresholds | None = None,
+    *,
+    timeout_s: float = 5.0,
+) -> Verdict:
+    """One monitor run: scrape, judge the window since the stored snapshot, persist the new
+    snapshot and breach count, and return the verdict.
+
+    The first run (or the first after :func:`reset_model`) only stores a baseline. If the scrape
+    fails, :class:`~recsys.monitoring.metrics.MetricsUnavailableError` propagates and the state
+    is left untouched: an unreachable Triton is an incident for a human, not a reason to roll a
+    model back.
+    """
+    thresholds = thresholds or Thresholds()
+    state_path = Path(state_path)
+    with _locked(state_path):
+        state = MonitorState.load(state_path)
+        current = scrape(metrics_url, timeout_s=timeout_s).for_model(model)
+        previous = state.snapshots.get(model)
+        count = state.consecutive.get(model, 0)
+        notes = []
+        if state.recovered_from is not None:
+            notes.append(f"monitor state was corrupt and has been reset ({state.recovered_from})")
+        if previous is None or current.taken_at <= previous.taken_at:
+            why = "no baseline yet" if previous is None else "clock went backwards"
+            verdict = Verdict(
+                model=model,
+                breached=False,
+                should_rollback=False,
+                reasons=[*notes, f"{why}: stored a baseline snapshot, nothing to compare yet"],
+                stats=None,
+                consecutive=count,
+            )
+        else:
+            stats = aggregate_model(compute_window(previous, current), model)
+            verdict = evaluate(stats, thresholds, count)
+            verdict.model = model
+            verdict.reasons = [*notes, *verdict.reasons]
+        state.snapshots[model] = current
+        state.consecutive[model] = verdict.consecutive
+        state.save(state_path)
+    log.info(
+        "monitor %s: breached=%s rollback=%s consecutive=%d; %s",
+        model,
+        verdict.breached,
+        verdict.should_rollback,
+        verdict.consecutive,
+        "; ".join(verdict.reasons),
+    )
+    return verdict
+
+
+def reset_model(state_path: Path | str, model: str) -> None:
+    """Forget ``model``'s baseline and breach count after a rollback or deploy.
+
+    Both go: a stale count would let one more bad window trigger a second rollback, and a stale
+    baseline would make the next window include the failures that caused the first one. The next
+    :func:`check_once` therefore re-baselines and decides nothing.
+    """
+    state_path = Path(state_path)
+    with _locked(state_path):
+        state = MonitorState.load(state_path)
+        state.snapshots.pop(model, None)
+        state.consecutive.pop(model, None)
+        state.save(state_path)

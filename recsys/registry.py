@@ -1,0 +1,207 @@
+"""MLflow 3 tracking and model registry: runs, registered versions, lineage and aliases.
+
+Registry versions are the platform's source of truth for what may serve: a version's number is
+also its Triton version directory, the alias ``champion`` names what serves, ``previous`` the
+known-good version a rollback returns to. Aliases replace the deprecated registry stages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from recsys.config import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+PREVIOUS = "previous"
+TAG_DEPLOYED = "deployed"
+TAG_ROLLED_BACK = "rolled_back"
+
+# MLflow's REST client retries for minutes by default; a platform task should fail fast and clearly.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+class RegistryUnavailableError(RuntimeError):
+    """The MLflow tracking server cannot be reached."""
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: int
+    run_id: str
+
+
+def git_sha() -> str:
+    """Commit of the code that produced a model; 'unknown' outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def ensure_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast with a clear message when an HTTP tracking server is down (file and database
+    URIs are local and need no check)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        response = requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout_s)
+        response.raise_for_status()
+    except requests.RequestException as exc:
+        raise RegistryUnavailableError(
+            f"MLflow tracking server at {tracking_uri} is unreachable ({exc.__class__.__name__}); "
+            "start it with `recsys stack up` or set MLFLOW_TRACKING_URI"
+        ) from exc
+
+
+def client(tracking_uri: str):
+    """An ``MlflowClient`` for ``tracking_uri`` after a reachability check."""
+    from mlflow import MlflowClient
+
+    ensure_reachable(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def start_training_run(
+    tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]
+) -> str:
+    """Create the MLflow run that every later stage of one pipeline run logs into."""
+    mlflow_client = client(tracking_uri)
+    experiment_obj = mlflow_client.get_experiment_by_name(experiment)
+    experiment_id = (
+        experiment_obj.experiment_id
+        if experiment_obj
+        else mlflow_client.create_experiment(experiment)
+    )
+    run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=tags)
+    for key, value in params.items():
+        mlflow_client.log_param(run.info.run_id, key, value)
+    return run.info.run_id
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    mlflow_client = client(tracking_uri)
+    for key, value in metrics.items():
+        mlflow_client.log_metric(run_id, key, float(value), step=step)
+
+
+def register_serving_model(
+    tracking_uri: str,
+    run_id: str,
+    model_name: str,
+    artifacts_dir: Path,
+    lineage: dict[str, Any],
+) -> RegisteredVersion:
+    """Log the ONNX encoder as an MLflow model, register it, and attach lineage tags.
+
+    The complete serving folder is logged too, so a Triton version can be rebuilt from the
+    registry alone if its directory is lost.
+    """
+    import mlflow
+    import onnx
+    import onnxruntime
+
+    ensure_reachable(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifacts(str(artifacts_dir), artifact_path="serving")
+        info = mlflow.onnx.log_model(
+            onnx.load(str(artifacts_dir / "encoder.onnx")),
+            name="encoder",
+            registered_model_name=model_name,
+            pip_requirements=[
+                f"onnxruntime=={onnxruntime.__version__}",
+                "numpy<2",
+                f"onnx=={onnx.__version__}",
+            ],
+            save_as_external_data=False,
+        )
+    version = int(info.registered_model_version)
+    mlflow_client = client(tracking_uri)
+    for key, value in lineage.items():
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        mlflow_client.set_model_version_tag(model_name, str(version), key, text[:5000])
+    log.info("registered %s version %d from run %s", model_name, version, run_id)
+    return RegisteredVersion(name=model_name, version=version, run_id=run_id)
+
+
+def alias_version(tracking_uri: str, model_name: str, alias: str) -> int | None:
+    """The version an alias points at, or None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return int(client(tracking_uri).get_model_version_by_alias(model_name, alias).version)
+    except MlflowException:
+        return None
+
+
+def promote_to_champion(tracking_uri: str, model_name: str, version: int) -> int | None:
+    """Point ``champion`` at ``version`` and ``previous`` at the old champion; return the old
+    champion. Called only after the version serves and passed its smoke query."""
+    mlflow_client = client(tracking_uri)
+    old = alias_version(tracking_uri, model_name, CHAMPION)
+    if old is not None and old != version:
+        mlflow_client.set_registered_model_alias(model_name, PREVIOUS, str(old))
+    mlflow_client.set_registered_model_alias(model_name, CHAMPION, str(version))
+    mlflow_client.set_model_version_tag(model_name, str(version), TAG_DEPLOYED, "true")
+    return old
+
+
+def last_good_version_before(tracking_uri: str, model_name: str, version: int) -> int | None:
+    """Newest version older than ``version`` that was deployed and never rolled back."""
+    mlflow_client = client(tracking_uri)
+    candidates = mlflow_client.search_model_versions(f"name = '{model_name}'")
+    good = [
+        int(v.version)
+        for v in candidates
+        if int(v.version) < version
+        and v.tags.get(TAG_DEPLOYED) == "true"
+        and v.tags.get(TAG_ROLLED_BACK) != "true"
+    ]
+    return max(good) if good else None
+
+
+def record_rollback(
+    tracking_uri: str,
+    model_name: str,
+    bad_version: int,
+    good_version: int,
+    reason: str,
+    metrics: dict[str, Any],
+) -> None:
+    """Move ``champion`` to the good version, tag the bad one with why it was pulled, and
+    re-point ``previous`` at the next older good version (or drop it when there is none)."""
+    mlflow_client = client(tracking_uri)
+    mlflow_client.set_registered_model_alias(model_name, CHAMPION, str(good_version))
+    mlflow_client.set_model_version_tag(model_name, str(bad_version), TAG_ROLLED_BACK, "true")
+    mlflow_client.set_model_version_tag(
+        model_name, str(bad_version), "rollback_reason", reason[:5000]
+    )
+    mlflow_client.set_model_version_tag(
+        model_name, str(bad_version), "rollback_metrics", json.dumps(metrics, default=str)[:5000]
+    )
+    older = last_good_version_before(tracking_uri, model_name, good_version)
+    if older is None:
+        if alias_version(tracking_uri, model_name, PREVIOUS) is not None:
+            mlflow_client.delete_registered_model_alias(model_name, PREVIOUS)
+    else:
+        mlflow_client.set_registered_model_alias(model_name, PREVIOUS, str(older))

@@ -1,0 +1,290 @@
+"""Control and query a running Triton over gRPC: load a pinned version, roll back, search.
+
+Triton runs with ``--model-control-mode=explicit``, so nothing serves until this client asks. A
+load carries a JSON config override whose version policy is ``specific: [version]``: Triton then
+serves exactly that version and unloads the others once it is ready, so deploying and rolling
+back are the same call with a different number. A failed load leaves the version that served
+before in place (Triton only swaps on success).
+
+Every call has a client-side deadline: a python stub that cannot start makes a load hang forever
+on the server side, and a pipeline task must fail instead of hanging with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from recsys.triton.repository import serving_config, validate_model_name, verify_version_dir
+
+log = logging.getLogger(__name__)
+
+_UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"}
+_INT32_MAX = 2**31 - 1
+
+
+class TritonUnavailableError(RuntimeError):
+    """Triton cannot be reached (connection refused, not running, deadline exceeded)."""
+
+
+class ModelLoadError(RuntimeError):
+    """A version did not load, did not become ready, or answered its smoke test wrongly."""
+
+
+class SearchError(RuntimeError):
+    """Triton answered a query with an error (bad input, model failure); message from server."""
+
+
+class TritonControl:
+    """gRPC client for model control and search against one Triton server.
+
+    ``timeout_s`` bounds every call, loads included (``load_timeout_s`` overrides it for loads,
+    which start a python stub and read the artifacts, and so take longest).
+    """
+
+    def __init__(
+        self, grpc_url: str, *, timeout_s: float = 60.0, load_timeout_s: float | None = None
+    ) -> None:
+        self.url = grpc_url.split("://", 1)[-1].rstrip("/")
+        self.timeout_s = float(timeout_s)
+        self.load_timeout_s = float(load_timeout_s or timeout_s)
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        """The tritonclient gRPC client, created on first use (it connects lazily anyway)."""
+        if self._client is None:
+            import tritonclient.grpc as grpcclient
+
+            self._client = grpcclient.InferenceServerClient(self.url)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> TritonControl:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run a client call; turn 'cannot reach the server' into TritonUnavailableError."""
+        from tritonclient.utils import InferenceServerException
+
+        kwargs.setdefault("client_timeout", self.timeout_s)
+        try:
+            return getattr(self.client, method)(*args, **kwargs)
+        except InferenceServerException as exc:
+            # Triton also answers UNAVAILABLE for "model version not ready": that is the model's
+            # state, not the server's, so it stays an ordinary error while the server is live.
+            model_state = exc.status() == "StatusCode.UNAVAILABLE" and self.is_live()
+            if exc.status() in _UNAVAILABLE and not model_state:
+                raise TritonUnavailableError(
+                    f"Triton gRPC at {self.url} is unavailable ({what}): "
+                    f"{exc.status()}: {exc.message()}"
+                ) from exc
+            raise
+
+    # -- server ---------------------------------------------------------------------------
+
+    def is_live(self) -> bool:
+        """True when the server answers its liveness check within a few seconds."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return bool(self.client.is_server_live(client_timeout=min(self.timeout_s, 5.0)))
+        except InferenceServerException:
+            return False
+
+    def wait_live(self, timeout_s: float = 60.0) -> None:
+        """Block until the server is live; raise TritonUnavailableError after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while not self.is_live():
+            if time.monotonic() > deadline:
+                raise TritonUnavailableError(
+                    f"Triton gRPC at {self.url} not live after {timeout_s:.0f}s"
+                )
+            time.sleep(0.5)
+
+    # -- model control --------------------------------------------------------------------
+
+    def load_version(
+        self,
+        model_name: str,
+        version: int,
+        repo: Path,
+        *,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        """Serve exactly ``version`` of ``model_name`` from ``repo``, replacing what served.
+
+        The version folder is verified first (sealed and complete), so a half-written folder is
+        never handed to Triton. ``config`` overrides the default serving config; its version
+        policy is always forced to ``[version]``.
+        """
+        from tritonclient.utils import InferenceServerException
+
+        validate_model_name(model_name)
+        version_dir = Path(repo) / model_name / str(int(version))
+        verify_version_dir(version_dir)
+        override = dict(config or serving_config(model_name))
+        override["name"] = model_name
+        override["version_policy"] = {"specific": {"versions": [int(version)]}}
+        try:
+            self._call(
+                f"loading {model_name} v{version}",
+                "load_model",
+                model_name,
+                config=json.dumps(override),
+                client_timeout=self.load_timeout_s,
+            )
+        except TritonUnavailableError as exc:
+            if "DEADLINE_EXCEEDED" in str(exc) and self.is_live():
+                raise ModelLoadError(
+                    f"loading {model_name} v{version} on {self.url} did not finish within "
+                    f"{self.load_timeout_s:.0f}s (a python stub that cannot start hangs the load "
+                    "forever; see the Triton log)"
+                ) from exc
+            raise
+        except InferenceServerException as exc:
+            raise ModelLoadError(
+                f"Triton at {self.url} failed to load {model_name} v{version}: {exc.message()}"
+            ) from exc
+        self._wait_ready(model_name, int(version))
+
+    def _wait_ready(self, model_name: str, version: int) -> None:
+        deadline = time.monotonic() + self.load_timeout_s
+        while not self._call(
+            f"readiness of {model_name} v{version}",
+            "is_model_ready",
+            model_name,
+            str(version),
+        ):
+            if time.monotonic() > deadline:
+                raise ModelLoadError(
+                    f"{model_name} v{version} loaded on {self.url} but is not ready after "
+                    f"{self.load_timeout_s:.0f}s"
+                )
+            time.sleep(0.2)
+        # Triton retires the versions outside the new policy right after the swap.
+        settle = time.monotonic() + 10.0
+        while (ready := self.loaded_versions(model_name)) != [version]:
+            if time.monotonic() > settle:
+                log.warning("%s: versions %s still ready besides v%d", model_name, ready, version)
+                break
+            time.sleep(0.1)
+        log.info("%s v%d is ready on %s", model_name, version, self.url)
+
+    def loaded_versions(self, model_name: str) -> list[int]:
+        """Versions of ``model_name`` that are READY now, ascending."""
+        index = self._call("repository index", "get_model_repository_index", as_json=True)
+        versions = {
+            int(entry["version"])
+            for entry in index.get("models", [])
+            if entry.get("name") == model_name
+            and entry.get("state") == "READY"
+            and str(entry.get("version", "")).isdigit()
+        }
+        return sorted(versions)
+
+    def unload(self, model_name: str) -> None:
+        """Unload every version of ``model_name`` and wait until none is ready."""
+        validate_model_name(model_name)
+        self._call(f"unloading {model_name}", "unload_model", model_name)
+        deadline = time.monotonic() + self.timeout_s
+        while self.loaded_versions(model_name):
+            if time.monotonic() > deadline:
+                raise ModelLoadError(f"{model_name} still ready {self.timeout_s:.0f}s after unload")
+            time.sleep(0.2)
+
+    # -- inference ------------------------------------------------------------------------
+
+    def search(
+        self,
+        model_name: str,
+        query: str | bytes,
+        top_k: int = 10,
+        *,
+        version: int | None = None,
+    ) -> list[tuple[str, float]]:
+        """The ``top_k`` best ``(product_id, score)`` pairs for ``query``, best first.
+
+        ``query`` may be raw bytes (sent as-is; the model rejects invalid UTF-8). Errors the
+        model reports (empty query, TOP_K out of range, failures) raise :class:`SearchError`.
+        """
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        if not -_INT32_MAX <= int(top_k) <= _INT32_MAX:
+            raise SearchError(f"top_k {top_k} does not fit TOP_K (INT32)")
+        raw = query if isinstance(query, bytes) else query.encode("utf-8")
+        query_input = grpcclient.InferInput("QUERY", [1, 1], "BYTES")
+        query_input.set_data_from_numpy(np.array([[raw]], dtype=np.object_))
+        top_k_input = grpcclient.InferInput("TOP_K", [1, 1], "INT32")
+        top_k_input.set_data_from_numpy(np.array([[int(top_k)]], dtype=np.int32))
+        outputs = [
+            grpcclient.InferRequestedOutput("PRODUCT_IDS"),
+            grpcclient.InferRequestedOutput("SCORES"),
+        ]
+        try:
+            result = self._call(
+                f"search on {model_name}",
+                "infer",
+                model_name,
+                [query_input, top_k_input],
+                model_version="" if version is None else str(int(version)),
+                outputs=outputs,
+            )
+        except InferenceServerException as exc:
+            raise SearchError(f"{model_name} on {self.url}: {exc.message()}") from exc
+        ids = result.as_numpy("PRODUCT_IDS")
+        scores = result.as_numpy("SCORES")
+        if ids is None or scores is None:
+            raise SearchError(f"{model_name} on {self.url} returned no PRODUCT_IDS/SCORES")
+        return [
+            (pid.decode("utf-8") if isinstance(pid, bytes) else str(pid), float(score))
+            for pid, score in zip(ids.reshape(-1), scores.reshape(-1), strict=True)
+        ]
+
+    def smoke_test(
+        self, model_name: str, query: str, top_k: int = 5, version: int | None = None
+    ) -> list[tuple[str, float]]:
+        """Search once and insist on a well-formed answer: exactly ``top_k`` non-empty ids with
+        finite, descending scores. Raises :class:`ModelLoadError` otherwise, so a deploy fails
+        before a version that loads but cannot answer becomes champion."""
+        try:
+            hits = self.search(model_name, query, top_k, version=version)
+        except SearchError as exc:
+            raise ModelLoadError(f"smoke test of {model_name} failed: {exc}") from exc
+        scores = [score for _, score in hits]
+        problems = []
+        if len(hits) != top_k:
+            problems.append(f"{len(hits)} hits instead of {top_k}")
+        if any(not pid for pid, _ in hits):
+            problems.append("empty product id")
+        if not all(math.isfinite(s) for s in scores):
+            problems.append("non-finite score")
+        if any(a < b for a, b in itertools.pairwise(scores)):
+            problems.append("scores not in descending order")
+        if problems:
+            raise ModelLoadError(
+                f"smoke test of {model_name} query {query!r} returned a malformed answer: "
+                f"{'; '.join(problems)}: {hits}"
+            )
+        return hits

@@ -1,0 +1,267 @@
+"""The Triton model repository: one folder per model, one numbered folder per version.
+
+Versions are published atomically. Files are copied into ``<repo>/.staging/`` (same filesystem),
+fsynced, sealed with a ``COMPLETE`` marker written last, and only then renamed into
+``<repo>/<model>/<version>``. A crash mid-copy therefore leaves debris in ``.staging`` and never a
+half-written version that Triton could load; :func:`verify_version_dir` is the check the control
+client runs before every load, and the one that refuses a version folder written by anything
+else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+REQUIRED_ARTIFACTS = ("encoder.onnx", "tokenizer.json", "products.npz", "manifest.json")
+MODEL_FILE = "model.py"
+COMPLETE_MARKER = "COMPLETE"
+STAGING_DIR = ".staging"
+CONFIG_FILE = "config.pbtxt"
+MODEL_SOURCE = Path(__file__).resolve().parent.parent / "serving" / "triton_model.py"
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class RepositoryError(RuntimeError):
+    """Base class for model-repository problems."""
+
+
+class InvalidModelNameError(RepositoryError, ValueError):
+    """A model name that is not a plain folder name (path traversal, separators, empty)."""
+
+
+class IncompleteArtifactsError(RepositoryError):
+    """Serving artifacts or a version folder lack files, or their manifest is unreadable."""
+
+
+class VersionExistsError(RepositoryError):
+    """The version folder already exists; published versions are immutable."""
+
+
+def validate_model_name(model_name: str) -> str:
+    """Return ``model_name`` if it is safe as a single path component, else raise."""
+    if not isinstance(model_name, str) or not _MODEL_NAME.fullmatch(model_name):
+        raise InvalidModelNameError(
+            f"invalid model name {model_name!r}: use only letters, digits, '_' and '-'"
+        )
+    return model_name
+
+
+def _validate_version(version: int) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"model version must be a positive integer, got {version!r}")
+    return version
+
+
+def serving_config(
+    model_name: str,
+    *,
+    max_batch_size: int = 8,
+    instance_count: int = 1,
+    versions: list[int] | None = None,
+    max_queue_delay_us: int = 2000,
+    intra_op_threads: int = 1,
+) -> dict[str, Any]:
+    """The model configuration as a JSON-able dict in Triton's protobuf JSON form.
+
+    The same dict becomes ``config.pbtxt`` and the JSON config override of a load request, so
+    the file and what the control client loads can never drift apart. ``versions`` pins the
+    version policy to exactly those versions.
+    """
+    validate_model_name(model_name)
+    config: dict[str, Any] = {
+        "name": model_name,
+        "backend": "python",
+        "max_batch_size": max_batch_size,
+        "input": [
+            {"name": "QUERY", "data_type": "TYPE_STRING", "dims": [1]},
+            {"name": "TOP_K", "data_type": "TYPE_INT32", "dims": [1]},
+        ],
+        "output": [
+            {"name": "PRODUCT_IDS", "data_type": "TYPE_STRING", "dims": [-1]},
+            {"name": "SCORES", "data_type": "TYPE_FP32", "dims": [-1]},
+        ],
+        "dynamic_batching": {"max_queue_delay_microseconds": max_queue_delay_us},
+        "instance_group": [{"kind": "KIND_CPU", "count": instance_count}],
+        "parameters": {"intra_op_threads": {"string_value": str(intra_op_threads)}},
+    }
+    if versions:
+        config["version_policy"] = {
+            "specific": {"versions": [_validate_version(v) for v in versions]}
+        }
+    return config
+
+
+def render_config_pbtxt(config: dict[str, Any]) -> str:
+    """Render ``config`` as text protobuf, validated against Triton's ModelConfig schema."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    message = json_format.ParseDict(config, model_config_pb2.ModelConfig())
+    return text_format.MessageToString(message)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and rename, fsyncing both."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_config_pbtxt(model_dir: Path, config: dict[str, Any]) -> Path:
+    """Atomically write ``model_dir/config.pbtxt`` from ``config``; return its path."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / CONFIG_FILE
+    _write_durably(path, render_config_pbtxt(config).encode("utf-8"))
+    return path
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise IncompleteArtifactsError(f"{folder}/manifest.json is unreadable: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise IncompleteArtifactsError(f"{folder}/manifest.json is not a JSON object")
+    return manifest
+
+
+def validate_artifacts(artifacts_dir: Path) -> dict[str, Any]:
+    """Check a serving-artifacts folder has every required file and a parseable manifest;
+    return the manifest."""
+    artifacts_dir = Path(artifacts_dir)
+    if not artifacts_dir.is_dir():
+        raise IncompleteArtifactsError(f"serving artifacts folder {artifacts_dir} does not exist")
+    missing = [name for name in REQUIRED_ARTIFACTS if not (artifacts_dir / name).is_file()]
+    if missing:
+        raise IncompleteArtifactsError(
+            f"serving artifacts in {artifacts_dir} are incomplete: missing {', '.join(missing)}"
+        )
+    return _read_manifest(artifacts_dir)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy_durably(source: Path, target: Path) -> None:
+    with source.open("rb") as src, target.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+        dst.flush()
+        os.fsync(dst.fileno())
+
+
+def verify_version_dir(path: Path) -> dict[str, Any]:
+    """Raise :class:`IncompleteArtifactsError` unless ``path`` is a sealed, complete version
+    folder; return its manifest. Cheap (no hashing), so it can run before every load."""
+    path = Path(path)
+    if not path.is_dir():
+        raise IncompleteArtifactsError(f"version folder {path} does not exist")
+    if not (path / COMPLETE_MARKER).is_file():
+        raise IncompleteArtifactsError(
+            f"version folder {path} has no {COMPLETE_MARKER} marker: it was not published "
+            "atomically (half-written or copied by hand); republish it with publish_version"
+        )
+    missing = [n for n in (*REQUIRED_ARTIFACTS, MODEL_FILE) if not (path / n).is_file()]
+    if missing:
+        raise IncompleteArtifactsError(f"version folder {path} lacks {', '.join(missing)}")
+    return _read_manifest(path)
+
+
+def publish_version(repo: Path, model_name: str, version: int, artifacts_dir: Path) -> Path:
+    """Publish ``artifacts_dir`` as ``<repo>/<model_name>/<version>`` atomically; return it.
+
+    The version's manifest gets ``version`` filled in. ``config.pbtxt`` is written once per
+    model and kept afterwards (loads carry their own config override). Raises
+    :class:`VersionExistsError` rather than overwrite a published version, since a model that
+    already served must stay reproducible for rollbacks.
+    """
+    validate_model_name(model_name)
+    _validate_version(version)
+    repo = Path(repo).resolve()
+    artifacts_dir = Path(artifacts_dir)
+    manifest = validate_artifacts(artifacts_dir)
+    model_dir = repo / model_name
+    final = model_dir / str(version)
+    if final.exists():
+        state = "complete" if (final / COMPLETE_MARKER).is_file() else "INCOMPLETE, remove it"
+        raise VersionExistsError(
+            f"{model_name} version {version} already exists at {final} ({state}); "
+            "versions are immutable"
+        )
+
+    staging_root = repo / STAGING_DIR
+    staging_root.mkdir(parents=True, exist_ok=True)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = staging_root / f"{model_name}-{version}-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        checksums = {}
+        for name in REQUIRED_ARTIFACTS:
+            if name == "manifest.json":
+                continue
+            _copy_durably(artifacts_dir / name, staging / name)
+            checksums[name] = _sha256(staging / name)
+        manifest = {**manifest, "version": version}
+        _write_durably(staging / "manifest.json", json.dumps(manifest, indent=2).encode())
+        _copy_durably(MODEL_SOURCE, staging / MODEL_FILE)
+        for name in ("manifest.json", MODEL_FILE):
+            checksums[name] = _sha256(staging / name)
+        marker = {"model_name": model_name, "version": version, "sha256": checksums}
+        _write_durably(staging / COMPLETE_MARKER, json.dumps(marker, indent=2).encode())
+        _fsync_dir(staging)
+        if final.exists():  # lost a race with a concurrent publisher of the same version
+            raise VersionExistsError(f"{model_name} version {version} appeared at {final}")
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_dir(model_dir)
+    with contextlib.suppress(OSError):
+        staging_root.rmdir()  # only if empty; concurrent publishers may still use it
+    if not (model_dir / CONFIG_FILE).exists():
+        write_config_pbtxt(model_dir, serving_config(model_name))
+    return final
+
+
+def list_versions(repo: Path, model_name: str) -> list[int]:
+    """Complete (sealed) versions of ``model_name`` in ``repo``, ascending."""
+    validate_model_name(model_name)
+    model_dir = Path(repo) / model_name
+    if not model_dir.is_dir():
+        return []
+    versions = []
+    for entry in model_dir.iterdir():
+        if not (entry.is_dir() and entry.name.isdigit()):
+            continue
+        try:
+            verify_version_dir(entry)
+        except IncompleteArtifactsError:
+            continue
+        versions.append(int(entry.name))
+    return sorted(versions)

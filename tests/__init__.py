@@ -1,0 +1,1 @@
+"""Test-suite package, so shared helpers import as ``tests.<module>``."""

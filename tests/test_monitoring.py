@@ -1,0 +1,519 @@
+"""Tests for the metrics side of monitoring: parsing, windows, the rollback policy and its state.
+
+The ``tests/fixtures/triton_metrics_*.txt`` files are verbatim ``/metrics`` scrapes of a real
+tritonserver 2.51 (the one bundled with nvidia-pytriton, ``summary_latencies=true``) serving a
+python-backend model ``echo`` whose ``execute`` raises on negative input, in this order:
+
+* ``before``: v1 after 4 successful and 1 failing request;
+* ``after``: 6 more successful and 3 more failing requests;
+* ``unloaded``: ``echo`` unloaded (only its failure counters remain on the server);
+* ``reloaded``: versions 1 and 2 loaded, then v1 got 2 ok + 1 failing, v2 3 ok + 1 failing.
+
+Expected values below are computed by hand from the numbers in those files. No mocks: HTTP
+behaviour is exercised against a real local HTTP server, and one test runs a real Triton.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsys.monitoring.metrics import (
+    MetricsSnapshot,
+    MetricsUnavailableError,
+    ModelVersionCounters,
+    parse_metrics,
+    scrape,
+)
+from recsys.monitoring.policy import (
+    MonitorState,
+    Thresholds,
+    check_once,
+    evaluate,
+    reset_model,
+)
+from recsys.monitoring.window import WindowStats, aggregate_model, compute_window
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ECHO_V1 = ("echo", "1")
+ECHO_V2 = ("echo", "2")
+
+
+def fixture_text(name: str) -> str:
+    return (FIXTURES / f"triton_metrics_{name}.txt").read_text()
+
+
+def snapshot(name: str, taken_at: float) -> MetricsSnapshot:
+    return parse_metrics(fixture_text(name), taken_at)
+
+
+def window_stats(requests: float, failures: float, latency_ms: float | None = 10.0) -> WindowStats:
+    """A hand-made window for policy tests that do not care where the numbers came from."""
+    return WindowStats(
+        model="search",
+        version="1",
+        seconds=60.0,
+        requests=requests,
+        failures=failures,
+        error_rate=failures / requests if requests else 0.0,
+        mean_latency_ms=latency_ms,
+        mean_queue_ms=0.1,
+        throughput_rps=requests / 60.0,
+        p99_latency_ms=latency_ms,
+    )
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def test_parse_real_scrape_keeps_per_version_counters() -> None:
+    snap = snapshot("after", 1000.0)
+    assert snap.taken_at == 1000.0
+    # Server-wide metrics (nv_cpu_*, nv_pinned_memory_*) carry no model label and are ignored.
+    assert set(snap.models) == {ECHO_V1}
+    v1 = snap.models[ECHO_V1]
+    assert (v1.model, v1.version) == ECHO_V1
+    assert v1.success == 10
+    # Four reason-labelled failure samples (OTHER/CANCELED/BACKEND/REJECTED) summed: 0+0+4+0.
+    assert v1.failure == 4
+    assert v1.inference_count == 10
+    assert v1.request_duration_us == 133846
+    assert v1.queue_duration_us == 432
+    assert v1.compute_infer_duration_us == 131949
+    assert v1.pending == 0
+    assert v1.p99_request_us == 10645  # quantile="0.99" of nv_inference_request_summary_us
+
+
+def test_parse_real_scrape_with_two_versions_and_unloaded_model() -> None:
+    reloaded = snapshot("reloaded", 0.0)
+    assert set(reloaded.models) == {ECHO_V1, ECHO_V2}
+    assert reloaded.models[ECHO_V2].success == 3
+    assert reloaded.models[ECHO_V2].p99_request_us == 10767
+    # Unloaded: only the failure counter survives on the server, everything else is gone.
+    unloaded = snapshot("unloaded", 0.0).models[ECHO_V1]
+    assert unloaded.failure == 4
+    assert unloaded.success == 0 and unloaded.request_duration_us == 0
+    assert unloaded.p99_request_us is None
+
+
+def test_snapshot_json_round_trip() -> None:
+    snap = snapshot("reloaded", 1234.5)
+    restored = MetricsSnapshot.from_dict(json.loads(json.dumps(snap.to_dict())))
+    assert restored == snap
+    assert restored.for_model("other").models == {}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<html><body><h1>502 Bad Gateway</h1></body></html>",
+        "Not Found",
+        '{"status": "ok"}',
+        'nv_inference_request_success{model="echo",version="1"} lots',
+    ],
+)
+def test_garbage_text_raises_metrics_unavailable(text: str) -> None:
+    with pytest.raises(MetricsUnavailableError, match="unparseable"):
+        parse_metrics(text, 0.0)
+
+
+@pytest.mark.parametrize("text", ["", "# HELP only a comment\n", "process_cpu_seconds_total 1.5\n"])
+def test_text_without_triton_metrics_raises(text: str) -> None:
+    # Empty or foreign-exporter text must not pass for "Triton with no traffic".
+    with pytest.raises(MetricsUnavailableError, match="no Triton"):
+        parse_metrics(text, 0.0)
+
+
+# --------------------------------------------------------------------------- scraping over HTTP
+
+
+@dataclass
+class MetricsEndpoint:
+    """A real local HTTP server whose /metrics answer tests can change between scrapes."""
+
+    url: str
+    status: int = 200
+    body: str = ""
+
+
+@pytest.fixture
+def metrics_endpoint() -> Iterator[MetricsEndpoint]:
+    endpoint = MetricsEndpoint(url="")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            payload = endpoint.body.encode()
+            self.send_response(endpoint.status)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint.url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    try:
+        yield endpoint
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_scrape_parses_served_metrics(metrics_endpoint: MetricsEndpoint) -> None:
+    metrics_endpoint.body = fixture_text("before")
+    start = time.time()
+    snap = scrape(metrics_endpoint.url, timeout_s=5)
+    assert start <= snap.taken_at <= time.time()
+    assert snap.models == snapshot("before", 0.0).models
+
+
+def test_scrape_http_error_names_url_and_status(metrics_endpoint: MetricsEndpoint) -> None:
+    metrics_endpoint.status, metrics_endpoint.body = 503, "service unavailable"
+    with pytest.raises(MetricsUnavailableError) as info:
+        scrape(metrics_endpoint.url, timeout_s=5)
+    assert metrics_endpoint.url in str(info.value)
+    assert "HTTP 503" in str(info.value)
+
+
+def test_scrape_garbage_body_names_url(metrics_endpoint: MetricsEndpoint) -> None:
+    metrics_endpoint.body = "<html>login required</html>"
+    with pytest.raises(MetricsUnavailableError) as info:
+        scrape(metrics_endpoint.url, timeout_s=5)
+    assert metrics_endpoint.url in str(info.value)
+    assert "unparseable" in str(info.value)
+
+
+def test_scrape_connection_refused_names_url() -> None:
+    with socket.socket() as sock:  # reserve a port, then close it: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/metrics"
+    with pytest.raises(MetricsUnavailableError) as info:
+        scrape(url, timeout_s=2)
+    assert url in str(info.value)
+    assert "unreachable" in str(info.value)
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def test_window_between_real_scrapes_matches_hand_computation() -> None:
+    stats = compute_window(snapshot("before", 100.0), snapshot("after", 130.0))
+    v1 = stats[ECHO_V1]
+    # success 10-4 = 6, failure 4-1 = 3 -> 9 requests, error rate 3/9.
+    assert v1.requests == 9
+    assert v1.failures == 3
+    assert v1.error_rate == pytest.approx(1 / 3)
+    # Triton times successful requests only: (133846 - 70797) us / 6 successes.
+    assert v1.mean_latency_ms == pytest.approx((133846 - 70797) / 6 / 1000)
+    assert v1.mean_queue_ms == pytest.approx((432 - 191) / 6 / 1000)
+    assert v1.seconds == 30.0
+    assert v1.throughput_rps == pytest.approx(9 / 30)
+    assert v1.p99_latency_ms == pytest.approx(10.645)
+
+
+def test_counter_reset_on_reload_counts_from_zero_per_counter() -> None:
+    stats = compute_window(snapshot("after", 100.0), snapshot("reloaded", 160.0))
+    v1 = stats[ECHO_V1]
+    # Success and duration reset on reload (10 -> 2, 133846 -> 41631): the current values are
+    # the window. Failures did NOT reset (4 -> 5): one new failure, not five.
+    assert v1.requests == 2 + 1
+    assert v1.failures == 1
+    assert v1.mean_latency_ms == pytest.approx(41631 / 2 / 1000)
+    # Version 2 did not exist before: everything it reports is new.
+    v2 = stats[ECHO_V2]
+    assert (v2.requests, v2.failures) == (3 + 1, 1)
+    assert v2.mean_latency_ms == pytest.approx(52699 / 3 / 1000)
+
+
+def test_window_through_unload_adds_up_to_direct_window() -> None:
+    after, unloaded, reloaded = (
+        snapshot("after", 100.0),
+        snapshot("unloaded", 130.0),
+        snapshot("reloaded", 160.0),
+    )
+    first = aggregate_model(compute_window(after, unloaded), "echo")
+    second = aggregate_model(compute_window(unloaded, reloaded), "echo")
+    direct = aggregate_model(compute_window(after, reloaded), "echo")
+    assert first is not None and second is not None and direct is not None
+    assert (first.requests, first.failures) == (0, 0)
+    assert first.mean_latency_ms is None  # no successful request, no latency to report
+    assert second.requests + first.requests == direct.requests == 7
+    assert second.failures + first.failures == direct.failures == 2
+
+
+def test_synthetic_full_reset_and_zero_length_window() -> None:
+    old = MetricsSnapshot(
+        10.0,
+        {
+            ("m", "1"): ModelVersionCounters(
+                "m", "1", success=500, failure=20, request_duration_us=9e6
+            )
+        },
+    )
+    new = MetricsSnapshot(
+        10.0,
+        {("m", "1"): ModelVersionCounters("m", "1", success=8, failure=2, request_duration_us=4e4)},
+    )
+    stats = compute_window(old, new)[("m", "1")]
+    assert (stats.requests, stats.failures) == (10, 2)
+    assert stats.mean_latency_ms == pytest.approx(5.0)
+    assert stats.throughput_rps == 0.0  # no time elapsed: no rate, and no division by zero
+
+
+def test_aggregate_model_weights_versions_by_traffic() -> None:
+    stats = compute_window(snapshot("after", 100.0), snapshot("reloaded", 160.0))
+    model = aggregate_model(stats, "echo")
+    assert model is not None
+    assert model.version == "1,2"
+    assert model.requests == 7
+    assert model.failures == 2
+    assert model.error_rate == pytest.approx(2 / 7)
+    # (41631 + 52699) us over 2 + 3 successful requests.
+    assert model.mean_latency_ms == pytest.approx((41631 + 52699) / 5 / 1000)
+    assert model.throughput_rps == pytest.approx(7 / 60)
+    assert model.p99_latency_ms == pytest.approx(10.767)  # the worse version's p99
+    assert aggregate_model(stats, "not_served") is None
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def test_thresholds_reject_nonsense() -> None:
+    with pytest.raises(ValueError, match="max_error_rate"):
+        Thresholds(max_error_rate=1.5)
+    with pytest.raises(ValueError, match="min_requests"):
+        Thresholds(min_requests=0)
+    with pytest.raises(ValueError, match="consecutive_windows"):
+        Thresholds(consecutive_windows=0)
+
+
+def test_error_rate_breach_rolls_back_at_once_by_default() -> None:
+    verdict = evaluate(window_stats(requests=20, failures=3), Thresholds(), previous_consecutive=0)
+    assert verdict.breached and verdict.should_rollback
+    assert verdict.consecutive == 1
+    assert "error rate 15.0%" in verdict.reasons[0]
+    payload = json.loads(json.dumps(verdict.to_dict()))  # must survive XCom
+    assert payload["stats"]["failures"] == 3
+    assert payload["should_rollback"] is True
+
+
+def test_latency_breach_is_reported_separately() -> None:
+    verdict = evaluate(window_stats(20, 0, latency_ms=1500.0), Thresholds(), 0)
+    assert verdict.breached
+    assert any("mean latency 1500.0 ms" in reason for reason in verdict.reasons)
+    assert not any("error rate" in reason for reason in verdict.reasons)
+
+
+def test_hysteresis_needs_consecutive_breaching_windows() -> None:
+    thresholds = Thresholds(consecutive_windows=2)
+    bad = window_stats(requests=20, failures=10)
+    first = evaluate(bad, thresholds, previous_consecutive=0)
+    assert first.breached and not first.should_rollback and first.consecutive == 1
+    second = evaluate(bad, thresholds, previous_consecutive=first.consecutive)
+    assert second.breached and second.should_rollback and second.consecutive == 2
+    # A healthy window in between starts the count again.
+    healthy = evaluate(window_stats(requests=20, failures=0), thresholds, first.consecutive)
+    assert not healthy.breached and healthy.consecutive == 0
+    again = evaluate(bad, thresholds, healthy.consecutive)
+    assert not again.should_rollback and again.consecutive == 1
+
+
+def test_no_traffic_never_rolls_back_and_keeps_the_count() -> None:
+    thresholds = Thresholds(min_requests=5, consecutive_windows=1)
+    # Even a window where everything failed is not judged below min_requests...
+    quiet = evaluate(window_stats(requests=4, failures=4, latency_ms=None), thresholds, 3)
+    assert not quiet.breached and not quiet.should_rollback
+    assert quiet.consecutive == 3  # ...and is neither an outage nor a recovery
+    assert "no decision" in quiet.reasons[0] and "no traffic is not an error" in quiet.reasons[0]
+    empty = evaluate(window_stats(requests=0, failures=0, latency_ms=None), thresholds, 0)
+    assert not empty.should_rollback and empty.consecutive == 0
+    missing = evaluate(None, thresholds, 2)
+    assert not missing.should_rollback and missing.consecutive == 2 and missing.stats is None
+
+
+# --------------------------------------------------------------------------- state file
+
+
+def test_state_round_trip_is_atomic_json(tmp_path: Path) -> None:
+    path = tmp_path / "monitor" / "state.json"
+    state = MonitorState(
+        snapshots={"echo": snapshot("reloaded", 50.0).for_model("echo")},
+        consecutive={"echo": 2, "other": 0},
+    )
+    state.save(path)
+    assert json.loads(path.read_text())["consecutive"] == {"echo": 2, "other": 0}
+    assert MonitorState.load(path) == state
+    assert [p.name for p in path.parent.iterdir()] == ["state.json"]  # no temp file left
+    assert MonitorState.load(tmp_path / "missing.json") == MonitorState()
+
+
+@pytest.mark.parametrize(
+    "content", ["{not json", '{"format": 1, "snapshots": {"echo": {"taken_at": "x"}}}', "[]"]
+)
+def test_corrupt_state_is_reported_and_reset(
+    tmp_path: Path, content: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="recsys.monitoring.policy"):
+        state = MonitorState.load(path)
+    assert state == MonitorState()
+    assert state.recovered_from
+    assert any("corrupt" in record.getMessage() for record in caplog.records)
+
+
+def test_check_once_recovers_from_corrupt_state(
+    tmp_path: Path, metrics_endpoint: MetricsEndpoint
+) -> None:
+    path = tmp_path / "state.json"
+    path.write_text("\x00\x00 truncated")
+    metrics_endpoint.body = fixture_text("before")
+    verdict = check_once(metrics_endpoint.url, "echo", path, Thresholds())
+    assert not verdict.breached and verdict.stats is None
+    assert "corrupt" in verdict.reasons[0]
+    assert "echo" in MonitorState.load(path).snapshots  # a valid baseline replaced the junk
+
+
+def test_check_once_hysteresis_and_reset_across_runs(
+    tmp_path: Path, metrics_endpoint: MetricsEndpoint
+) -> None:
+    path = tmp_path / "state.json"
+    thresholds = Thresholds(max_error_rate=0.05, min_requests=3, consecutive_windows=2)
+
+    metrics_endpoint.body = fixture_text("before")
+    baseline = check_once(metrics_endpoint.url, "echo", path, thresholds)
+    assert not baseline.breached and baseline.stats is None and baseline.consecutive == 0
+    assert "baseline" in baseline.reasons[-1]
+
+    metrics_endpoint.body = fixture_text("after")  # 3 of 9 failed
+    first = check_once(metrics_endpoint.url, "echo", path, thresholds)
+    assert first.breached and not first.should_rollback and first.consecutive == 1
+    assert first.stats is not None and (first.stats.requests, first.stats.failures) == (9, 3)
+
+    second_same = check_once(metrics_endpoint.url, "echo", path, thresholds)  # no new traffic
+    assert not second_same.should_rollback and second_same.consecutive == 1
+
+    metrics_endpoint.body = fixture_text("reloaded")  # 2 of 7 failed, across a reload
+    second = check_once(metrics_endpoint.url, "echo", path, thresholds)
+    assert second.breached and second.should_rollback and second.consecutive == 2
+    assert second.stats is not None and (second.stats.requests, second.stats.failures) == (7, 2)
+
+    reset_model(path, "echo")
+    state = MonitorState.load(path)
+    assert "echo" not in state.snapshots and "echo" not in state.consecutive
+    after_reset = check_once(metrics_endpoint.url, "echo", path, thresholds)
+    assert not after_reset.breached and after_reset.stats is None  # re-baselined
+
+
+def test_check_once_leaves_state_alone_when_triton_is_down(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    MonitorState(consecutive={"echo": 1}).save(path)
+    before = path.read_text()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(MetricsUnavailableError):
+        check_once(f"http://127.0.0.1:{port}/metrics", "echo", path, Thresholds(), timeout_s=2)
+    assert path.read_text() == before
+
+
+# --------------------------------------------------------------------------- real Triton
+
+FLAKY_CONFIG = """
+name: "flaky"
+backend: "python"
+max_batch_size: 0
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+
+FLAKY_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            if (data < 0).any():
+                raise ValueError("negative input: injected failure")
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", data)]))
+        return responses
+"""
+
+
+@pytest.fixture
+def flaky_triton(tmp_path: Path):
+    """A throwaway tritonserver (free ports, always stopped) with a python model ``flaky`` that
+    raises on negative input."""
+    import tritonclient.grpc as grpcclient
+
+    from tests.triton_testing import running_triton
+
+    with running_triton(tmp_path / "triton") as harness:
+        model_dir = harness.repo / "flaky"
+        (model_dir / "1").mkdir(parents=True)
+        (model_dir / "config.pbtxt").write_text(FLAKY_CONFIG)
+        (model_dir / "1" / "model.py").write_text(FLAKY_MODEL)
+        client = grpcclient.InferenceServerClient(harness.grpc_url)
+        try:
+            yield harness, client
+        finally:
+            client.close()
+
+
+def test_check_once_detects_breach_on_real_triton(flaky_triton, tmp_path: Path) -> None:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    harness, client = flaky_triton
+    # A live server without models still exposes nv_* metrics, and no model entries.
+    assert scrape(harness.metrics_url, timeout_s=5).models == {}
+    client.load_model("flaky", client_timeout=60)
+
+    def infer(value: float) -> bool:
+        tensor = grpcclient.InferInput("INPUT0", [2], "FP32")
+        tensor.set_data_from_numpy(np.full(2, value, dtype=np.float32))
+        try:
+            client.infer("flaky", [tensor], client_timeout=30)
+            return True
+        except InferenceServerException:
+            return False
+
+    state = tmp_path / "state.json"
+    thresholds = Thresholds(max_error_rate=0.05, min_requests=5, consecutive_windows=1)
+    baseline = check_once(harness.metrics_url, "flaky", state, thresholds)
+    assert not baseline.breached and baseline.stats is None
+
+    outcomes = [infer(1.0) for _ in range(3)] + [infer(-1.0) for _ in range(5)]
+    assert outcomes == [True] * 3 + [False] * 5
+
+    verdict = check_once(harness.metrics_url, "flaky", state, thresholds)
+    assert verdict.stats is not None
+    assert (verdict.stats.requests, verdict.stats.failures) == (8, 5)
+    assert verdict.stats.error_rate == pytest.approx(5 / 8)
+    assert verdict.stats.mean_latency_ms is not None and verdict.stats.mean_latency_ms > 0
+    assert verdict.breached and verdict.should_rollback
+    assert "error rate 62.5%" in verdict.reasons[0]
+
+    quiet = check_once(harness.metrics_url, "flaky", state, thresholds)
+    assert not quiet.should_rollback  # the failures are not counted twice; no traffic, no call
+    assert quiet.stats is not None and quiet.stats.requests == 0
