@@ -9,6 +9,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+from recsys.config import pipeline_schedule
+
 DOC = """
 ### Search model pipeline
 Validates the relevance data with the Great Expectations suites in `expectations/` (bad rows are
@@ -25,7 +27,7 @@ hyperparameters. `fault_injection` deploys a deliberately faulty version to rehe
 
 @dag(
     dag_id="search_model_pipeline",
-    schedule="@weekly",
+    schedule=pipeline_schedule(),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -71,10 +73,17 @@ def search_model_pipeline():
 
     @task
     def validate_data() -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from recsys.data import DataFormatError
         from recsys.pipeline import validate_data as run
+        from recsys.quality import DataQualityError
 
         settings, run_dir, params = settings_and_dir()
-        return run(params["data_path"] or str(settings.data_path), run_dir, params["max_rows"])
+        try:
+            return run(params["data_path"] or str(settings.data_path), run_dir, params["max_rows"])
+        except (DataQualityError, DataFormatError) as exc:
+            raise AirflowFailException(str(exc)) from exc  # bad data: retrying cannot help
 
     @task
     def split_data(validated: dict) -> dict:

@@ -87,3 +87,10 @@ def load_settings() -> Settings:
         mlflow_port=mlflow_port,
         airflow_port=int(os.environ.get("RECSYS_AIRFLOW_PORT", "8080")),
     )
+
+
+def pipeline_schedule() -> str | None:
+    """Schedule of the training pipeline DAG: ``RECSYS_PIPELINE_SCHEDULE`` (a cron expression or
+    preset, ``none`` for manual runs only), weekly by default."""
+    value = os.environ.get("RECSYS_PIPELINE_SCHEDULE", "@weekly").strip()
+    return None if value.lower() in {"", "none", "manual"} else value

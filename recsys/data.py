@@ -48,6 +48,11 @@ def read_relevance_csv(path: Path | str) -> pd.DataFrame:
         raise DataFormatError(
             f"{path} lacks required column(s) {missing}; found {list(frame.columns)}"
         )
+    # A blank or garbled id becomes a missing value (nullable Int64) for the quality gate to
+    # report, instead of silently turning the whole column into floats or strings.
+    for column in ("id", "product_uid"):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        frame[column] = values.astype("int64" if values.notna().all() else "Int64")
     return frame
 
 

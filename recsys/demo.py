@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from recsys.config import Settings
@@ -69,6 +70,9 @@ def run_demo(settings: Settings, max_rows: int = 4000, max_steps: int = 40) -> i
     from recsys.audit import read_records
 
     _say("stack up")
+    # The weekly retrain on the full data would start as soon as the DAG is unpaused and keep a
+    # CPU-only machine busy for hours; the demo triggers its own, smaller runs instead.
+    os.environ.setdefault("RECSYS_PIPELINE_SCHEDULE", "none")
     stack.up(settings)
     airflow = AirflowClient(
         f"http://127.0.0.1:{settings.airflow_port}",

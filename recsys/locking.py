@@ -1,11 +1,12 @@
-"""A per-model file lock so a deploy and a rollback can never interleave.
+"""Cross-process file locks (``flock``) on files in the platform's state folder.
 
-Both run as Airflow tasks, possibly in different DAG runs at once; an OS-level ``flock`` on a file
-in the platform's state folder serialises them across processes without another service.
+Deploys and rollbacks of one model, and the monitor's read-modify-write of its state file, run
+as Airflow tasks that may overlap; an OS-level lock serialises them without another service.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -15,13 +16,13 @@ from pathlib import Path
 
 
 class LockTimeoutError(TimeoutError):
-    """Another deploy or rollback of the same model held the lock for too long."""
+    """Someone else held the lock for longer than the caller was willing to wait."""
 
 
 @contextmanager
-def model_lock(lock_dir: Path, model_name: str, timeout_s: float = 300.0) -> Iterator[None]:
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    path = lock_dir / f"{model_name}.lock"
+def file_lock(path: Path, timeout_s: float, purpose: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed); the file records the holder's PID."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + timeout_s
     try:
@@ -32,13 +33,19 @@ def model_lock(lock_dir: Path, model_name: str, timeout_s: float = 300.0) -> Ite
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise LockTimeoutError(
-                        f"could not lock {model_name} within {timeout_s:.0f}s: another deploy or "
-                        f"rollback holds {path}"
+                        f"could not lock {path} for {purpose} within {timeout_s:.0f}s: "
+                        "another process holds it"
                     ) from None
-                time.sleep(0.2)
+                time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def model_lock(lock_dir: Path, model_name: str, timeout_s: float = 300.0):
+    """The lock a deploy or rollback of ``model_name`` holds, so the two never interleave."""
+    return file_lock(lock_dir / f"{model_name}.lock", timeout_s, f"deploy/rollback of {model_name}")

@@ -197,6 +197,9 @@ def deploy_model(
             if previous is not None:
                 log.error("version %d failed (%s); restoring version %d", version, exc, previous)
                 control.load_version(model, previous, settings.triton_repo)
+            else:  # nothing served before: serve nothing rather than a version that fails
+                log.error("version %d failed (%s); unloading it", version, exc)
+                control.unload(model)
             audit.append_record(
                 settings.audit_log,
                 "deploy_failed",

@@ -3,7 +3,7 @@
 Services: Triton (bundled binary from nvidia-pytriton, explicit model control), an MLflow server
 (SQLite backend, local artifact store) and Airflow 3 as separate api-server, scheduler,
 dag-processor and triggerer processes on SQLite. All bind to 127.0.0.1. Each service's PID and
-command line are recorded, and `down` signals only processes whose command line still matches
+start time are recorded, and `down` signals only processes whose PID and start time still match
 what was started, so it never kills anything it did not start.
 """
 
@@ -14,13 +14,13 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import requests
 
 from recsys.config import PROJECT_ROOT, Settings
@@ -184,18 +184,22 @@ def _pid_file(settings: Settings, name: str) -> Path:
 
 
 def _running_pid(settings: Settings, name: str) -> int | None:
-    """The PID of a service this launcher started, if that exact process still runs."""
+    """The PID of a service this launcher started, if that very process still runs.
+
+    A process is identified by PID *and* start time: services rename themselves (Airflow sets
+    its process title), and a recycled PID must never be mistaken for one of ours.
+    """
     path = _pid_file(settings, name)
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    pid = int(record["pid"])
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+        process = psutil.Process(int(record["pid"]))
+        same = abs(process.create_time() - float(record["create_time"])) < 0.05
+        alive = process.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, KeyError, ValueError):
         return None
-    started = [part.encode() for part in record["command"]]
-    return pid if cmdline[: len(started)] == started else None
+    return process.pid if same and alive else None
 
 
 def _healthy(url: str | None) -> bool:
@@ -230,6 +234,37 @@ def migrate_airflow_db(settings: Settings) -> None:
         raise StackError(f"airflow db migrate failed; see {log_path}:\n{_log_tail(log_path)}")
 
 
+def spawn(service: Service, log_path: Path, cwd: Path) -> subprocess.Popen:
+    """Start ``service`` detached in its own session, output appended to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            service.command,
+            env=service.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(cwd),
+            start_new_session=True,
+        )
+
+
+def wait_healthy(
+    service: Service, process: subprocess.Popen, log_path: Path, deadline: float
+) -> None:
+    """Block until ``service`` answers its health check; fail with its log if it dies or the
+    monotonic ``deadline`` passes."""
+    while not _healthy(service.health_url):
+        if process.poll() is not None:
+            raise StackError(
+                f"{service.name} exited with code {process.returncode}; log {log_path}:\n"
+                f"{_log_tail(log_path)}"
+            )
+        if time.monotonic() > deadline:
+            raise StackError(f"{service.name} not healthy in time; log {log_path}")
+        time.sleep(0.5)
+
+
 def up(settings: Settings, timeout_s: float = 180.0, echo=print) -> list[Service]:
     """Start every service that is not already running and wait until each is healthy."""
     settings.triton_repo.mkdir(parents=True, exist_ok=True)
@@ -240,59 +275,53 @@ def up(settings: Settings, timeout_s: float = 180.0, echo=print) -> list[Service
             echo(f"  {service.name}: already running")
             continue
         log_path = stack_dir(settings) / "logs" / f"{service.name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab") as log:
-            process = subprocess.Popen(
-                service.command,
-                env=service.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=str(settings.home),
-                start_new_session=True,
-            )
+        process = spawn(service, log_path, settings.home)
         path = _pid_file(settings, service.name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"pid": process.pid, "command": service.command}))
+        record = {
+            "pid": process.pid,
+            "create_time": psutil.Process(process.pid).create_time(),
+            "command": service.command,
+        }
+        path.write_text(json.dumps(record))
         started.append((service, process, log_path))
         echo(f"  {service.name}: started (pid {process.pid}, log {log_path})")
     deadline = time.monotonic() + timeout_s
     for service, process, log_path in started:
-        while not _healthy(service.health_url):
-            if process.poll() is not None:
-                raise StackError(
-                    f"{service.name} exited with code {process.returncode}; log {log_path}:\n"
-                    f"{_log_tail(log_path)}"
-                )
-            if time.monotonic() > deadline:
-                raise StackError(
-                    f"{service.name} not healthy after {timeout_s:.0f}s; log {log_path}"
-                )
-            time.sleep(1)
+        wait_healthy(service, process, log_path, deadline)
     return services(settings)
 
 
+def _terminate_tree(pid: int, timeout_s: float) -> None:
+    """SIGTERM a service and every descendant (Airflow runs tasks in their own sessions, so
+    signalling the process group alone would orphan a running task), then SIGKILL leftovers."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in tree:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=timeout_s)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
 def down(settings: Settings, timeout_s: float = 30.0, echo=print) -> None:
-    """Stop, in reverse order, only the processes this launcher started."""
+    """Stop, in reverse start order, only the processes this launcher started."""
     for service in reversed(services(settings)):
         pid = _running_pid(settings, service.name)
-        if pid is None:
-            _pid_file(settings, service.name).unlink(missing_ok=True)
-            continue
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while _running_pid(settings, service.name) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        if _running_pid(settings, service.name):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-        _pid_file(settings, service.name).unlink(missing_ok=True)
-        if service.name == "triton":
-            from recsys.triton.server import cleanup_shared_memory
+        if pid is not None:
+            _terminate_tree(pid, timeout_s)
+            echo(f"  {service.name}: stopped (pid {pid})")
+            if service.name == "triton":
+                from recsys.triton.server import cleanup_shared_memory
 
-            cleanup_shared_memory()
-        echo(f"  {service.name}: stopped (pid {pid})")
+                cleanup_shared_memory()
+        _pid_file(settings, service.name).unlink(missing_ok=True)
 
 
 def status(settings: Settings) -> list[dict[str, object]]:

@@ -68,14 +68,6 @@ def dagbag(airflow_db):
     return bag
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server():
     """A real ``mlflow server`` (SQLite + local artifact store) on a free loopback port, started
@@ -84,35 +76,17 @@ def mlflow_server():
     import subprocess
     import time
 
-    import requests
-
     from recsys.config import load_settings
-    from recsys.stack import mlflow_service
+    from recsys.stack import mlflow_service, spawn, wait_healthy
+    from tests.triton_testing import free_port
 
-    port = free_port()
     home = SESSION_DIR / "mlflow-server"
-    settings = dataclasses.replace(load_settings(), home=home, mlflow_port=port)
+    settings = dataclasses.replace(load_settings(), home=home, mlflow_port=free_port())
     service = mlflow_service(settings, dict(os.environ))
     log_path = home / "mlflow.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            service.command,
-            env=service.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 120
+    process = spawn(service, log_path, home)
     try:
-        while True:
-            try:
-                if requests.get(service.health_url, timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert process.poll() is None, f"mlflow server died: {log_path.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "mlflow server did not become healthy in 120 s"
-            time.sleep(0.5)
+        wait_healthy(service, process, log_path, time.monotonic() + 120)
         yield service.ui
     finally:
         process.terminate()
@@ -120,3 +94,25 @@ def mlflow_server():
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture
+def platform(monkeypatch, tmp_path, mlflow_server):
+    """Point every ``recsys`` setting at a fresh state folder, a real Triton and MLflow."""
+    import uuid
+
+    from tests.triton_testing import running_triton
+
+    with running_triton(tmp_path / "triton") as triton:
+        server = triton.server
+        monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("RECSYS_TRITON_REPO", str(triton.repo))
+        monkeypatch.setenv("RECSYS_TRITON_HTTP_PORT", str(server.http_port))
+        monkeypatch.setenv("RECSYS_TRITON_GRPC_PORT", str(server.grpc_port))
+        monkeypatch.setenv("RECSYS_TRITON_METRICS_PORT", str(server.metrics_port))
+        # One registered model per test: the MLflow server is shared by the session.
+        monkeypatch.setenv("RECSYS_MODEL_NAME", f"product_search_{uuid.uuid4().hex[:8]}")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        from recsys.config import load_settings
+
+        yield load_settings()

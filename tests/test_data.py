@@ -55,3 +55,17 @@ def test_fingerprint_changes_with_content_and_catalog_is_distinct(homedepot_samp
     assert catalog["product_uid"].is_unique
     assert set(catalog["product_uid"]) == set(frame["product_uid"].astype(str))
     assert isinstance(catalog, pd.DataFrame)
+
+
+def test_blank_or_garbled_ids_become_missing_not_a_float_column(tmp_path):
+    path = tmp_path / "ids.csv"
+    path.write_text(
+        "id,product_uid,product_title,search_term,relevance\n"
+        "1,100001,Angle bracket,angle bracket,3\n"
+        ",100002,Deck paint,deck paint,2.33\n"
+        "3,abc,Drill,drill,2\n"
+    )
+    frame = read_relevance_csv(path)
+    assert len(frame) == 3
+    assert str(frame["id"].dtype) == "Int64" and frame["id"].isna().tolist() == [False, True, False]
+    assert frame["product_uid"].isna().tolist() == [False, False, True]

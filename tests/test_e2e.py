@@ -11,28 +11,7 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from tests.triton_testing import running_triton
-
 pytestmark = pytest.mark.e2e
-
-MODEL = "product_search"
-
-
-@pytest.fixture
-def platform(monkeypatch, tmp_path, mlflow_server):
-    """Point every ``recsys`` setting at a fresh state folder, a real Triton and MLflow."""
-    with running_triton(tmp_path / "triton") as triton:
-        server = triton.server
-        monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
-        monkeypatch.setenv("RECSYS_TRITON_REPO", str(triton.repo))
-        monkeypatch.setenv("RECSYS_TRITON_HTTP_PORT", str(server.http_port))
-        monkeypatch.setenv("RECSYS_TRITON_GRPC_PORT", str(server.grpc_port))
-        monkeypatch.setenv("RECSYS_TRITON_METRICS_PORT", str(server.metrics_port))
-        monkeypatch.setenv("RECSYS_MODEL_NAME", MODEL)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        from recsys.config import load_settings
-
-        yield load_settings()
 
 
 def _run(dag, conf):
@@ -47,6 +26,7 @@ def test_deploy_breach_rollback(platform, dagbag, tiny_bert_dir, homedepot_sampl
     from recsys.triton.control import TritonControl
 
     uri = platform.mlflow_tracking_uri
+    model = platform.model_name
     control = TritonControl(platform.triton_grpc_url)
     pipeline = dagbag.get_dag("search_model_pipeline")
     monitor = dagbag.get_dag("triton_monitor")
@@ -61,18 +41,18 @@ def test_deploy_breach_rollback(platform, dagbag, tiny_bert_dir, homedepot_sampl
 
     state, tasks = _run(pipeline, conf)
     assert state == "success", tasks
-    assert registry.alias_version(uri, MODEL, registry.CHAMPION) == 1
-    assert control.loaded_versions(MODEL) == [1]
-    healthy_answer = control.search(MODEL, "angle bracket", top_k=5)
+    assert registry.alias_version(uri, model, registry.CHAMPION) == 1
+    assert control.loaded_versions(model) == [1]
+    healthy_answer = control.search(model, "angle bracket", top_k=5)
     assert len(healthy_answer) == 5
 
     state, tasks = _run(
         pipeline, {**conf, "fault_injection": {"mode": "raise", "after_requests": 2}}
     )
     assert state == "success", tasks
-    assert registry.alias_version(uri, MODEL, registry.CHAMPION) == 2
-    assert registry.alias_version(uri, MODEL, registry.PREVIOUS) == 1
-    assert control.loaded_versions(MODEL) == [2]
+    assert registry.alias_version(uri, model, registry.CHAMPION) == 2
+    assert registry.alias_version(uri, model, registry.PREVIOUS) == 1
+    assert control.loaded_versions(model) == [2]
 
     monitor_conf = {"min_requests": 5, "max_error_rate": 0.05, "consecutive_windows": 1}
     state, tasks = _run(monitor, monitor_conf)  # first scrape after a deploy: the baseline
@@ -81,7 +61,7 @@ def test_deploy_breach_rollback(platform, dagbag, tiny_bert_dir, homedepot_sampl
     failures = 0
     for i in range(30):
         try:
-            control.search(MODEL, f"angle bracket {i}", top_k=3)
+            control.search(model, f"angle bracket {i}", top_k=3)
         except Exception:
             failures += 1
     assert failures >= 25
@@ -89,14 +69,14 @@ def test_deploy_breach_rollback(platform, dagbag, tiny_bert_dir, homedepot_sampl
     state, tasks = _run(monitor, monitor_conf)
     assert state == "success" and tasks["rollback"] == "success", tasks
 
-    assert control.loaded_versions(MODEL) == [1]
-    assert control.search(MODEL, "angle bracket", top_k=5) == healthy_answer
-    assert registry.alias_version(uri, MODEL, registry.CHAMPION) == 1
-    assert registry.alias_version(uri, MODEL, registry.PREVIOUS) is None
-    bad_tags = MlflowClient(tracking_uri=uri).get_model_version(MODEL, "2").tags
+    assert control.loaded_versions(model) == [1]
+    assert control.search(model, "angle bracket", top_k=5) == healthy_answer
+    assert registry.alias_version(uri, model, registry.CHAMPION) == 1
+    assert registry.alias_version(uri, model, registry.PREVIOUS) is None
+    bad_tags = MlflowClient(tracking_uri=uri).get_model_version(model, "2").tags
     assert bad_tags[registry.TAG_ROLLED_BACK] == "true"
     assert "error rate" in bad_tags["rollback_reason"]
-    lineage = MlflowClient(tracking_uri=uri).get_model_version(MODEL, "1").tags
+    lineage = MlflowClient(tracking_uri=uri).get_model_version(model, "1").tags
     assert {"data_hash", "gx_result", "params", "git_sha", "metrics"} <= set(lineage)
 
     actions = [

@@ -48,13 +48,6 @@ def fixture_report(relevance_frame, tmp_path_factory) -> QualityReport:
     return validate_frame(relevance_frame, HOMEDEPOT_SUITES, tmp_path_factory.mktemp("ok"))
 
 
-def _kl_result(summary_dir: Path) -> float | None:
-    """The KL divergence GX observed, read back from the Data Docs validation page's source."""
-    suite = load_suite("relevance_labels")
-    assert any(e.expectation_type == KL for e in suite.expectations)
-    return None
-
-
 def test_fixture_passes_every_suite(fixture_report, relevance_frame):
     report = fixture_report
     assert report.success
@@ -316,8 +309,9 @@ def test_rebuilt_reference_with_empty_bins_stays_finite(relevance_frame, tmp_pat
     assert kl["severity"] == "critical" and kl["kwargs"]["threshold"] == DEFAULT_KL_THRESHOLD
 
     with pytest.raises(DataQualityError, match=rf"{KL}\(relevance\): observed (\d+\.\d+)") as e:
-        validate_frame(relevance_frame, ["relevance_labels"], tmp_path / "out",
-                       expectations_dir=tmp_path)
+        validate_frame(
+            relevance_frame, ["relevance_labels"], tmp_path / "out", expectations_dir=tmp_path
+        )
     observed = float(str(e.value).split(f"{KL}(relevance): observed ")[1].split(";")[0])
     assert np.isfinite(observed) and observed > DEFAULT_KL_THRESHOLD
 

@@ -67,7 +67,7 @@ def test_unknown_model_has_no_aliases(mlflow_server):
 
 
 def test_unreachable_tracking_server_fails_fast_and_clearly():
-    from tests.conftest import free_port
+    from tests.triton_testing import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()

@@ -234,8 +234,7 @@ def test_raise_fault_counts_as_inference_failures(
     faulty = build_test_serving_artifacts(tmp_path / "faulty", fault_injection="raise")
     publish_version(triton.repo, MODEL, 3, faulty)
     control.load_version(MODEL, 3, triton.repo)  # loading works; answering does not
-    labels = {"model": MODEL, "version": "3"}
-    before = metric_value(triton.metrics_url, "nv_inference_request_failure", **labels)
+    before = metric_value(triton.metrics_url, "failure", MODEL, "3")
 
     with pytest.raises(ModelLoadError, match="injected fault"):
         control.smoke_test(MODEL, "drill")
@@ -243,9 +242,9 @@ def test_raise_fault_counts_as_inference_failures(
         with pytest.raises(SearchError, match="injected fault"):
             control.search(MODEL, "drill", top_k=3)
 
-    after = metric_value(triton.metrics_url, "nv_inference_request_failure", **labels)
+    after = metric_value(triton.metrics_url, "failure", MODEL, "3")
     assert after - before == 4
-    assert metric_value(triton.metrics_url, "nv_inference_request_success", **labels) == 0
+    assert metric_value(triton.metrics_url, "success", MODEL, "3") == 0
 
     control.load_version(MODEL, 1, triton.repo)  # rollback restores service
     assert control.search(MODEL, "drill", top_k=3)

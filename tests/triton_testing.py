@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import socket
 import tempfile
-import urllib.request
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 MAX_QUERY_TOKENS = 64
 
@@ -64,122 +59,31 @@ CATALOG: dict[str, str] = {
     "100036": "wet dry vacuum shop",
 }
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-_SAMPLE = re.compile(
-    r"^(?P<name>[A-Za-z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)", re.MULTILINE
-)
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def _train_tokenizer(texts: list[str]):
-    """A BERT-style WordPiece fast tokenizer trained on ``texts`` (CLS/SEP template included,
-    as a real ``tokenizer.json`` exported from Hugging Face would have)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers.trainers import WordPieceTrainer
-
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    tokenizer.train_from_iterator(
-        texts, WordPieceTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS)
-    )
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    return tokenizer
-
-
-def _encode(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
-    """Tokenize like the served model does: truncate to MAX_QUERY_TOKENS, pad per batch."""
-    tokenizer.enable_truncation(MAX_QUERY_TOKENS)
-    tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
-    encodings = tokenizer.encode_batch(texts)
-    return {
-        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-    }
-
 
 def build_test_serving_artifacts(tmp_dir: Path | str, fault_injection: Any = None) -> Path:
-    """Write a complete serving-artifacts folder (encoder.onnx, tokenizer.json, products.npz,
-    manifest.json) under ``tmp_dir`` and return it.
+    """Write a complete serving-artifacts folder for ``CATALOG`` under ``tmp_dir`` with the
+    platform's own exporter and a tiny offline BERT, and return it.
 
-    Product embeddings are computed with the exported ONNX graph itself, so a query equal to a
-    product title scores ~1.0 against that product in Triton.
+    An exact product title used as a query embeds identically to that product, so it scores
+    ~1.0 against it in Triton whatever the (random) weights.
     """
-    import onnxruntime as ort
-    import torch
-    from transformers import BertConfig, BertModel
+    import pandas as pd
+
+    from recsys.export import build_serving_artifacts
+    from recsys.tiny_model import build_tiny_bert
 
     out = Path(tmp_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ids = list(CATALOG)
-    titles = [CATALOG[i] for i in ids]
-    tokenizer = _train_tokenizer(titles)
-    tokenizer.save(str(out / "tokenizer.json"))
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
+    titles = list(CATALOG.values())
+    model_dir = build_tiny_bert(out.parent / f"{out.name}-model", titles, vocab_size=400)
+    catalog = pd.DataFrame({"product_uid": list(CATALOG), "product_title": titles})
+    return build_serving_artifacts(
+        model_dir,
+        catalog,
+        out,
+        model_name="product_search",
+        max_query_tokens=MAX_QUERY_TOKENS,
+        fault_injection=fault_injection,
     )
-
-    class _Encoder(torch.nn.Module):
-        """BERT + masked mean pooling + L2 normalisation, as the platform's bi-encoder."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = BertModel(config)
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2, dim=-1)
-
-    model = _Encoder().eval()
-    sample = _encode(tokenizer, ["sample query", "a longer sample query for tracing"])
-    names = ["input_ids", "attention_mask"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            tuple(torch.from_numpy(sample[n]) for n in names),
-            str(out / "encoder.onnx"),
-            input_names=names,
-            output_names=["embeddings"],
-            dynamic_axes={
-                **{n: {0: "batch", 1: "sequence"} for n in names},
-                "embeddings": {0: "batch"},
-            },
-            opset_version=17,
-            dynamo=False,
-        )
-
-    session = ort.InferenceSession(str(out / "encoder.onnx"), providers=["CPUExecutionProvider"])
-    embeddings = session.run(["embeddings"], _encode(tokenizer, titles))[0].astype(np.float32)
-    np.savez(out / "products.npz", ids=np.array(ids), embeddings=embeddings)
-    manifest = {
-        "model_name": "product_search",
-        "version": None,
-        "max_query_tokens": MAX_QUERY_TOKENS,
-        "max_top_k": 100,
-        "onnx_inputs": names,
-        "embedding_dim": int(embeddings.shape[1]),
-        "fault_injection": fault_injection,
-        "source": "tests.triton_testing",
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out
 
 
 def free_port() -> int:
@@ -237,16 +141,10 @@ def copy_artifacts(source: Path, target: Path, **manifest_changes: Any) -> Path:
     return target
 
 
-def metric_value(metrics_url: str, name: str, **labels: str) -> float:
-    """Sum of the Prometheus samples called exactly ``name`` whose labels include ``labels``
-    (0 if none). Parsed by hand: prometheus_client's parser renames counters to ``*_total``."""
-    with urllib.request.urlopen(metrics_url, timeout=5) as response:
-        text = response.read().decode("utf-8")
-    total = 0.0
-    for match in _SAMPLE.finditer(text):
-        if match["name"] != name:
-            continue
-        found = dict(_LABEL.findall(match["labels"] or ""))
-        if all(found.get(key) == value for key, value in labels.items()):
-            total += float(match["value"])
-    return total
+def metric_value(metrics_url: str, field: str, model: str, version: str) -> float:
+    """One counter (a ``ModelVersionCounters`` field such as ``failure``) of one model version,
+    read through the platform's own scraper; 0 when the version has no metrics yet."""
+    from recsys.monitoring.metrics import scrape
+
+    counters = scrape(metrics_url).models.get((model, version))
+    return float(getattr(counters, field)) if counters else 0.0

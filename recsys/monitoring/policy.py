@@ -20,13 +20,10 @@ Decision rules, in order:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import tempfile
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,30 +159,12 @@ class MonitorState:
             raise
 
 
-@contextlib.contextmanager
-def _locked(state_path: Path, timeout_s: float = _LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Exclusive ``flock`` on ``<state>.lock`` for one read-modify-write of the state file, so a
+def _locked(state_path: Path, timeout_s: float = _LOCK_TIMEOUT_S):
+    """Exclusive lock on ``<state>.lock`` for one read-modify-write of the state file, so a
     :func:`reset_model` from a rollback cannot be overwritten by a concurrent check."""
-    state_path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = state_path.with_name(state_path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"monitor state lock {lock_path} held for more than {timeout_s:.0f}s"
-                    ) from None
-                time.sleep(0.1)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    from recsys.locking import file_lock
+
+    return file_lock(state_path.with_name(state_path.name + ".lock"), timeout_s, "monitor state")
 
 
 def _fmt_ms(value: float | None) -> str:

@@ -39,6 +39,8 @@ from great_expectations.expectations.metadata_types import FailureSeverity
 from recsys.quality.suites import load_suite
 
 log = logging.getLogger(__name__)
+# GX logs every metric lookup at INFO; in an Airflow task log that buries the gate's own report.
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 DOCS_SITE = "recsys_quality_docs"
 REASONS_COLUMN = "quarantine_reasons"
@@ -158,7 +160,9 @@ def _short(value: Any, limit: int = 120) -> str:
 
 def _label(result: ExpectationValidationResult) -> str:
     """``expectation(column)`` for column domains, ``expectation(a,b)`` for multi-column ones."""
-    return f"{result.expectation_config.type}({','.join(_columns(result))})".replace("()", "")
+    columns = _columns(result)
+    name = result.expectation_config.type
+    return f"{name}({','.join(columns)})" if columns else name
 
 
 def _columns(result: ExpectationValidationResult) -> list[str]:
@@ -359,6 +363,9 @@ def validate_frame(
     if isinstance(suite_names, str) or not suite_names:
         raise ValueError(f"suite_names must be a non-empty sequence of names, got {suite_names!r}")
     suites = [load_suite(name, expectations_dir) for name in suite_names]  # fail before any work
+    names = [suite.name for suite in suites]
+    if len(set(names)) != len(names):
+        raise ValueError(f"suite names must be distinct (reasons are keyed by them): {names}")
     report_dir = Path(output_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     docs_dir = report_dir / "docs"
