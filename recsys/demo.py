@@ -28,13 +28,35 @@ def _say(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
 
-def _show_answer(settings: Settings, query: str) -> None:
+def _product_titles(settings: Settings) -> dict[str, str]:
+    from recsys.data import product_catalog, read_relevance_csv
+
+    catalog = product_catalog(read_relevance_csv(settings.data_path))
+    return dict(zip(catalog["product_uid"], catalog["product_title"], strict=True))
+
+
+def _show_answer(settings: Settings, query: str, titles: dict[str, str]) -> None:
     from recsys.triton.control import TritonControl
 
     hits = TritonControl(settings.triton_grpc_url).search(settings.model_name, query, top_k=5)
     print(f"query {query!r} ->")
     for rank, (product_id, score) in enumerate(hits, 1):
-        print(f"  {rank}. product {product_id}  score {score:.3f}")
+        print(f"  {rank}. {score:.3f}  {product_id}  {titles.get(product_id, '?')[:70]}")
+
+
+def _show_metrics(settings: Settings, version: int) -> None:
+    """The held-out metrics recorded as lineage on the registered version."""
+    import json
+
+    from recsys import registry
+
+    tags = (
+        registry.client(settings.mlflow_tracking_uri)
+        .get_model_version(settings.model_name, str(version))
+        .tags
+    )
+    metrics = json.loads(tags.get("metrics", "{}"))
+    print("held-out metrics: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())))
 
 
 def _traffic_until_rollback(settings: Settings, bad_version: int, timeout_s: float) -> bool:
@@ -92,8 +114,10 @@ def run_demo(settings: Settings, max_rows: int = 4000, max_steps: int = 40) -> i
         return 1
     good = registry.alias_version(settings.mlflow_tracking_uri, settings.model_name, "champion")
     print(f"champion: v{good}")
+    _show_metrics(settings, good)
+    titles = _product_titles(settings)
     _say("a real query, answered by Triton over gRPC")
-    _show_answer(settings, "angle bracket")
+    _show_answer(settings, "angle bracket", titles)
 
     _say("deploy a faulty version (passes its smoke query, then raises under traffic)")
     fault = {"mode": "raise", "after_requests": 3}
@@ -113,9 +137,12 @@ def run_demo(settings: Settings, max_rows: int = 4000, max_steps: int = 40) -> i
     }
     print(f"aliases now: {aliases}")
     for record in read_records(settings.audit_log, settings.model_name)[-3:]:
-        print(f"audit: {record['ts']} {record['action']} {record}")
+        detail = (
+            record.get("reason") or f"v{record.get('version')} replaced v{record.get('replaced')}"
+        )
+        print(f"audit: {record['ts']} {record['action']:<9} by {record['actor']}: {detail}")
     _say("served again by the good version")
-    _show_answer(settings, "angle bracket")
+    _show_answer(settings, "angle bracket", titles)
     print(
         f"\nAirflow UI: http://127.0.0.1:{settings.airflow_port}  (login {stack.AIRFLOW_USER} / "
         f"{stack.airflow_password(settings)}), MLflow UI: http://127.0.0.1:{settings.mlflow_port}"

@@ -3,6 +3,7 @@ their health checks and the Airflow login, and `down` stops exactly what `up` st
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -34,12 +35,16 @@ def stack_settings(monkeypatch, tmp_path):
     return load_settings()
 
 
-def _listening_addresses(pids: set[int]) -> set[str]:
-    addresses = set()
+def _non_loopback_listeners(pids: set[int]) -> set[str]:
+    """Addresses the given processes listen on that are reachable from outside the machine."""
+    exposed = set()
     for conn in psutil.net_connections(kind="inet"):
         if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
-            addresses.add(conn.laddr.ip)
-    return addresses
+            address = ipaddress.ip_address(conn.laddr.ip)
+            mapped = getattr(address, "ipv4_mapped", None)
+            if not (address.is_loopback or (mapped is not None and mapped.is_loopback)):
+                exposed.add(f"{conn.laddr.ip}:{conn.laddr.port}")
+    return exposed
 
 
 def test_stack_up_status_login_and_down(stack_settings):
@@ -64,7 +69,7 @@ def test_stack_up_status_login_and_down(stack_settings):
         for row in rows.values():
             root = psutil.Process(row["pid"])
             pids |= {root.pid, *(child.pid for child in root.children(recursive=True))}
-        assert _listening_addresses(pids) <= {"127.0.0.1"}
+        assert _non_loopback_listeners(pids) == set()
 
         airflow = AirflowClient(
             f"http://127.0.0.1:{stack_settings.airflow_port}",
