@@ -41,9 +41,8 @@ writes an audit record and an alert.
 def triton_monitor():
     @task
     def check_metrics() -> dict:
-        from recsys.monitoring.policy import Thresholds, check_once
-
         from recsys.config import load_settings
+        from recsys.monitoring.policy import Thresholds, check_once
 
         settings = load_settings()
         params = get_current_context()["params"]
