@@ -1,9 +1,18 @@
-"""`recsys` command line: run the stack, the demo, and inspect the audit trail.
+"""`recsys` command line: run the stack, train, deploy, roll back and inspect the platform.
 
-recsys stack up|down|status     start/stop/inspect Triton, MLflow and Airflow on loopback
-recsys demo                     stack up -> train+deploy -> query -> fault -> rollback
-recsys query "cordless drill"   ask the served model over gRPC
-recsys audit                    print the deploy/rollback audit trail
+recsys stack up|down|status          start/stop/inspect Triton, MLflow and Airflow on loopback
+recsys data validate PATH            run the Great Expectations gate on a relevance CSV
+recsys train [--wait]                trigger search_model_pipeline on the running stack
+recsys deploy --version N            serve a registered version (rebuilt from MLflow if needed)
+recsys rollback [--to N]             put the previous (or given) version back into service
+recsys status                        services, served versions, aliases, recent audit records
+recsys audit [--action A]            the deploy/rollback audit trail
+recsys query "cordless drill"        ask the served model over gRPC
+recsys demo                          stack up -> train+deploy -> query -> fault -> rollback
+
+Exit codes: 0 ok; 1 the operation failed (bad data, failed run, failed deploy); 2 bad input
+(arguments, missing or unreadable files, unknown version); 3 a service is unavailable (Triton,
+MLflow, Airflow), which `recsys status` also returns after printing what it could find out.
 """
 
 from __future__ import annotations
@@ -11,8 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
 
-from recsys.config import load_settings
+from recsys.config import Settings, load_settings
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_UNAVAILABLE = 3
+
+
+# -- stack ------------------------------------------------------------------------------------
 
 
 def _stack(args: argparse.Namespace) -> int:
@@ -22,21 +41,225 @@ def _stack(args: argparse.Namespace) -> int:
     if args.action == "up":
         print(f"starting the stack (state in {settings.home})")
         stack.up(settings)
-        _print_status(settings)
+        _print_services(stack.status(settings))
         print(f"\nAirflow login: {stack.AIRFLOW_USER} / {stack.airflow_password(settings)}")
     elif args.action == "down":
         stack.down(settings)
     else:
-        _print_status(settings)
+        _print_services(stack.status(settings))
     return 0
 
 
-def _print_status(settings) -> None:
-    from recsys import stack
-
-    for row in stack.status(settings):
+def _print_services(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
         state = "healthy" if row["healthy"] else ("running" if row["pid"] else "stopped")
         print(f"  {row['service']:<22} {state:<8} pid={row['pid'] or '-':<8} {row['endpoint']}")
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def _default_report_dir(settings: Settings, data_path: Path) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return settings.home / "quality" / f"{data_path.stem}-{stamp}"
+
+
+def _data_validate(args: argparse.Namespace) -> int:
+    from recsys.data import read_relevance_csv
+    from recsys.pipeline import QUALITY_SUITES
+    from recsys.quality import DataQualityError, validate_frame
+
+    path = Path(args.path)
+    frame = read_relevance_csv(path)
+    out = Path(args.out) if args.out else _default_report_dir(load_settings(), path)
+    suites = args.suite or list(QUALITY_SUITES)
+    try:
+        report = validate_frame(frame, suites, out)
+    except DataQualityError as exc:
+        if exc.report is not None:
+            _print_quality(path, exc.report)
+        print(f"recsys data validate: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    _print_quality(path, report)
+    return 0
+
+
+def _print_quality(path: Path, report: Any) -> None:
+    summary = report.to_summary()
+    rows = summary["rows"]
+    print(f"data quality of {path}: {'PASSED' if report.success else 'FAILED'}")
+    print(f"  rows in {rows['input']}, clean {rows['clean']}, quarantined {rows['quarantined']}")
+    print(f"  {'suite':<20} {'result':<8} {'critical':>8} {'warnings':>8}")
+    for name, suite in summary["suites"].items():
+        result = "passed" if suite["success"] else "FAILED"
+        critical, warnings = len(suite["critical_failures"]), len(suite["warnings"])
+        print(f"  {name:<20} {result:<8} {critical:>8} {warnings:>8}")
+    for failure in summary["critical_failures"]:
+        print(f"  critical: {failure}")
+    for reason, count in summary["quarantine_reasons"].items():
+        print(f"  quarantined {count:>5}: {reason}")
+    print(f"  report:    {summary['paths']['summary_json']}")
+    print(f"  data docs: {summary['paths']['data_docs']}")
+
+
+# -- train ------------------------------------------------------------------------------------
+
+
+def _train(args: argparse.Namespace) -> int:
+    from recsys import operations
+    from recsys.progress import progress_bar
+
+    conf = operations.build_train_conf(
+        data_path=args.data,
+        base_model=args.base_model,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        max_rows=args.max_rows,
+    )
+    settings = load_settings()
+    client = operations.airflow_client(settings)
+    run_id, paused = operations.trigger_training(client, conf, unpause=args.unpause)
+    print(f"triggered {operations.PIPELINE_DAG} run {run_id} with conf {json.dumps(conf)}")
+    if paused:
+        print(
+            f"note: {operations.PIPELINE_DAG} is paused; the run waits until it is unpaused "
+            "(rerun with --unpause or unpause it in the Airflow UI)",
+            file=sys.stderr,
+        )
+    if not args.wait:
+        return 0
+    bar = progress_bar(total=None, desc=run_id, unit="task")
+
+    def on_progress(done: int, total: int, tasks: dict[str, str]) -> None:
+        running = [task for task, state in tasks.items() if state == "running"]
+        bar.total = total or None
+        bar.n = done
+        bar.set_postfix_str(",".join(running) or "-", refresh=False)
+        bar.refresh()
+
+    try:
+        outcome = operations.follow_run(client, run_id, on_progress=on_progress)
+    finally:
+        bar.close()
+    print(f"run {run_id}: {outcome.state} ({len(outcome.tasks)} tasks)")
+    return 0
+
+
+# -- deploy / rollback ------------------------------------------------------------------------
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from recsys.operations import deploy_registered_version
+
+    settings = load_settings()
+    result = deploy_registered_version(
+        settings, args.version, smoke_query=args.smoke_query, top_k=args.top_k
+    )
+    how = "rebuilt from MLflow and deployed" if result["rebuilt"] else "loaded"
+    replaced = f"v{result['replaced']}" if result["replaced"] is not None else "nothing"
+    print(f"{settings.model_name} v{result['version']} {how}; champion now (replaced {replaced})")
+    top = ", ".join(f"{pid} {score:.3f}" for pid, score in result["smoke"][:3])
+    print(f"  smoke query {args.smoke_query!r}: {top}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from recsys.rollback import rollback
+
+    settings = load_settings()
+    record = rollback(settings, args.reason, to_version=args.to)
+    print(
+        f"{settings.model_name} rolled back from v{record['from_version']} "
+        f"to v{record['to_version']}: {args.reason}"
+    )
+    return 0
+
+
+# -- status / audit / query -------------------------------------------------------------------
+
+
+def _status(args: argparse.Namespace) -> int:
+    from recsys.operations import platform_status
+
+    settings = load_settings()
+    report = platform_status(settings)
+    print("stack services:")
+    if report.services_error:
+        print(f"  unknown ({report.services_error})")
+    elif report.services:
+        _print_services(report.services)
+    else:
+        print("  none started by `recsys stack up` on this machine")
+    print(f"Triton ({settings.triton_grpc_url}), model {settings.model_name}:")
+    if report.triton_error:
+        print(f"  UNREACHABLE: {report.triton_error}")
+    else:
+        versions = ", ".join(f"v{v}" for v in report.triton_versions or []) or "none"
+        print(f"  loaded versions: {versions}")
+    print(f"MLflow registry ({settings.mlflow_tracking_uri}):")
+    if report.registry_error:
+        print(f"  UNREACHABLE: {report.registry_error}")
+    else:
+        for alias, version in (report.aliases or {}).items():
+            print(f"  {alias:<9} {f'v{version}' if version is not None else '-'}")
+    print("recent audit records:")
+    if report.audit_error:
+        print(f"  unreadable: {report.audit_error}")
+    for line in _audit_table(report.audit, header=False) or ["  none"]:
+        print(line)
+    return 0 if report.healthy else EXIT_UNAVAILABLE
+
+
+def _record_versions(record: dict[str, Any]) -> str:
+    if "from_version" in record:
+        return f"v{record['from_version']}->v{record.get('to_version')}"
+    if record.get("version") is not None:
+        return f"v{record['version']}"
+    return "-"
+
+
+def _record_detail(record: dict[str, Any]) -> str:
+    if record.get("reason"):
+        detail = str(record.get("error") or record["reason"])
+    elif record.get("action") == "deploy":
+        replaced = record.get("replaced")
+        detail = f"replaced v{replaced}" if replaced is not None else "first deploy"
+    else:
+        detail = str(record.get("title", ""))
+    return detail.splitlines()[0][:80] if detail else ""
+
+
+def _audit_table(records: list[dict[str, Any]], header: bool = True) -> list[str]:
+    lines = []
+    if header and records:
+        lines.append(
+            f"  {'time (UTC)':<19} {'action':<15} {'model':<24} {'versions':<9} "
+            f"{'actor':<24} detail"
+        )
+    for record in records:
+        ts = str(record.get("ts", ""))[:19].replace("T", " ")
+        lines.append(
+            f"  {ts:<19} {record.get('action', '?'):<15} {record.get('model', '?'):<24} "
+            f"{_record_versions(record):<9} {str(record.get('actor', '?'))[:24]:<24} "
+            f"{_record_detail(record)}"
+        )
+    return lines
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from recsys.audit import read_records
+
+    records = read_records(load_settings().audit_log, args.model)
+    if args.action:
+        records = [r for r in records if r.get("action") in set(args.action)]
+    if args.limit:
+        records = records[-args.limit :]
+    if args.json:
+        for record in records:
+            print(json.dumps(record, sort_keys=True))
+        return 0
+    print("\n".join(_audit_table(records)) if records else "no audit records match")
+    return 0
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -51,33 +274,75 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit(args: argparse.Namespace) -> int:
-    from recsys.audit import read_records
-
-    for record in read_records(load_settings().audit_log, args.model):
-        print(json.dumps(record, sort_keys=True))
-    return 0
-
-
 def _demo(args: argparse.Namespace) -> int:
     from recsys.demo import run_demo
 
     return run_demo(load_settings(), max_rows=args.max_rows, max_steps=args.max_steps)
 
 
+# -- parser -----------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recsys", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="recsys",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[-1],
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+
     stack_cmd = sub.add_parser("stack", help="start, stop or inspect the local stack")
     stack_cmd.add_argument("action", choices=["up", "down", "status"])
     stack_cmd.set_defaults(func=_stack)
+
+    data = sub.add_parser("data", help="data-quality tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    validate = data_sub.add_parser("validate", help="run the GX gate on a relevance CSV")
+    validate.add_argument("path", help="relevance CSV (id, product_uid, product_title, ...)")
+    validate.add_argument(
+        "--suite",
+        action="append",
+        help="expectation suite to run (repeatable; default: products, queries, relevance_labels)",
+    )
+    validate.add_argument("--out", help="report folder (default: $RECSYS_HOME/quality/...)")
+    validate.set_defaults(func=_data_validate)
+
+    train = sub.add_parser("train", help="trigger search_model_pipeline on the running stack")
+    train.add_argument("--data", help="relevance CSV (default: the DAG's RECSYS_DATA_PATH)")
+    train.add_argument("--base-model", default=None, help="'minilm' or a local HF model folder")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--max-steps", type=int, help="stop after N optimiser steps (0 = all)")
+    train.add_argument("--max-rows", type=int, help="use only the first N rows (0 = all)")
+    train.add_argument("--unpause", action="store_true", help="unpause the DAG if it is paused")
+    train.add_argument("--wait", action="store_true", help="follow the run until it ends")
+    train.set_defaults(func=_train)
+
+    deploy = sub.add_parser("deploy", help="serve an already-registered version")
+    deploy.add_argument("--version", type=int, required=True)
+    deploy.add_argument("--smoke-query", default="angle bracket")
+    deploy.add_argument("--top-k", type=int, default=5, help="hits the smoke query must return")
+    deploy.set_defaults(func=_deploy)
+
+    rollback = sub.add_parser("rollback", help="return to the previous known-good version")
+    rollback.add_argument("--to", type=int, default=None, help="version to return to")
+    rollback.add_argument("--reason", default="manual rollback (recsys rollback)")
+    rollback.set_defaults(func=_rollback)
+
+    status = sub.add_parser("status", help="services, served versions, aliases, audit")
+    status.set_defaults(func=_status)
+
+    audit = sub.add_parser("audit", help="print deploy and rollback records")
+    audit.add_argument("--model", default=None, help="only this model (default: all)")
+    audit.add_argument("--action", action="append", help="only this action (repeatable)")
+    audit.add_argument("--limit", type=int, default=0, help="only the last N records")
+    audit.add_argument("--json", action="store_true", help="one JSON object per line")
+    audit.set_defaults(func=_audit)
+
     query = sub.add_parser("query", help="search the served model")
     query.add_argument("text")
     query.add_argument("--top-k", type=int, default=10)
     query.set_defaults(func=_query)
-    audit = sub.add_parser("audit", help="print deploy and rollback records")
-    audit.add_argument("--model", default=None)
-    audit.set_defaults(func=_audit)
+
     demo = sub.add_parser("demo", help="end-to-end demo on the running stack")
     demo.add_argument("--max-rows", type=int, default=4000)
     demo.add_argument("--max-steps", type=int, default=40)
@@ -85,13 +350,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_code_for(exc: BaseException) -> int:
+    """2 for bad input, 3 for an unreachable service, 1 for any other failure."""
+    import requests
+
+    from recsys.registry import RegistryUnavailableError
+    from recsys.triton.control import TritonUnavailableError
+
+    unavailable = (
+        TritonUnavailableError,
+        RegistryUnavailableError,
+        requests.ConnectionError,
+        requests.Timeout,
+        ConnectionError,
+    )
+    if isinstance(exc, unavailable):
+        return EXIT_UNAVAILABLE
+    if isinstance(exc, ValueError | FileNotFoundError | IsADirectoryError):
+        return EXIT_BAD_INPUT
+    return EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"recsys {command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # a CLI reports failures as one clear line, not a traceback
-        print(f"recsys {args.command}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-        return 1
+        print(f"recsys {command}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 2. answer a real query over Triton gRPC;
 3. deploy a deliberately faulty version (it passes its smoke query, then fails under load);
 4. send traffic and let the scheduled ``triton_monitor`` DAG notice and roll back;
-5. show the registry aliases, the audit trail and the restored answers.
+5. show the registry aliases, the audit trail and the restored answers;
+6. draw what Triton reported from the faulty deploy to the rollback as a PNG
+   (``$RECSYS_HOME/reports/demo-dashboard.png``, the Grafana dashboard's panels over time).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import time
 
 from recsys.config import Settings
+from recsys.reporting import MetricsRecorder
 
 QUERIES = [
     "angle bracket",
@@ -86,6 +89,36 @@ def _traffic_until_rollback(settings: Settings, bad_version: int, timeout_s: flo
     return False
 
 
+def _write_dashboard(settings: Settings, recorder: MetricsRecorder) -> None:
+    """Stop ``recorder`` and draw its samples with the audit trail's deploys and rollbacks.
+
+    Runs also when the demo fails half-way, since the picture is then the quickest way to see
+    what happened; a drawing problem is reported but never hides the demo's own result.
+    """
+    from recsys.audit import read_records
+    from recsys.reporting import render_dashboard_png
+
+    samples = recorder.stop()
+    if not samples:
+        print("dashboard: no metrics were recorded (was Triton reachable?)")
+        return
+    path = settings.home / "reports" / "demo-dashboard.png"
+    try:
+        render_dashboard_png(
+            samples,
+            read_records(settings.audit_log, settings.model_name),
+            path,
+            title=f"{settings.model_name} on Triton",
+        )
+    except Exception as exc:  # the report must not turn a good demo into a failed one
+        print(f"dashboard: could not draw {path}: {type(exc).__name__}: {exc}")
+        return
+    print(
+        f"dashboard (request/error rate, latency, queue, served version, deploys and rollbacks): "
+        f"{path}"
+    )
+
+
 def run_demo(settings: Settings, max_rows: int = 4000, max_steps: int = 40) -> int:
     from recsys import registry, stack
     from recsys.airflow_client import AirflowClient
@@ -119,18 +152,34 @@ def run_demo(settings: Settings, max_rows: int = 4000, max_steps: int = 40) -> i
     _say("a real query, answered by Triton over gRPC")
     _show_answer(settings, "angle bracket", titles)
 
-    _say("deploy a faulty version (passes its smoke query, then raises under traffic)")
-    fault = {"mode": "raise", "after_requests": 3}
-    run_id = airflow.trigger("search_model_pipeline", {**conf, "fault_injection": fault})
-    state = airflow.wait_for_run("search_model_pipeline", run_id)
-    bad = registry.alias_version(settings.mlflow_tracking_uri, settings.model_name, "champion")
-    print(f"run {run_id}: {state}; champion: v{bad} (faulty)")
-    if state != "success" or bad == good:
-        return 1
+    # Recording starts before the faulty deploy so the plot shows the healthy baseline, the
+    # failures and the recovery.
+    recorder = MetricsRecorder(settings.triton_metrics_url, settings.model_name, interval_s=5.0)
+    recorder.start()
+    try:
+        _say("deploy a faulty version (passes its smoke query, then raises under traffic)")
+        fault = {"mode": "raise", "after_requests": 3}
+        run_id = airflow.trigger("search_model_pipeline", {**conf, "fault_injection": fault})
+        state = airflow.wait_for_run("search_model_pipeline", run_id)
+        bad = registry.alias_version(settings.mlflow_tracking_uri, settings.model_name, "champion")
+        print(f"run {run_id}: {state}; champion: v{bad} (faulty)")
+        if state != "success" or bad == good:
+            return 1
 
-    _say("traffic: the triton_monitor DAG (every minute) should detect the breach and roll back")
-    if not _traffic_until_rollback(settings, bad, timeout_s=420):
-        return 1
+        _say(
+            "traffic: the triton_monitor DAG (every minute) should detect the breach and roll back"
+        )
+        if not _traffic_until_rollback(settings, bad, timeout_s=420):
+            return 1
+        # Traffic on the restored version, so the plot shows the recovery, not just the failures.
+        from recsys.triton.control import TritonControl
+
+        restored = TritonControl(settings.triton_grpc_url)
+        for query in QUERIES:
+            restored.search(settings.model_name, query, top_k=5)
+        time.sleep(recorder.interval_s + 1)
+    finally:
+        _write_dashboard(settings, recorder)
     aliases = {
         alias: registry.alias_version(settings.mlflow_tracking_uri, settings.model_name, alias)
         for alias in ("champion", "previous")

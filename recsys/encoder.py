@@ -82,10 +82,16 @@ def encode_texts(
     batch_size: int = 128,
     max_length: int = 64,
     device: str | torch.device = "cpu",
+    desc: str = "embed",
 ) -> torch.Tensor:
-    """Embed texts in batches (float32 on CPU), for evaluation and product precomputation."""
+    """Embed texts in batches (float32 on CPU), for evaluation and product precomputation.
+
+    A full catalogue is tens of thousands of titles, so a (TTY-only) bar counts the texts."""
+    from recsys.progress import progress_bar
+
     model.eval().to(device)
     chunks = []
+    bar = progress_bar(total=len(texts), desc=desc, unit="text", leave=False)
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(
             texts[start : start + batch_size],
@@ -95,6 +101,8 @@ def encode_texts(
             return_tensors="pt",
         ).to(device)
         chunks.append(model(**batch).float().cpu())
+        bar.update(len(chunks[-1]))
+    bar.close()
     if not chunks:
         return torch.empty(0, 0)
     return torch.cat(chunks)

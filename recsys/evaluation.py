@@ -102,9 +102,13 @@ def evaluate_encoder(
     query_texts = sorted(test_frame["search_term"].astype(str).unique())
     product_ids = catalog["product_uid"].astype(str).tolist()
     encode = {"max_length": max_length, "device": device}
-    query_emb = encode_texts(model, tokenizer, query_texts, **encode).numpy()
+    query_emb = encode_texts(model, tokenizer, query_texts, desc="embed queries", **encode).numpy()
     product_emb = encode_texts(
-        model, tokenizer, catalog["product_title"].astype(str).tolist(), **encode
+        model,
+        tokenizer,
+        catalog["product_title"].astype(str).tolist(),
+        desc="embed products",
+        **encode,
     ).numpy()
 
     positive_grade = relevance_grade(positive_threshold)

@@ -175,11 +175,12 @@ def register_model(
 
 
 def deploy_model(
-    settings: Settings, version: int, artifacts_dir: str, smoke_query: str, top_k: int
+    settings: Settings, version: int, artifacts_dir: str | None, smoke_query: str, top_k: int
 ) -> dict[str, Any]:
-    """Publish ``version`` atomically into the Triton repository, load it, smoke-test it, and
-    only then make it ``champion``. A version that fails to load or answer is unloaded in
-    favour of the champion that served before, and the task fails."""
+    """Publish ``version`` atomically into the Triton repository (skipped when
+    ``artifacts_dir`` is None: the immutable version folder is already there), load it,
+    smoke-test it, and only then make it ``champion``. A version that fails to load or answer
+    is unloaded in favour of the champion that served before, and the task fails."""
     from recsys import audit, registry
     from recsys.locking import model_lock
     from recsys.triton.control import TritonControl
@@ -189,25 +190,28 @@ def deploy_model(
     control = TritonControl(settings.triton_grpc_url)
     with model_lock(settings.home / "locks", model):
         previous = registry.alias_version(settings.mlflow_tracking_uri, model, registry.CHAMPION)
-        publish_version(settings.triton_repo, model, version, Path(artifacts_dir))
+        if artifacts_dir is not None:
+            publish_version(settings.triton_repo, model, version, Path(artifacts_dir))
         try:
             control.load_version(model, version, settings.triton_repo)
             answer = control.smoke_test(model, smoke_query, top_k=top_k)
         except Exception as exc:
-            if previous is not None:
-                log.error("version %d failed (%s); restoring version %d", version, exc, previous)
-                control.load_version(model, previous, settings.triton_repo)
-            else:  # nothing served before: serve nothing rather than a version that fails
-                log.error("version %d failed (%s); unloading it", version, exc)
-                control.unload(model)
+            # Audit first: the restore below may fail too (e.g. the server went away), and the
+            # failed attempt must be on record either way.
             audit.append_record(
                 settings.audit_log,
                 "deploy_failed",
                 model,
                 version=version,
-                restored=previous,
+                restoring=previous,
                 reason=str(exc),
             )
+            if previous is not None and previous != version:
+                log.error("version %d failed (%s); restoring version %d", version, exc, previous)
+                control.load_version(model, previous, settings.triton_repo)
+            elif previous is None:  # nothing served before: serve nothing rather than this
+                log.error("version %d failed (%s); unloading it", version, exc)
+                control.unload(model)
             raise
         old = registry.promote_to_champion(settings.mlflow_tracking_uri, model, version)
         audit.append_record(

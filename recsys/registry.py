@@ -3,6 +3,11 @@
 Registry versions are the platform's source of truth for what may serve: a version's number is
 also its Triton version directory, the alias ``champion`` names what serves, ``previous`` the
 known-good version a rollback returns to. Aliases replace the deprecated registry stages.
+
+The tracking server requires a login (MLflow's basic-auth app). MLflow's client reads it from
+``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``; the stack exports both to Airflow
+workers, and a process on the stack's machine without them (the CLI) gets them from the stack's
+secret file via :func:`ensure_credentials`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,26 @@ class RegistryUnavailableError(RuntimeError):
     """The MLflow tracking server cannot be reached."""
 
 
+class RegistryAuthError(RegistryUnavailableError, PermissionError):
+    """The MLflow tracking server refused the credentials (or got none)."""
+
+
+def ensure_credentials() -> tuple[str, str] | None:
+    """Make sure MLflow's client has the platform's login in its environment variables.
+
+    Variables already set win; otherwise the stack's generated admin password under
+    ``$RECSYS_HOME`` is used if it exists. Returns the ``(user, password)`` in effect.
+    """
+    from recsys.config import load_settings
+    from recsys.credentials import MLFLOW_PASSWORD_ENV, MLFLOW_USER_ENV, mlflow_credentials
+
+    credentials = mlflow_credentials(load_settings())
+    if credentials is not None:
+        os.environ.setdefault(MLFLOW_USER_ENV, credentials[0])
+        os.environ.setdefault(MLFLOW_PASSWORD_ENV, credentials[1])
+    return credentials
+
+
 @dataclass(frozen=True)
 class RegisteredVersion:
     name: str
@@ -59,11 +84,20 @@ def git_sha() -> str:
 
 def ensure_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast with a clear message when an HTTP tracking server is down (file and database
-    URIs are local and need no check)."""
+    URIs are local and need no check). The check sends the login, so a proxy that guards
+    ``/health`` as well is handled, and a refused login is reported as such."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
+    credentials = ensure_credentials()
     try:
-        response = requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout_s)
+        response = requests.get(
+            tracking_uri.rstrip("/") + "/health", timeout=timeout_s, auth=credentials
+        )
+        if response.status_code in (401, 403):
+            raise RegistryAuthError(
+                f"MLflow tracking server at {tracking_uri} refused the login "
+                f"(HTTP {response.status_code}); set MLFLOW_TRACKING_USERNAME/PASSWORD"
+            )
         response.raise_for_status()
     except requests.RequestException as exc:
         raise RegistryUnavailableError(

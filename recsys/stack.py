@@ -5,6 +5,12 @@ Services: Triton (bundled binary from nvidia-pytriton, explicit model control), 
 dag-processor and triggerer processes on SQLite. All bind to 127.0.0.1. Each service's PID and
 start time are recorded, and `down` signals only processes whose PID and start time still match
 what was started, so it never kills anything it did not start.
+
+Security on one machine: besides binding to loopback, Triton's model control needs the admin
+key, MLflow runs its ``basic-auth`` app (admin password generated, never the default) and
+Airflow its SimpleAuthManager with a generated password. Secrets live in
+``$RECSYS_HOME/stack/secrets`` (mode 0600, see :mod:`recsys.credentials`), reach services and
+Airflow workers through the environment or files, and are masked in what this module records.
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -24,6 +29,15 @@ import psutil
 import requests
 
 from recsys.config import PROJECT_ROOT, Settings
+from recsys.credentials import (
+    MLFLOW_PASSWORD_ENV,
+    MLFLOW_USER_ENV,
+    TRITON_ADMIN_KEY_ENV,
+    mlflow_credentials,
+    redact_command,
+    stored_secret,
+    triton_admin_key,
+)
 
 AIRFLOW_USER = "admin"
 
@@ -55,12 +69,30 @@ def stack_dir(settings: Settings) -> Path:
 
 def _secret(settings: Settings, name: str, nbytes: int = 24) -> str:
     """A random secret kept in the state folder (mode 0600), never in code or logs."""
-    path = stack_dir(settings) / "secrets" / name
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.write_text(secrets.token_urlsafe(nbytes))
-        path.chmod(0o600)
-    return path.read_text().strip()
+    value = stored_secret(settings.home, name, nbytes)
+    assert value is not None  # created on demand
+    return value
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner can read, without a world-readable window."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    path.chmod(0o600)
+
+
+def service_credentials(settings: Settings) -> dict[str, str]:
+    """The secrets Airflow tasks need as clients: the Triton admin key for deploys and
+    rollbacks, and the MLflow login that MLflow's client reads from its environment."""
+    credentials = mlflow_credentials(settings, create=True)
+    assert credentials is not None
+    return {
+        TRITON_ADMIN_KEY_ENV: triton_admin_key(settings, create=True) or "",
+        MLFLOW_USER_ENV: credentials[0],
+        MLFLOW_PASSWORD_ENV: credentials[1],
+    }
 
 
 def recsys_env(settings: Settings) -> dict[str, str]:
@@ -92,10 +124,9 @@ def airflow_env(settings: Settings) -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
     passwords = home / "simple_auth_manager_passwords.json"
     if not passwords.exists():
-        passwords.write_text(
-            json.dumps({AIRFLOW_USER: _secret(settings, "airflow_admin_password", 12)})
+        _write_private(
+            passwords, json.dumps({AIRFLOW_USER: _secret(settings, "airflow_admin_password", 12)})
         )
-        passwords.chmod(0o600)
     api = f"http://127.0.0.1:{settings.airflow_port}"
     return {
         "AIRFLOW_HOME": str(home),
@@ -114,6 +145,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__API__SECRET_KEY": _secret(settings, "airflow_api_secret"),
         "AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL": "30",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        **service_credentials(settings),
     }
 
 
@@ -121,8 +153,36 @@ def airflow_password(settings: Settings) -> str:
     return _secret(settings, "airflow_admin_password", 12)
 
 
+def mlflow_auth_config(settings: Settings) -> Path:
+    """Write (mode 0600) the ini of MLflow's basic-auth app and return its path.
+
+    The admin password comes from :func:`recsys.credentials.mlflow_credentials` (environment or
+    generated secret), never MLflow's documented default. MLflow reads it only when it creates
+    the admin in a fresh auth database (``basic_auth.db`` next to the tracking DB); changing it
+    afterwards needs MLflow's update-password API. Everyone else gets no permission by default.
+    """
+    credentials = mlflow_credentials(settings, create=True)
+    assert credentials is not None
+    user, password = credentials
+    path = settings.home / "mlflow" / "basic_auth.ini"
+    auth_db = settings.home / "mlflow" / "basic_auth.db"
+    _write_private(
+        path,
+        "[mlflow]\n"
+        "default_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{auth_db}\n"
+        f"admin_username = {user}\n"
+        f"admin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+    )
+    return path
+
+
 def mlflow_service(settings: Settings, base_env: dict[str, str]) -> Service:
-    """MLflow tracking + registry server: SQLite backend, artifacts proxied to a local folder."""
+    """MLflow tracking + registry server: SQLite backend, artifacts proxied to a local folder,
+    every API call authenticated by the ``basic-auth`` app (only ``/health`` is open).
+
+    The secrets reach it through a private ini file and the environment, never its argv."""
     mlflow_home = settings.home / "mlflow"
     mlflow_home.mkdir(parents=True, exist_ok=True)
     command = [
@@ -131,15 +191,23 @@ def mlflow_service(settings: Settings, base_env: dict[str, str]) -> Service:
         "--backend-store-uri", f"sqlite:///{mlflow_home / 'mlflow.db'}",
         "--artifacts-destination", str(mlflow_home / "artifacts"),
         "--workers", "1",
+        "--app-name", "basic-auth",
     ]  # fmt: skip
     url = f"http://127.0.0.1:{settings.mlflow_port}"
-    return Service(
-        "mlflow",
-        command,
-        {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        f"{url}/health",
-        url,
+    env = {
+        key: value
+        for key, value in base_env.items()
+        if not key.startswith("MLFLOW_AUTH_ADMIN_")  # would override the ini's admin
+    }
+    env.update(
+        {
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_config(settings)),
+            # Signs the CSRF tokens of the auth app's forms; required by basic-auth.
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": _secret(settings, "mlflow_flask_secret_key", 32),
+        }
     )
+    return Service("mlflow", command, env, f"{url}/health", url)
 
 
 def services(settings: Settings) -> list[Service]:
@@ -155,6 +223,7 @@ def services(settings: Settings) -> list[Service]:
         metrics_port=settings.triton_metrics_port,
         log_path=stack_dir(settings) / "logs" / "triton.log",
         workdir=stack_dir(settings) / "triton",
+        admin_key=triton_admin_key(settings, create=True),
     )
     af_env = {**base, **airflow_env(settings)}
     airflow = _bin("airflow")
@@ -281,7 +350,8 @@ def up(settings: Settings, timeout_s: float = 180.0, echo=print) -> list[Service
         record = {
             "pid": process.pid,
             "create_time": psutil.Process(process.pid).create_time(),
-            "command": service.command,
+            # The Triton argv holds the admin key; a PID file is no place for it.
+            "command": redact_command(service.command),
         }
         path.write_text(json.dumps(record))
         started.append((service, process, log_path))

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from recsys.encoder import BiEncoder, load_tokenizer
+from recsys.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ def fine_tune(
     step, samples, started = 0, 0, time.perf_counter()
     step_losses: list[float] = []
     epoch_losses: list[float] = []
+    # A MiniLM run on CPU takes minutes to hours; the bar (TTY only) shows it is moving.
+    bar = progress_bar(total=total_steps, desc="fine-tune", unit="step")
     for epoch in range(params.epochs):
         losses: list[float] = []
         for batch in _batches(pairs, params.batch_size, rng):
@@ -157,6 +160,8 @@ def fine_tune(
             losses.append(float(loss.detach()))
             step += 1
             samples += len(batch)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}", refresh=False)
             if step >= total_steps:
                 break
         mean_loss = sum(losses) / max(1, len(losses))
@@ -167,6 +172,7 @@ def fine_tune(
             on_epoch_end(epoch + 1, mean_loss)
         if step >= total_steps:
             break
+    bar.close()
     seconds = time.perf_counter() - started
 
     output_dir.mkdir(parents=True, exist_ok=True)

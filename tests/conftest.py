@@ -3,11 +3,17 @@
 Airflow reads ``AIRFLOW_HOME`` when it is first imported, so the variables are set here at
 import time, before any test module can import it; the metadata database is reset once per
 session. Nothing in the suite downloads anything.
+
+The suite runs the secured setup: every Triton it starts restricts model control to one admin
+key, and the MLflow server runs the basic-auth app. The session's secrets are generated here
+and exported the way the stack exports them to Airflow workers, so every client in the suite
+authenticates exactly as the pipeline does.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -28,6 +34,9 @@ os.environ.update(
         "TOKENIZERS_PARALLELISM": "false",
         "GX_ANALYTICS_ENABLED": "False",
         "RECSYS_HOME": str(SESSION_DIR / "recsys"),
+        "RECSYS_TRITON_ADMIN_KEY": secrets.token_urlsafe(32),
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(24),
     }
 )
 
@@ -70,8 +79,8 @@ def dagbag(airflow_db):
 
 @pytest.fixture(scope="session")
 def mlflow_server():
-    """A real ``mlflow server`` (SQLite + local artifact store) on a free loopback port, started
-    exactly as the stack starts it; yields its tracking URI."""
+    """A real ``mlflow server`` (SQLite + local artifact store, basic-auth) on a free loopback
+    port, started exactly as the stack starts it; yields its tracking URI."""
     import dataclasses
     import subprocess
     import time

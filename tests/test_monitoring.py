@@ -487,7 +487,7 @@ def test_check_once_detects_breach_on_real_triton(flaky_triton, tmp_path: Path) 
     harness, client = flaky_triton
     # A live server without models still exposes nv_* metrics, and no model entries.
     assert scrape(harness.metrics_url, timeout_s=5).models == {}
-    client.load_model("flaky", client_timeout=60)
+    client.load_model("flaky", headers=harness.admin_headers, client_timeout=60)
 
     def infer(value: float) -> bool:
         tensor = grpcclient.InferInput("INPUT0", [2], "FP32")

@@ -101,11 +101,25 @@ class TritonHarness:
     repo: Path
     grpc_url: str
     metrics_url: str
+    admin_key: str
+    """The key the server requires for model control (the session's ``RECSYS_TRITON_ADMIN_KEY``)."""
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """gRPC metadata a raw ``tritonclient`` call needs for load/unload/repository index."""
+        from recsys.credentials import TRITON_GRPC_ADMIN_HEADER
+
+        return {TRITON_GRPC_ADMIN_HEADER: self.admin_key}
 
 
 @contextlib.contextmanager
 def running_triton(workdir: Path | str | None = None) -> Iterator[TritonHarness]:
-    """Start a real tritonserver on free ports with an empty repository; always stop it."""
+    """Start a real tritonserver on free ports with an empty repository; always stop it.
+
+    Model control is restricted to the platform's admin key, as in the stack, so every test
+    that loads or unloads a model goes through the authenticated path."""
+    from recsys.config import load_settings
+    from recsys.credentials import triton_admin_key
     from recsys.triton.server import TritonServer
 
     with contextlib.ExitStack() as stack:
@@ -121,6 +135,7 @@ def running_triton(workdir: Path | str | None = None) -> Iterator[TritonHarness]
             metrics_port=free_port(),
             log_path=root / "triton.log",
             workdir=root / "server",
+            admin_key=triton_admin_key(load_settings(), create=True),
         )
         server.start(timeout_s=60)
         stack.callback(server.stop)
@@ -129,6 +144,7 @@ def running_triton(workdir: Path | str | None = None) -> Iterator[TritonHarness]
             repo=repo,
             grpc_url=f"127.0.0.1:{server.grpc_port}",
             metrics_url=f"http://127.0.0.1:{server.metrics_port}/metrics",
+            admin_key=server.admin_key,
         )
 
 

@@ -6,6 +6,10 @@ serves exactly that version and unloads the others once it is ready, so deployin
 back are the same call with a different number. A failed load leaves the version that served
 before in place (Triton only swaps on success).
 
+Model-control calls (load, unload, repository index) carry the admin key as gRPC metadata,
+since the server refuses them without it; health checks and inference carry nothing, so query
+clients need no secret.
+
 Every call has a client-side deadline: a python stub that cannot start makes a load hang forever
 on the server side, and a pipeline task must fail instead of hanging with it.
 """
@@ -23,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from recsys.credentials import TRITON_GRPC_ADMIN_HEADER
 from recsys.triton.repository import serving_config, validate_model_name, verify_version_dir
 
 log = logging.getLogger(__name__)
@@ -33,6 +38,10 @@ _INT32_MAX = 2**31 - 1
 
 class TritonUnavailableError(RuntimeError):
     """Triton cannot be reached (connection refused, not running, deadline exceeded)."""
+
+
+class TritonAuthError(PermissionError):
+    """Triton refused a model-control call: no admin key, or the wrong one."""
 
 
 class ModelLoadError(RuntimeError):
@@ -48,15 +57,37 @@ class TritonControl:
 
     ``timeout_s`` bounds every call, loads included (``load_timeout_s`` overrides it for loads,
     which start a python stub and read the artifacts, and so take longest).
+
+    ``admin_key`` authorises model control; by default it is the platform's key
+    (``$RECSYS_TRITON_ADMIN_KEY`` or the stack's secret file), looked up on the first
+    model-control call so that search-only clients never touch it.
     """
 
     def __init__(
-        self, grpc_url: str, *, timeout_s: float = 60.0, load_timeout_s: float | None = None
+        self,
+        grpc_url: str,
+        *,
+        timeout_s: float = 60.0,
+        load_timeout_s: float | None = None,
+        admin_key: str | None = None,
     ) -> None:
         self.url = grpc_url.split("://", 1)[-1].rstrip("/")
         self.timeout_s = float(timeout_s)
         self.load_timeout_s = float(load_timeout_s or timeout_s)
+        self._admin_key = admin_key
         self._client: Any = None
+
+    def __repr__(self) -> str:  # never show the admin key
+        return f"TritonControl({self.url!r})"
+
+    def _admin_headers(self) -> dict[str, str] | None:
+        """gRPC metadata for model-control calls (None when no key is configured anywhere)."""
+        if self._admin_key is None:
+            from recsys.config import load_settings
+            from recsys.credentials import triton_admin_key
+
+            self._admin_key = triton_admin_key(load_settings()) or ""
+        return {TRITON_GRPC_ADMIN_HEADER: self._admin_key} if self._admin_key else None
 
     @property
     def client(self) -> Any:
@@ -91,6 +122,11 @@ class TritonControl:
         try:
             return getattr(self.client, method)(*args, **kwargs)
         except InferenceServerException as exc:
+            if "is restricted, expecting header" in (exc.message() or ""):
+                raise TritonAuthError(
+                    f"Triton at {self.url} refused {what}: model control needs the admin key "
+                    "(set RECSYS_TRITON_ADMIN_KEY or use the stack's secret file)"
+                ) from exc
             # Triton also answers UNAVAILABLE for "model version not ready": that is the model's
             # state, not the server's, so it stays an ordinary error while the server is live.
             model_state = exc.status() == "StatusCode.UNAVAILABLE" and self.is_live()
@@ -151,6 +187,7 @@ class TritonControl:
                 f"loading {model_name} v{version}",
                 "load_model",
                 model_name,
+                headers=self._admin_headers(),
                 config=json.dumps(override),
                 client_timeout=self.load_timeout_s,
             )
@@ -193,7 +230,12 @@ class TritonControl:
 
     def loaded_versions(self, model_name: str) -> list[int]:
         """Versions of ``model_name`` that are READY now, ascending."""
-        index = self._call("repository index", "get_model_repository_index", as_json=True)
+        index = self._call(
+            "repository index",
+            "get_model_repository_index",
+            headers=self._admin_headers(),
+            as_json=True,
+        )
         versions = {
             int(entry["version"])
             for entry in index.get("models", [])
@@ -206,7 +248,9 @@ class TritonControl:
     def unload(self, model_name: str) -> None:
         """Unload every version of ``model_name`` and wait until none is ready."""
         validate_model_name(model_name)
-        self._call(f"unloading {model_name}", "unload_model", model_name)
+        self._call(
+            f"unloading {model_name}", "unload_model", model_name, headers=self._admin_headers()
+        )
         deadline = time.monotonic() + self.timeout_s
         while self.loaded_versions(model_name):
             if time.monotonic() > deadline:

@@ -42,6 +42,11 @@ class IncompleteArtifactsError(RepositoryError):
     """Serving artifacts or a version folder lack files, or their manifest is unreadable."""
 
 
+class UnsafePathError(RepositoryError, ValueError):
+    """A model or version folder (or a file in it) that resolves outside its place in the
+    repository, e.g. a symlink planted to make Triton load code from elsewhere."""
+
+
 class VersionExistsError(RepositoryError):
     """The version folder already exists; published versions are immutable."""
 
@@ -176,10 +181,32 @@ def _copy_durably(source: Path, target: Path) -> None:
         os.fsync(dst.fileno())
 
 
+def _ensure_in_place(path: Path, expected: Path) -> None:
+    """Raise :class:`UnsafePathError` unless ``path`` really is ``expected`` once symlinks are
+    resolved (``expected`` is built from the *resolved* repository root and validated names,
+    so it names the one real place the path may be)."""
+    if path.exists() and path.resolve() != expected:
+        raise UnsafePathError(
+            f"{path} resolves to {path.resolve()}, outside its place in the model repository; "
+            "refusing to use it"
+        )
+
+
 def verify_version_dir(path: Path) -> dict[str, Any]:
     """Raise :class:`IncompleteArtifactsError` unless ``path`` is a sealed, complete version
-    folder; return its manifest. Cheap (no hashing), so it can run before every load."""
+    folder; return its manifest. Cheap (no hashing), so it can run before every load.
+
+    ``path`` must be ``<repo>/<model>/<version>`` with neither folder a symlink that leads
+    elsewhere and every required file inside it (:class:`UnsafePathError` otherwise), since
+    Triton follows symlinks and would load whatever code they point at.
+    """
     path = Path(path)
+    if not path.name.isdigit():
+        raise UnsafePathError(f"{path} is not a numbered version folder")
+    validate_model_name(path.parent.name)
+    repo = path.parent.parent.resolve()
+    _ensure_in_place(path.parent, repo / path.parent.name)
+    _ensure_in_place(path, repo / path.parent.name / path.name)
     if not path.is_dir():
         raise IncompleteArtifactsError(f"version folder {path} does not exist")
     if not (path / COMPLETE_MARKER).is_file():
@@ -190,6 +217,9 @@ def verify_version_dir(path: Path) -> dict[str, Any]:
     missing = [n for n in (*REQUIRED_ARTIFACTS, MODEL_FILE) if not (path / n).is_file()]
     if missing:
         raise IncompleteArtifactsError(f"version folder {path} lacks {', '.join(missing)}")
+    real = path.resolve()
+    for name in (*REQUIRED_ARTIFACTS, MODEL_FILE, COMPLETE_MARKER):
+        _ensure_in_place(path / name, real / name)
     return _read_manifest(path)
 
 
@@ -208,6 +238,8 @@ def publish_version(repo: Path, model_name: str, version: int, artifacts_dir: Pa
     manifest = validate_artifacts(artifacts_dir)
     model_dir = repo / model_name
     final = model_dir / str(version)
+    _ensure_in_place(model_dir, model_dir)  # repo is resolved: any symlink here leads away
+    _ensure_in_place(repo / STAGING_DIR, repo / STAGING_DIR)
     if final.exists():
         state = "complete" if (final / COMPLETE_MARKER).is_file() else "INCOMPLETE, remove it"
         raise VersionExistsError(
@@ -255,13 +287,14 @@ def list_versions(repo: Path, model_name: str) -> list[int]:
     model_dir = Path(repo) / model_name
     if not model_dir.is_dir():
         return []
+    _ensure_in_place(model_dir, Path(repo).resolve() / model_name)
     versions = []
     for entry in model_dir.iterdir():
         if not (entry.is_dir() and entry.name.isdigit()):
             continue
         try:
             verify_version_dir(entry)
-        except IncompleteArtifactsError:
+        except (IncompleteArtifactsError, UnsafePathError):
             continue
         versions.append(int(entry.name))
     return sorted(versions)

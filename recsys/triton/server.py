@@ -4,8 +4,9 @@ The wheel ships Triton with only the python backend, and its files are not laid 
 Triton expects a backend directory: the python stub for each interpreter version sits in
 ``python_backend_stubs/<X.Y>/``. :func:`prepare_backend_directory` assembles a proper
 ``<dir>/python/`` out of symlinks, and :class:`TritonServer` runs the binary with explicit
-model control, loopback-only endpoints and an environment in which the python stub embeds *this*
-interpreter (so models import the platform's numpy, onnxruntime and tokenizers).
+model control restricted to holders of the admin key, loopback-only endpoints and an
+environment in which the python stub embeds *this* interpreter (so models import the
+platform's numpy, onnxruntime and tokenizers).
 
 :meth:`TritonServer.command` and :meth:`TritonServer.environment` spawn nothing, so the stack
 launcher can start a detached server from them; :meth:`TritonServer.start` is for tests and
@@ -30,6 +31,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+
+from recsys.config import load_settings
+from recsys.credentials import triton_admin_key, triton_restriction_flags
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +187,15 @@ class TritonServer:
     """One tritonserver process serving ``model_repository`` with explicit model control.
 
     Endpoints bind to ``host`` (loopback by default: the control API can load arbitrary code
-    from the repository, so it must not face the network).
+    from the repository, so it must not face the network). On top of that, the model-repository
+    API (load, unload, index) over both gRPC and HTTP refuses requests that lack the admin key
+    header, so a process that can reach the port but is not the pipeline cannot swap models;
+    inference, health and metadata stay open. ``admin_key`` defaults to the platform's key
+    (:func:`recsys.credentials.triton_admin_key`, generated on first use);
+    ``restrict_model_control=False`` turns the restriction off.
+
+    Triton has no file or environment option for the key, so it is on the server's command
+    line and thus readable in ``/proc/<pid>/cmdline`` by local users; nothing here logs it.
     """
 
     def __init__(
@@ -198,6 +210,8 @@ class TritonServer:
         *,
         log_verbose: int = 0,
         exit_timeout_s: int = 10,
+        admin_key: str | None = None,
+        restrict_model_control: bool = True,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.host = host
@@ -210,6 +224,17 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.exit_timeout_s = exit_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
+        if restrict_model_control and admin_key is None:
+            admin_key = triton_admin_key(load_settings(), create=True)
+        self._admin_key = admin_key if restrict_model_control else None
+
+    def __repr__(self) -> str:  # never show the admin key
+        return f"TritonServer({str(self.model_repository)!r}, grpc={self.grpc_url!r})"
+
+    @property
+    def admin_key(self) -> str | None:
+        """The key model-control calls must carry (None when model control is unrestricted)."""
+        return self._admin_key
 
     @property
     def backend_directory(self) -> Path:
@@ -235,7 +260,10 @@ class TritonServer:
 
     def command(self) -> list[str]:
         """The tritonserver argv. Spawns nothing; it does (idempotently) create the backend
-        directory of symlinks, without which this command could not start."""
+        directory of symlinks, without which this command could not start.
+
+        It contains the admin key: record it only through
+        :func:`recsys.credentials.redact_command`."""
         prepare_backend_directory(self.backend_directory)
         return [
             str(find_tritonserver()),
@@ -260,6 +288,7 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--metrics-config=summary_latencies=true",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            *(triton_restriction_flags(self._admin_key) if self._admin_key else []),
         ]
 
     def environment(self) -> dict[str, str]:
