@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,20 +39,23 @@ class EvaluationResult:
         return f"{self.queries} queries over {self.products} products: {shown}"
 
 
-def _ranx_metrics(
-    test_frame: pd.DataFrame,
-    query_texts: list[str],
-    query_emb: np.ndarray,
-    product_ids: list[str],
-    product_emb: np.ndarray,
-    positive_grade: int,
-    k_values: tuple[int, ...],
-) -> dict[str, float]:
-    from ranx import Qrels, Run, evaluate
+EmbedFn = Callable[[list[str]], np.ndarray]
+"""Texts in, L2-normalised float32 embeddings out (one row per text). Torch, ONNX fp32 and ONNX
+INT8 encoders all reduce to this, so every precision is scored by exactly the same metric code."""
 
+RunDict = dict[str, dict[str, float]]
+"""A ranx run: query -> {product id: score} for the products the system retrieved."""
+
+
+def judged_queries(test_frame: pd.DataFrame) -> list[str]:
+    """The held-out queries in a fixed order (the row order of every query matrix)."""
+    return sorted(test_frame["search_term"].astype(str).unique())
+
+
+def _qrels(test_frame: pd.DataFrame) -> dict[str, dict[str, int]]:
     qrels_dict: dict[str, dict[str, int]] = {}
     for query, pid, rel in zip(
-        test_frame["search_term"],
+        test_frame["search_term"].astype(str),
         test_frame["product_uid"].astype(str),
         test_frame["relevance"],
         strict=True,
@@ -60,56 +65,137 @@ def _ranx_metrics(
             qrels_dict.setdefault(query, {})[pid] = max(
                 grade, qrels_dict.get(query, {}).get(pid, 0)
             )
-    scores = query_emb @ product_emb.T
-    depth = min(RANKING_DEPTH, len(product_ids))
-    run_dict: dict[str, dict[str, float]] = {}
-    for row, query in enumerate(query_texts):
-        top = np.argpartition(-scores[row], depth - 1)[:depth]
-        run_dict[query] = {product_ids[i]: float(scores[row, i]) for i in top}
+    return qrels_dict
+
+
+def dense_run(
+    query_texts: list[str],
+    query_emb: np.ndarray,
+    product_ids: list[str],
+    product_emb: np.ndarray,
+    depth: int = RANKING_DEPTH,
+    block: int = 512,
+) -> RunDict:
+    """Top-``depth`` products per query by dot product, in query blocks so a full catalogue
+    never needs the whole queries x products score matrix in memory."""
+    depth = min(depth, len(product_ids))
+    run: RunDict = {}
+    for start in range(0, len(query_texts), block):
+        scores = query_emb[start : start + block] @ product_emb.T
+        top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+        for offset, row in enumerate(top):
+            run[query_texts[start + offset]] = {
+                product_ids[i]: float(scores[offset, i]) for i in row
+            }
+    return run
+
+
+def ranking_metrics(
+    test_frame: pd.DataFrame,
+    run: RunDict,
+    positive_grade: int,
+    k_values: tuple[int, ...] = (10, 100),
+) -> dict[str, float]:
+    """NDCG@k (graded), MRR and Recall@k (relevant = grade >= ``positive_grade``) with ranx.
+
+    Any system that produces a run (dense encoder, BM25, ...) is scored here, so the comparison
+    table's rows are comparable by construction. Judged queries the run misses score zero.
+    """
+    from ranx import Qrels, Run, evaluate
+
+    qrels_dict = _qrels(test_frame)
     qrels = Qrels(qrels_dict)
-    run = Run({q: r for q, r in run_dict.items() if q in qrels_dict})
+    run_obj = Run({q: r for q, r in run.items() if q in qrels_dict and r})
     names = [f"ndcg@{k_values[0]}", "mrr"] + [f"recall@{k}" for k in k_values]
     names = [f"{n}-l{positive_grade}" if not n.startswith("ndcg") else n for n in names]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        values = evaluate(qrels, run, names, make_comparable=True)
+        values = evaluate(qrels, run_obj, names, make_comparable=True)
     return {name.split("-l")[0].replace("@", "_at_"): float(v) for name, v in values.items()}
 
 
-def evaluate_encoder(
-    model_dir: Path,
+def _ranx_metrics(
     test_frame: pd.DataFrame,
-    catalog: pd.DataFrame,
-    *,
-    k_values: tuple[int, ...] = (10, 100),
-    positive_threshold: float = 2.33,
-    score_threshold: float = 0.5,
-    max_length: int = 64,
-) -> EvaluationResult:
-    """Rank the whole ``catalog`` for every held-out query and score the judged pairs.
+    query_texts: list[str],
+    query_emb: np.ndarray,
+    product_ids: list[str],
+    product_emb: np.ndarray,
+    positive_grade: int,
+    k_values: tuple[int, ...],
+) -> dict[str, float]:
+    run = dense_run(query_texts, query_emb, product_ids, product_emb)
+    return ranking_metrics(test_frame, run, positive_grade, k_values)
 
-    ``catalog`` should hold every product the shop would serve (train and test), so the held-out
-    queries compete against distractors exactly as in production.
-    """
-    from sklearn.metrics import precision_recall_fscore_support
 
+def torch_embedder(model_dir: Path, max_length: int = 64, device: Any = None) -> EmbedFn:
+    """An :data:`EmbedFn` over the PyTorch checkpoint in ``model_dir``."""
     from recsys.encoder import BiEncoder, encode_texts, load_tokenizer
     from recsys.training import pick_device
 
-    device = pick_device()
     model = BiEncoder.from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    query_texts = sorted(test_frame["search_term"].astype(str).unique())
+    device = device or pick_device()
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return encode_texts(model, tokenizer, texts, max_length=max_length, device=device).numpy()
+
+    return embed
+
+
+def onnx_embedder(
+    onnx_path: Path, tokenizer_path: Path, max_length: int = 64, batch_size: int = 128
+) -> EmbedFn:
+    """An :data:`EmbedFn` over an exported ONNX encoder, tokenised exactly as the Triton model
+    tokenises (``tokenizer.json`` with truncation and padding), so what is scored is what
+    serves."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in session.get_inputs()]
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    tokenizer.enable_truncation(max_length)
+    pad_token = (tokenizer.padding or {}).get("pad_token") or "[PAD]"
+    tokenizer.enable_padding(pad_id=tokenizer.token_to_id(pad_token) or 0, pad_token=pad_token)
+
+    def embed(texts: list[str]) -> np.ndarray:
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            encodings = tokenizer.encode_batch(texts[start : start + batch_size])
+            columns = {
+                "input_ids": [e.ids for e in encodings],
+                "attention_mask": [e.attention_mask for e in encodings],
+                "token_type_ids": [e.type_ids for e in encodings],
+            }
+            feed = {name: np.asarray(columns[name], dtype=np.int64) for name in inputs}
+            chunks.append(session.run(None, feed)[0].astype(np.float32, copy=False))
+        return np.concatenate(chunks) if chunks else np.empty((0, 0), dtype=np.float32)
+
+    return embed
+
+
+def evaluate_embeddings(
+    query_embed: EmbedFn,
+    test_frame: pd.DataFrame,
+    catalog: pd.DataFrame,
+    *,
+    product_embed: EmbedFn | None = None,
+    k_values: tuple[int, ...] = (10, 100),
+    positive_threshold: float = 2.33,
+    score_threshold: float = 0.5,
+) -> EvaluationResult:
+    """Rank the whole ``catalog`` for every held-out query and score the judged pairs.
+
+    ``product_embed`` defaults to ``query_embed``; pass a different one to score a served
+    configuration where products were embedded offline by another encoder (e.g. INT8 queries
+    against fp32 product embeddings).
+    """
+    from sklearn.metrics import precision_recall_fscore_support
+
+    query_texts = judged_queries(test_frame)
     product_ids = catalog["product_uid"].astype(str).tolist()
-    encode = {"max_length": max_length, "device": device}
-    query_emb = encode_texts(model, tokenizer, query_texts, desc="embed queries", **encode).numpy()
-    product_emb = encode_texts(
-        model,
-        tokenizer,
-        catalog["product_title"].astype(str).tolist(),
-        desc="embed products",
-        **encode,
-    ).numpy()
+    query_emb = query_embed(query_texts)
+    product_emb = (product_embed or query_embed)(catalog["product_title"].astype(str).tolist())
 
     positive_grade = relevance_grade(positive_threshold)
     metrics = _ranx_metrics(
@@ -129,3 +215,28 @@ def evaluate_encoder(
     result = EvaluationResult(metrics=metrics, queries=len(query_texts), products=len(product_ids))
     log.info("evaluation: %s", result.summary())
     return result
+
+
+def evaluate_encoder(
+    model_dir: Path,
+    test_frame: pd.DataFrame,
+    catalog: pd.DataFrame,
+    *,
+    k_values: tuple[int, ...] = (10, 100),
+    positive_threshold: float = 2.33,
+    score_threshold: float = 0.5,
+    max_length: int = 64,
+) -> EvaluationResult:
+    """Evaluate the PyTorch checkpoint in ``model_dir`` (see :func:`evaluate_embeddings`).
+
+    ``catalog`` should hold every product the shop would serve (train and test), so the held-out
+    queries compete against distractors exactly as in production.
+    """
+    return evaluate_embeddings(
+        torch_embedder(Path(model_dir), max_length=max_length),
+        test_frame,
+        catalog,
+        k_values=k_values,
+        positive_threshold=positive_threshold,
+        score_threshold=score_threshold,
+    )

@@ -4,6 +4,8 @@ The folder holds the ONNX encoder (pooling and normalisation inside the graph), 
 tokenizer's ``tokenizer.json``, the product catalogue's embeddings and a manifest. Product
 embeddings are computed here once, at export time, so a served query costs one encoder call and
 one matrix product. The export is checked against PyTorch before anyone can deploy it.
+The manifest's ``onnx_file`` names the encoder Triton loads (``encoder.onnx`` here;
+:mod:`recsys.quantization` may add ``encoder.int8.onnx`` beside it and point there instead).
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ def build_serving_artifacts(
         "max_query_tokens": max_query_tokens,
         "max_top_k": int(min(max_top_k, len(ids))),
         "onnx_inputs": ONNX_INPUTS,
+        "onnx_file": ONNX_FILE,
+        "precision": "fp32",
         "embedding_dim": int(embeddings.shape[1]),
         "products": len(ids),
         "onnx_worst_cosine": worst_cosine,

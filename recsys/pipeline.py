@@ -148,19 +148,202 @@ def evaluate_model(
 
 
 def export_model(
-    split: dict[str, Any], checkpoint: str, run_dir: Path, model_name: str, fault_injection: Any
+    split: dict[str, Any],
+    checkpoint: str,
+    run_dir: Path,
+    model_name: str,
+    fault_injection: Any,
+    *,
+    precision: str = "fp32",
+    quantize: bool = True,
+    max_ndcg_drop: float = 0.01,
+    positive_threshold: float = 2.33,
 ) -> dict[str, Any]:
-    """ONNX export plus product embeddings: the folder a Triton version is made of."""
-    from recsys.export import build_serving_artifacts
+    """ONNX export plus product embeddings: the folder a Triton version is made of.
 
+    With ``quantize`` (forced by ``precision`` "int8"/"auto") an INT8 encoder is written beside
+    the fp32 one and both are scored on the held-out queries; ``precision`` picks what the
+    manifest serves (see :func:`recsys.quantization.choose_precision`: "int8" fails the task
+    when the gate refuses INT8, "auto" falls back to fp32). Both NDCGs, the fp32/INT8 cosines
+    and the decision are recorded in the manifest under ``quantization``.
+    """
+    from recsys import quantization
+    from recsys.export import build_serving_artifacts
+    from recsys.promotion import evaluate_serving_artifacts
+
+    catalog = _read(split["catalog_path"])
     artifacts = build_serving_artifacts(
         Path(checkpoint),
-        _read(split["catalog_path"]),
+        catalog,
         run_dir / "serving",
         model_name=model_name,
         fault_injection=fault_injection,
     )
-    return {"artifacts_dir": str(artifacts)}
+    if precision not in quantization.PRECISIONS:
+        raise ValueError(f"precision must be one of {quantization.PRECISIONS}, got {precision!r}")
+    if not quantize and precision == "fp32":
+        return {"artifacts_dir": str(artifacts), "precision": "fp32"}
+
+    fp32_path = artifacts / quantization.FP32_ONNX_FILE
+    int8_path = quantization.quantize_encoder(fp32_path)
+    titles = catalog["product_title"].astype(str).tolist()
+    test = _read(split["test_path"])
+    probes = [*titles[:64], *test["search_term"].astype(str).unique()[:64].tolist()]
+    agreement = quantization.embedding_agreement(
+        fp32_path, int8_path, artifacts / "tokenizer.json", probes
+    )
+    scores = {}
+    for name in ("fp32", "int8"):
+        quantization.set_served_encoder(artifacts, name, {})
+        result = evaluate_serving_artifacts(
+            artifacts, test, catalog, positive_threshold=positive_threshold
+        )
+        scores[name] = result.metrics["ndcg_at_10"]
+    served, reason = quantization.choose_precision(
+        precision, scores["fp32"], scores["int8"], max_ndcg_drop
+    )  # raises QuantizationRejectedError for a refused explicit "int8"
+    record = {
+        "fp32_ndcg_at_10": scores["fp32"],
+        "int8_ndcg_at_10": scores["int8"],
+        **agreement,
+        "max_ndcg_drop": max_ndcg_drop,
+        "requested": precision,
+        "decision": reason,
+        "fp32_bytes": fp32_path.stat().st_size,
+        "int8_bytes": int8_path.stat().st_size,
+    }
+    quantization.set_served_encoder(artifacts, served, record)
+    log.info("serving %s: %s", served, reason)
+    return {"artifacts_dir": str(artifacts), "precision": served, "quantization": record}
+
+
+def evaluate_baselines(
+    settings: Settings,
+    split: dict[str, Any],
+    run_dir: Path,
+    base_model: str,
+    challenger_metrics: dict[str, float] | None = None,
+    run_id: str | None = None,
+    positive_threshold: float = 2.33,
+) -> dict[str, Any]:
+    """BM25 and the un-fine-tuned base model on the held-out queries, next to the fine-tuned
+    model's metrics (``challenger_metrics``, from :func:`evaluate_model`). The table is written
+    as JSON and CSV and, with ``run_id``, logged to that MLflow run under ``evaluation/``."""
+    from recsys import baselines
+    from recsys.encoder import resolve_base_model
+
+    test, catalog = _read(split["test_path"]), _read(split["catalog_path"])
+    results: dict[str, Any] = {
+        "bm25": baselines.evaluate_bm25(test, catalog, positive_threshold=positive_threshold),
+        "base_model": baselines.evaluate_base_model(
+            resolve_base_model(base_model), test, catalog, positive_threshold=positive_threshold
+        ),
+    }
+    if challenger_metrics is not None:
+        results["fine_tuned"] = challenger_metrics
+    table = baselines.comparison_table(results)
+    paths = baselines.write_table(table, run_dir / "evaluation" / "baselines")
+    if run_id is not None:
+        _log_artifacts(settings, run_id, paths)
+    return {"table": table, "table_paths": [str(p) for p in paths]}
+
+
+def _log_artifacts(settings: Settings, run_id: str, paths: list[Path]) -> None:
+    from recsys import registry
+
+    mlflow_client = registry.client(settings.mlflow_tracking_uri)
+    for path in paths:
+        mlflow_client.log_artifact(run_id, str(path), "evaluation")
+
+
+def compare_with_champion(
+    settings: Settings,
+    split: dict[str, Any],
+    artifacts_dir: str,
+    *,
+    run_dir: Path | None = None,
+    champion_dir: str | None = None,
+    metric: str = "ndcg_at_10",
+    min_gain: float = 0.0,
+    positive_threshold: float = 2.33,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Challenger (``artifacts_dir``) vs the serving champion on the SAME held-out queries.
+
+    The champion is the registry's ``champion`` alias, scored from its published version
+    folder in the Triton repository (``champion_dir`` overrides the lookup, e.g. for tests).
+    No champion: promote. A champion whose folder is gone cannot be re-scored; then its
+    recorded run metric is used and the reason says so. Returns ``{"promote", "reason",
+    "table", "champion_version", "champion_source"}``; the table is logged with ``run_id``.
+    """
+    from recsys import baselines
+    from recsys.promotion import evaluate_serving_artifacts, should_promote
+
+    test, catalog = _read(split["test_path"]), _read(split["catalog_path"])
+    challenger = evaluate_serving_artifacts(
+        Path(artifacts_dir), test, catalog, positive_threshold=positive_threshold
+    ).metrics
+    champion_version, source, champion = None, "none", None
+    if champion_dir is None:
+        champion_version, champion_dir, champion = _find_champion(settings, metric)
+        source = "recorded" if champion is not None else source
+    if champion_dir is not None:
+        champion = evaluate_serving_artifacts(
+            Path(champion_dir), test, catalog, positive_threshold=positive_threshold
+        ).metrics
+        source = "rescored"
+    decision = should_promote(challenger, champion, metric=metric, min_gain=min_gain)
+    reason = decision.reason
+    results: dict[str, Any] = {"challenger": challenger}
+    if source == "recorded":
+        reason += " (champion's artifacts are gone: its recorded metric, a different held-out set)"
+        table = baselines.comparison_table(
+            {"challenger": challenger, "champion_recorded": champion}, keys=(metric,)
+        )
+    else:
+        if champion is not None:
+            results["champion"] = champion
+        table = baselines.comparison_table(results)
+    if run_dir is not None:
+        paths = baselines.write_table(table, Path(run_dir) / "evaluation" / "champion_challenger")
+        if run_id is not None:
+            _log_artifacts(settings, run_id, paths)
+    log.info("champion/challenger: %s", reason)
+    return {
+        "promote": decision.promote,
+        "reason": reason,
+        "table": table,
+        "champion_version": champion_version,
+        "champion_source": source,
+    }
+
+
+def _find_champion(
+    settings: Settings, metric: str
+) -> tuple[int | None, str | None, dict[str, float] | None]:
+    """``(version, version folder or None, recorded metrics or None)`` of the champion."""
+    from recsys import registry
+    from recsys.triton.repository import IncompleteArtifactsError, verify_version_dir
+
+    model = settings.model_name
+    version = registry.alias_version(settings.mlflow_tracking_uri, model, registry.CHAMPION)
+    if version is None:
+        return None, None, None
+    folder = settings.triton_repo / model / str(version)
+    try:
+        verify_version_dir(folder)
+        return version, str(folder), None
+    except IncompleteArtifactsError:
+        log.warning("champion v%d has no complete folder at %s", version, folder)
+    mlflow_client = registry.client(settings.mlflow_tracking_uri)
+    run_id = mlflow_client.get_model_version(model, str(version)).run_id
+    recorded = mlflow_client.get_run(run_id).data.metrics
+    if metric not in recorded:
+        raise RuntimeError(
+            f"champion v{version} has neither a published folder at {folder} nor a recorded "
+            f"{metric!r}; cannot compare (deploy it again with `recsys deploy --version {version}`)"
+        )
+    return version, None, {metric: float(recorded[metric])}
 
 
 def register_model(
@@ -175,25 +358,38 @@ def register_model(
 
 
 def deploy_model(
-    settings: Settings, version: int, artifacts_dir: str | None, smoke_query: str, top_k: int
+    settings: Settings,
+    version: int,
+    artifacts_dir: str | None,
+    smoke_query: str,
+    top_k: int,
+    serving: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Publish ``version`` atomically into the Triton repository (skipped when
     ``artifacts_dir`` is None: the immutable version folder is already there), load it,
     smoke-test it, and only then make it ``champion``. A version that fails to load or answer
-    is unloaded in favour of the champion that served before, and the task fails."""
+    is unloaded in favour of the champion that served before, and the task fails.
+
+    ``serving`` (``max_batch_size``, ``instance_count``, ``dynamic_batching``,
+    ``max_queue_delay_us``, ``response_cache``, ...) is pinned into the published version and
+    every load of a version uses the knobs it was published with."""
     from recsys import audit, registry
     from recsys.locking import model_lock
     from recsys.triton.control import TritonControl
-    from recsys.triton.repository import publish_version
+    from recsys.triton.repository import publish_version, version_serving_config
 
     model = settings.model_name
     control = TritonControl(settings.triton_grpc_url)
     with model_lock(settings.home / "locks", model):
         previous = registry.alias_version(settings.mlflow_tracking_uri, model, registry.CHAMPION)
         if artifacts_dir is not None:
-            publish_version(settings.triton_repo, model, version, Path(artifacts_dir))
+            publish_version(
+                settings.triton_repo, model, version, Path(artifacts_dir), serving=serving
+            )
+        repo = settings.triton_repo
         try:
-            control.load_version(model, version, settings.triton_repo)
+            config = version_serving_config(repo, model, version)
+            control.load_version(model, version, repo, config=config)
             answer = control.smoke_test(model, smoke_query, top_k=top_k)
         except Exception as exc:
             # Audit first: the restore below may fail too (e.g. the server went away), and the
@@ -208,7 +404,9 @@ def deploy_model(
             )
             if previous is not None and previous != version:
                 log.error("version %d failed (%s); restoring version %d", version, exc, previous)
-                control.load_version(model, previous, settings.triton_repo)
+                control.load_version(
+                    model, previous, repo, config=version_serving_config(repo, model, previous)
+                )
             elif previous is None:  # nothing served before: serve nothing rather than this
                 log.error("version %d failed (%s); unloading it", version, exc)
                 control.unload(model)

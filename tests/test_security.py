@@ -347,7 +347,9 @@ def test_audit_records_and_task_logs_hold_no_secrets(
     assert TritonControl(platform.triton_grpc_url).loaded_versions(platform.model_name) == [v1]
 
     records = read_records(platform.audit_log)
-    assert [r["action"] for r in records] == ["deploy"]
+    # The refused attempt is on record (without the key it used), and nothing else changed.
+    assert [r["action"] for r in records] == ["deploy", "deploy_failed"]
+    assert records[-1]["version"] == v1 + 1 and "admin key" in records[-1]["reason"]
     audit_text = platform.audit_log.read_text()
     for secret in (key, password, "stolen-or-guessed-key"):
         assert secret not in audit_text

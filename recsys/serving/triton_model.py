@@ -1,7 +1,9 @@
 """Triton python-backend model for product search: query text in, top-K product ids out.
 
 Published into every version folder as ``model.py`` next to the serving artifacts
-(``encoder.onnx``, ``tokenizer.json``, ``products.npz``, ``manifest.json``). It imports only numpy,
+(``encoder.onnx``, ``tokenizer.json``, ``products.npz``, ``manifest.json``, and the encoder the
+manifest's ``onnx_file`` names when that is another file, e.g. ``encoder.int8.onnx``; manifests
+without the key serve ``encoder.onnx``). It imports only numpy,
 onnxruntime, tokenizers and the standard library, never ``recsys``: the python stub runs it in
 its own process, and a version folder has to keep working whatever happens to the platform code.
 
@@ -25,6 +27,22 @@ import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
 REQUIRED_FILES = ("encoder.onnx", "tokenizer.json", "products.npz", "manifest.json")
+DEFAULT_ONNX_FILE = "encoder.onnx"
+
+
+def served_onnx_file(manifest: dict[str, Any]) -> str:
+    """The encoder file to serve: the manifest's ``onnx_file``, a plain ``*.onnx`` name in the
+    version folder (never a path: a manifest must not point the server at other files)."""
+    name = manifest.get("onnx_file") or DEFAULT_ONNX_FILE
+    if (
+        not isinstance(name, str)
+        or not name.endswith(".onnx")
+        or name.startswith(".")
+        or "/" in name
+        or "\\" in name
+    ):
+        raise ValueError(f"manifest onnx_file {name!r} is not a plain *.onnx file name")
+    return name
 
 
 class RequestError(ValueError):
@@ -94,6 +112,9 @@ class TritonPythonModel:
             raise FileNotFoundError(f"{version_dir} lacks {', '.join(missing)}")
         self.version_dir = version_dir
         self.manifest = json.loads((version_dir / "manifest.json").read_text())
+        self.onnx_file = served_onnx_file(self.manifest)
+        if not (version_dir / self.onnx_file).is_file():
+            raise FileNotFoundError(f"{version_dir} lacks {self.onnx_file} (manifest onnx_file)")
         config = json.loads(args.get("model_config") or "{}")
         parameters = config.get("parameters") or {}
         threads = int((parameters.get("intra_op_threads") or {}).get("string_value") or 1)
@@ -103,7 +124,7 @@ class TritonPythonModel:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
-            str(version_dir / "encoder.onnx"), options, providers=["CPUExecutionProvider"]
+            str(version_dir / self.onnx_file), options, providers=["CPUExecutionProvider"]
         )
         self.onnx_inputs = list(
             self.manifest.get("onnx_inputs") or [i.name for i in self.session.get_inputs()]
@@ -142,7 +163,7 @@ class TritonPythonModel:
         self.answered = 0
         pb_utils.Logger.log_info(
             f"{args.get('model_name')} v{args['model_version']} ({args.get('model_instance_name')})"
-            f": {n_products} products, dim {dim}, pid {os.getpid()}, "
+            f": {n_products} products, dim {dim}, encoder {self.onnx_file}, pid {os.getpid()}, "
             f"fault_injection={self.manifest.get('fault_injection')!r}"
         )
 

@@ -27,7 +27,20 @@ STAGING_DIR = ".staging"
 CONFIG_FILE = "config.pbtxt"
 MODEL_SOURCE = Path(__file__).resolve().parent.parent / "serving" / "triton_model.py"
 
+DEFAULT_ONNX_FILE = "encoder.onnx"
+SERVING_KNOBS = (
+    "max_batch_size",
+    "instance_count",
+    "max_queue_delay_us",
+    "intra_op_threads",
+    "dynamic_batching",
+    "preferred_batch_sizes",
+    "response_cache",
+)
+"""``serving_config`` keyword arguments a publisher may pin per version (manifest ``serving``)."""
+
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+_ONNX_FILE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*\.onnx$")
 
 
 class RepositoryError(RuntimeError):
@@ -49,6 +62,16 @@ class UnsafePathError(RepositoryError, ValueError):
 
 class VersionExistsError(RepositoryError):
     """The version folder already exists; published versions are immutable."""
+
+
+def served_onnx_file(manifest: dict[str, Any]) -> str:
+    """The encoder file the manifest names (``onnx_file``; ``encoder.onnx`` for manifests
+    written before INT8 existed). Only a plain ``*.onnx`` file name in the version folder is
+    accepted, so a manifest cannot make Triton read a file from elsewhere."""
+    name = manifest.get("onnx_file") or DEFAULT_ONNX_FILE
+    if not isinstance(name, str) or not _ONNX_FILE.fullmatch(name):
+        raise UnsafePathError(f"manifest onnx_file {name!r} is not a plain *.onnx file name")
+    return name
 
 
 def validate_model_name(model_name: str) -> str:
@@ -74,12 +97,20 @@ def serving_config(
     versions: list[int] | None = None,
     max_queue_delay_us: int = 2000,
     intra_op_threads: int = 1,
+    dynamic_batching: bool = True,
+    preferred_batch_sizes: list[int] | None = None,
+    response_cache: bool = False,
 ) -> dict[str, Any]:
     """The model configuration as a JSON-able dict in Triton's protobuf JSON form.
 
     The same dict becomes ``config.pbtxt`` and the JSON config override of a load request, so
     the file and what the control client loads can never drift apart. ``versions`` pins the
     version policy to exactly those versions.
+
+    ``response_cache`` lets Triton answer a repeated (query, top_k) from its cache without
+    running the model (search traffic repeats head queries a lot); it only takes effect on a
+    server started with ``--cache-config local,size=<bytes>``. ``dynamic_batching=False`` makes
+    every request its own execution (lowest latency at low load, no queue delay).
     """
     validate_model_name(model_name)
     config: dict[str, Any] = {
@@ -94,10 +125,16 @@ def serving_config(
             {"name": "PRODUCT_IDS", "data_type": "TYPE_STRING", "dims": [-1]},
             {"name": "SCORES", "data_type": "TYPE_FP32", "dims": [-1]},
         ],
-        "dynamic_batching": {"max_queue_delay_microseconds": max_queue_delay_us},
         "instance_group": [{"kind": "KIND_CPU", "count": instance_count}],
         "parameters": {"intra_op_threads": {"string_value": str(intra_op_threads)}},
     }
+    if dynamic_batching:
+        batching: dict[str, Any] = {"max_queue_delay_microseconds": max_queue_delay_us}
+        if preferred_batch_sizes:
+            batching["preferred_batch_size"] = [int(b) for b in preferred_batch_sizes]
+        config["dynamic_batching"] = batching
+    if response_cache:
+        config["response_cache"] = {"enable": True}
     if versions:
         config["version_policy"] = {
             "specific": {"versions": [_validate_version(v) for v in versions]}
@@ -163,7 +200,13 @@ def validate_artifacts(artifacts_dir: Path) -> dict[str, Any]:
         raise IncompleteArtifactsError(
             f"serving artifacts in {artifacts_dir} are incomplete: missing {', '.join(missing)}"
         )
-    return _read_manifest(artifacts_dir)
+    manifest = _read_manifest(artifacts_dir)
+    onnx_file = served_onnx_file(manifest)
+    if not (artifacts_dir / onnx_file).is_file():
+        raise IncompleteArtifactsError(
+            f"serving artifacts in {artifacts_dir} lack {onnx_file}, the encoder the manifest names"
+        )
+    return manifest
 
 
 def _sha256(path: Path) -> str:
@@ -220,14 +263,46 @@ def verify_version_dir(path: Path) -> dict[str, Any]:
     real = path.resolve()
     for name in (*REQUIRED_ARTIFACTS, MODEL_FILE, COMPLETE_MARKER):
         _ensure_in_place(path / name, real / name)
-    return _read_manifest(path)
+    manifest = _read_manifest(path)
+    onnx_file = served_onnx_file(manifest)
+    if not (path / onnx_file).is_file():
+        raise IncompleteArtifactsError(f"version folder {path} lacks {onnx_file}")
+    _ensure_in_place(path / onnx_file, real / onnx_file)
+    return manifest
 
 
-def publish_version(repo: Path, model_name: str, version: int, artifacts_dir: Path) -> Path:
+def _serving_knobs(serving: dict[str, Any] | None) -> dict[str, Any]:
+    knobs = dict(serving or {})
+    unknown = sorted(set(knobs) - set(SERVING_KNOBS))
+    if unknown:
+        raise ValueError(f"unknown serving option(s) {unknown}; allowed: {list(SERVING_KNOBS)}")
+    return knobs
+
+
+def version_serving_config(repo: Path, model_name: str, version: int) -> dict[str, Any]:
+    """The Triton config ``version`` was published with (its manifest's ``serving`` knobs on
+    top of the defaults): pass it as ``config=`` to ``TritonControl.load_version`` so a deploy
+    or a rollback serves each version with its own batching, instances and cache."""
+    manifest = verify_version_dir(Path(repo) / model_name / str(_validate_version(version)))
+    return serving_config(model_name, **_serving_knobs(manifest.get("serving")))
+
+
+def publish_version(
+    repo: Path,
+    model_name: str,
+    version: int,
+    artifacts_dir: Path,
+    *,
+    serving: dict[str, Any] | None = None,
+) -> Path:
     """Publish ``artifacts_dir`` as ``<repo>/<model_name>/<version>`` atomically; return it.
 
-    The version's manifest gets ``version`` filled in. ``config.pbtxt`` is written once per
-    model and kept afterwards (loads carry their own config override). Raises
+    The version's manifest gets ``version`` filled in, and ``serving`` (keyword arguments of
+    :func:`serving_config`: ``max_batch_size``, ``instance_count``, ``dynamic_batching``,
+    ``max_queue_delay_us``, ``preferred_batch_sizes``, ``response_cache``, ...) when given:
+    :func:`version_serving_config` turns them back into the load config. ``config.pbtxt`` is
+    written on the model's first publish, and rewritten whenever ``serving`` is given (loads
+    carry their own config override, so it only matters to a server started without one). Raises
     :class:`VersionExistsError` rather than overwrite a published version, since a model that
     already served must stay reproducible for rollbacks.
     """
@@ -236,6 +311,10 @@ def publish_version(repo: Path, model_name: str, version: int, artifacts_dir: Pa
     repo = Path(repo).resolve()
     artifacts_dir = Path(artifacts_dir)
     manifest = validate_artifacts(artifacts_dir)
+    knobs = _serving_knobs(serving)
+    config = serving_config(model_name, **knobs)
+    render_config_pbtxt(config)  # fail before copying anything if Triton would reject it
+    onnx_file = served_onnx_file(manifest)
     model_dir = repo / model_name
     final = model_dir / str(version)
     _ensure_in_place(model_dir, model_dir)  # repo is resolved: any symlink here leads away
@@ -254,12 +333,14 @@ def publish_version(repo: Path, model_name: str, version: int, artifacts_dir: Pa
     staging.mkdir()
     try:
         checksums = {}
-        for name in REQUIRED_ARTIFACTS:
+        for name in dict.fromkeys((*REQUIRED_ARTIFACTS, onnx_file)):
             if name == "manifest.json":
                 continue
             _copy_durably(artifacts_dir / name, staging / name)
             checksums[name] = _sha256(staging / name)
         manifest = {**manifest, "version": version}
+        if serving is not None:
+            manifest["serving"] = knobs
         _write_durably(staging / "manifest.json", json.dumps(manifest, indent=2).encode())
         _copy_durably(MODEL_SOURCE, staging / MODEL_FILE)
         for name in ("manifest.json", MODEL_FILE):
@@ -276,8 +357,8 @@ def publish_version(repo: Path, model_name: str, version: int, artifacts_dir: Pa
     _fsync_dir(model_dir)
     with contextlib.suppress(OSError):
         staging_root.rmdir()  # only if empty; concurrent publishers may still use it
-    if not (model_dir / CONFIG_FILE).exists():
-        write_config_pbtxt(model_dir, serving_config(model_name))
+    if serving is not None or not (model_dir / CONFIG_FILE).exists():
+        write_config_pbtxt(model_dir, config)
     return final
 
 
