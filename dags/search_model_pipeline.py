@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+from recsys.alerts import task_failure_alert
 from recsys.config import pipeline_schedule
 
 DOC = """
@@ -33,7 +34,12 @@ hyperparameters. `fault_injection` deploys a deliberately faulty version to rehe
     max_active_runs=1,
     tags=["search", "training", "deployment"],
     doc_md=DOC,
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
+    default_args={
+        "retries": 1,
+        "retry_delay": timedelta(minutes=1),
+        "on_failure_callback": task_failure_alert,
+    },
+    on_failure_callback=task_failure_alert,
     params={
         "data_path": Param(
             "", type="string", description="Relevance CSV; empty = RECSYS_DATA_PATH"

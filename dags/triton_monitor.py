@@ -10,14 +10,21 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+from recsys.alerts import task_failure_alert
+from recsys.monitoring.trigger import MetricsCheckOperator
+
 DOC = """
 ### Triton monitor
-Scrapes Triton's metrics endpoint each minute and compares the window since the previous scrape
-with the thresholds below. A window with too few requests is never judged (no traffic is not an
-outage, and not a recovery either). When `consecutive_windows` windows in a row breach, the
-`rollback` task loads the previous known-good registry version into Triton, verifies it with a
-smoke query, moves the `champion` / `previous` aliases, tags the bad version with the reason and
-writes an audit record and an alert.
+Scrapes Triton's metrics endpoint each minute (deferred to the triggerer, so the wait holds no
+worker slot) and compares the window since the previous scrape with the model's thresholds:
+those of `RECSYS_MONITOR_CONFIG` (YAML/JSON, `defaults` plus per-model entries), overridden by
+any threshold param set for this run (unset params defer to the file). A window with too few
+requests is never judged (no traffic is not an outage, and not a recovery either). When
+`consecutive_windows` windows in a row breach, the `rollback` task loads the previous known-good
+registry version into Triton, verifies it with a smoke query, moves the `champion` / `previous`
+aliases, tags the bad version with the reason and writes an audit record and an alert. Any task
+that fails for good (metrics unreachable, a rollback that could not switch, a registry update
+left pending) posts an alert to `RECSYS_ALERT_WEBHOOK`, and so does the failed run.
 """
 
 
@@ -29,33 +36,24 @@ writes an audit record and an alert.
     max_active_runs=1,
     tags=["search", "monitoring", "rollback"],
     doc_md=DOC,
-    default_args={"retries": 1, "retry_delay": timedelta(seconds=15)},
+    default_args={
+        "retries": 1,
+        "retry_delay": timedelta(seconds=15),
+        "on_failure_callback": task_failure_alert,
+    },
+    on_failure_callback=task_failure_alert,
     params={
-        "max_error_rate": Param(0.05, type="number", minimum=0, maximum=1),
-        "max_mean_latency_ms": Param(1000.0, type="number", exclusiveMinimum=0),
-        "min_requests": Param(5, type="integer", minimum=1),
-        "consecutive_windows": Param(1, type="integer", minimum=1),
+        "max_error_rate": Param(None, type=["null", "number"], minimum=0, maximum=1),
+        "max_mean_latency_ms": Param(None, type=["null", "number"], exclusiveMinimum=0),
+        "max_p99_latency_ms": Param(None, type=["null", "number"], exclusiveMinimum=0),
+        "min_requests": Param(None, type=["null", "integer"], minimum=1),
+        "consecutive_windows": Param(None, type=["null", "integer"], minimum=1),
         "smoke_query": Param("angle bracket", type="string", minLength=1),
     },
 )
 def triton_monitor():
-    @task
-    def check_metrics() -> dict:
-        from recsys.config import load_settings
-        from recsys.monitoring.policy import Thresholds, check_once
-
-        settings = load_settings()
-        params = get_current_context()["params"]
-        thresholds = Thresholds(
-            max_error_rate=params["max_error_rate"],
-            max_mean_latency_ms=params["max_mean_latency_ms"],
-            min_requests=params["min_requests"],
-            consecutive_windows=params["consecutive_windows"],
-        )
-        verdict = check_once(
-            settings.triton_metrics_url, settings.model_name, settings.monitor_state, thresholds
-        )
-        return verdict.to_dict()
+    # Deferrable: the scrape waits in the triggerer, not in a worker slot.
+    check_metrics = MetricsCheckOperator(task_id="check_metrics")
 
     @task.short_circuit
     def breach_is_sustained(verdict: dict) -> bool:
@@ -67,14 +65,19 @@ def triton_monitor():
         from recsys.rollback import rollback as run_rollback
 
         params = get_current_context()["params"]
+        metrics = {
+            **(verdict.get("stats") or {}),
+            "success_rate": verdict.get("success_rate"),
+            "p99_latency_ms": verdict.get("p99_latency_ms"),
+        }
         return run_rollback(
             load_settings(),
             "; ".join(verdict["reasons"]),
-            verdict.get("stats") or {},
+            metrics,
             smoke_query=params["smoke_query"],
         )
 
-    verdict = check_metrics()
+    verdict = check_metrics.output
     breach_is_sustained(verdict) >> rollback(verdict)
 
 

@@ -421,9 +421,11 @@ def deploy_model(
             smoke_query=smoke_query,
             smoke_top=answer[:3],
         )
-    from recsys.monitoring.policy import reset_model
+    from recsys.monitoring.policy import rebaseline
 
-    reset_model(settings.monitor_state, model)
+    # The monitor judges the new version from this moment on, not from a window that mixes in
+    # the version it replaced.
+    rebaseline(settings.monitor_state, model, settings.triton_metrics_url)
     log.info("version %d serves; smoke query %r -> %s", version, smoke_query, answer[:3])
     return {
         "version": version,

@@ -20,6 +20,7 @@ from recsys.monitoring.policy import (
     Verdict,
     check_once,
     evaluate,
+    rebaseline,
     reset_model,
 )
 from recsys.monitoring.window import WindowStats, aggregate_model, compute_window
@@ -37,6 +38,7 @@ __all__ = [
     "compute_window",
     "evaluate",
     "parse_metrics",
+    "rebaseline",
     "reset_model",
     "scrape",
 ]

@@ -12,7 +12,8 @@ Decision rules, in order:
 * no baseline yet (first run, or first after :func:`reset_model`): store one, decide nothing;
 * fewer than ``min_requests`` in the window: decide nothing, because no traffic is neither an
   outage nor a recovery, and the consecutive-breach count is left as it was;
-* otherwise the window breaches when its error rate or mean latency is over the limit; a breach
+* otherwise the window breaches when its error rate, mean latency or (when a limit is set) p99
+  latency is over the limit; a breach
   adds one to the count, a healthy window sets it to zero, and a rollback is due once the count
   reaches ``consecutive_windows``.
 """
@@ -24,7 +25,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,9 @@ class Thresholds:
     max_mean_latency_ms: float = 1000.0
     min_requests: int = 5
     consecutive_windows: int = 1
+    max_p99_latency_ms: float | None = None
+    """Triton's rolling p99 of successful requests; ``None`` disables the check. A mean hides a
+    slow tail that a minority of users always hit, so a p99 limit catches what the mean misses."""
 
     def __post_init__(self) -> None:
         # Fail at construction: a bad limit would otherwise surface as a silent non-decision
@@ -57,6 +61,11 @@ class Thresholds:
             raise ValueError(f"min_requests must be >= 1, got {self.min_requests}")
         if self.consecutive_windows < 1:
             raise ValueError(f"consecutive_windows must be >= 1, got {self.consecutive_windows}")
+        if self.max_p99_latency_ms is not None and not self.max_p99_latency_ms > 0:
+            raise ValueError(f"max_p99_latency_ms must be > 0, got {self.max_p99_latency_ms}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -72,8 +81,21 @@ class Verdict:
     stats: WindowStats | None
     consecutive: int
 
+    @property
+    def success_rate(self) -> float | None:
+        """Share of the window's requests that succeeded; ``None`` without requests (no traffic
+        has no success rate, and reporting 100% would read as "healthy")."""
+        if self.stats is None or self.stats.requests <= 0:
+            return None
+        return self.stats.successes / self.stats.requests
+
+    @property
+    def p99_latency_ms(self) -> float | None:
+        return None if self.stats is None else self.stats.p99_latency_ms
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form for Airflow's XCom."""
+        """JSON-serialisable form for Airflow's XCom; success rate and p99 are spelled out so
+        the alert and the audit record carry them without re-deriving them from ``stats``."""
         return {
             "model": self.model,
             "breached": self.breached,
@@ -81,6 +103,8 @@ class Verdict:
             "reasons": list(self.reasons),
             "stats": None if self.stats is None else self.stats.to_dict(),
             "consecutive": self.consecutive,
+            "success_rate": self.success_rate,
+            "p99_latency_ms": self.p99_latency_ms,
         }
 
 
@@ -209,6 +233,15 @@ def evaluate(
             f"mean latency {_fmt_ms(stats.mean_latency_ms)} over {stats.successes:g} successful "
             f"requests > max {_fmt_ms(thresholds.max_mean_latency_ms)}"
         )
+    if (
+        thresholds.max_p99_latency_ms is not None
+        and stats.p99_latency_ms is not None
+        and stats.p99_latency_ms > thresholds.max_p99_latency_ms
+    ):
+        reasons.append(
+            f"p99 latency {_fmt_ms(stats.p99_latency_ms)} > max "
+            f"{_fmt_ms(thresholds.max_p99_latency_ms)}"
+        )
     breached = bool(reasons)
     consecutive = previous_consecutive + 1 if breached else 0
     should_rollback = breached and consecutive >= thresholds.consecutive_windows
@@ -219,9 +252,11 @@ def evaluate(
         )
     else:
         reasons.append(
-            f"healthy: error rate {stats.error_rate:.1%} <= {thresholds.max_error_rate:.1%}, "
+            f"healthy: success rate {1 - stats.error_rate:.1%} (error rate "
+            f"{stats.error_rate:.1%} <= {thresholds.max_error_rate:.1%}), "
             f"mean latency {_fmt_ms(stats.mean_latency_ms)} <= "
-            f"{_fmt_ms(thresholds.max_mean_latency_ms)} over {stats.requests:g} requests"
+            f"{_fmt_ms(thresholds.max_mean_latency_ms)}, p99 {_fmt_ms(stats.p99_latency_ms)}"
+            f" over {stats.requests:g} requests"
         )
     return Verdict(
         model=stats.model,
@@ -301,3 +336,31 @@ def reset_model(state_path: Path | str, model: str) -> None:
         state.snapshots.pop(model, None)
         state.consecutive.pop(model, None)
         state.save(state_path)
+
+
+def rebaseline(
+    state_path: Path | str, model: str, metrics_url: str, *, timeout_s: float = 5.0
+) -> bool:
+    """Like :func:`reset_model`, but store a fresh snapshot as the new baseline right away, so
+    the next :func:`check_once` already judges the window since this moment instead of spending
+    a whole interval re-baselining (one scrape interval less before a bad version is caught).
+
+    Returns whether a baseline was stored; when the metrics cannot be read the model is simply
+    reset (the next check re-baselines), since a switch that already happened must not fail on
+    a monitoring hiccup.
+    """
+    from recsys.monitoring.metrics import MetricsUnavailableError
+
+    try:
+        snapshot = scrape(metrics_url, timeout_s=timeout_s).for_model(model)
+    except MetricsUnavailableError as exc:
+        log.warning("could not re-baseline %s (%s); the next check will", model, exc)
+        reset_model(state_path, model)
+        return False
+    state_path = Path(state_path)
+    with _locked(state_path):
+        state = MonitorState.load(state_path)
+        state.snapshots[model] = snapshot
+        state.consecutive.pop(model, None)
+        state.save(state_path)
+    return True

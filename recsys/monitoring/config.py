@@ -1,0 +1,111 @@
+"""Per-model monitor thresholds from a file, so a platform team tunes limits without a redeploy.
+
+Different models have different normal latencies and error budgets: one set of DAG-wide numbers
+either pages for a slow-but-fine reranker or misses a regression in a fast lookup model. The file
+named by ``RECSYS_MONITOR_CONFIG`` (YAML or JSON; JSON is valid YAML, so one parser reads both)
+holds defaults and per-model overrides::
+
+    defaults:
+      max_error_rate: 0.05
+      max_mean_latency_ms: 1000
+      max_p99_latency_ms: 2500
+      min_requests: 5
+      consecutive_windows: 1
+    models:
+      product_search:
+        max_p99_latency_ms: 400
+        consecutive_windows: 2
+
+Precedence, lowest first: :class:`~recsys.monitoring.policy.Thresholds` defaults, the file's
+``defaults``, the file's entry for the model, then explicit overrides (the DAG params a person
+set for one run). An unknown key or a bad value fails loudly: a typo like ``max_error_rte``
+silently ignored would leave a model monitored with limits nobody chose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from recsys.monitoring.policy import Thresholds
+
+CONFIG_ENV = "RECSYS_MONITOR_CONFIG"
+_FIELDS = {f.name for f in dataclasses.fields(Thresholds)}
+
+
+class MonitorConfigError(ValueError):
+    """The thresholds file is missing, unparseable or names unknown keys / invalid values."""
+
+
+def _check_keys(section: str, values: Any) -> dict[str, Any]:
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise MonitorConfigError(f"{section} must be a mapping of threshold names to values")
+    unknown = sorted(set(values) - _FIELDS)
+    if unknown:
+        raise MonitorConfigError(
+            f"{section} has unknown threshold(s) {unknown}; known: {sorted(_FIELDS)}"
+        )
+    return dict(values)
+
+
+def read_config(path: Path | str) -> dict[str, Any]:
+    """Parse and validate the file's structure: ``{"defaults": {...}, "models": {name: {...}}}``."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise MonitorConfigError(f"cannot read monitor config {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise MonitorConfigError(f"monitor config {path} is not valid YAML/JSON: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise MonitorConfigError(f"monitor config {path} must be a mapping at the top level")
+    unknown = sorted(set(data) - {"defaults", "models"})
+    if unknown:
+        raise MonitorConfigError(f"monitor config {path}: unknown top-level key(s) {unknown}")
+    models = data.get("models") or {}
+    if not isinstance(models, Mapping):
+        raise MonitorConfigError(f"monitor config {path}: 'models' must map model names")
+    return {
+        "defaults": _check_keys(f"{path}: defaults", data.get("defaults")),
+        "models": {
+            str(name): _check_keys(f"{path}: models.{name}", values)
+            for name, values in models.items()
+        },
+    }
+
+
+def load_thresholds(
+    model: str,
+    path: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Thresholds:
+    """The thresholds for ``model``: built-in defaults < file defaults < file model entry <
+    ``overrides`` (``None`` values in ``overrides`` mean "not set" and are skipped).
+
+    ``path`` defaults to ``$RECSYS_MONITOR_CONFIG``; with neither, only the built-in defaults
+    and the overrides apply.
+    """
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
+    merged: dict[str, Any] = {}
+    if path is not None:
+        config = read_config(path)
+        merged.update(config["defaults"])
+        merged.update(config["models"].get(model, {}))
+    set_overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    merged.update(_check_keys("overrides", set_overrides))
+    try:
+        return Thresholds(**merged)
+    except (TypeError, ValueError) as exc:
+        raise MonitorConfigError(
+            f"invalid thresholds for {model} ({path or 'defaults'}): {exc}"
+        ) from exc

@@ -1,0 +1,380 @@
+"""Fault injection against the real components: a slow version, a Triton crash, MLflow down
+during a rollback, a half-written version folder and a garbage metrics endpoint.
+
+Each test ends with the service answering from a good version, a clear error where something
+could not be done, and nothing lost: the registry, the monitor state and the audit log say what
+really happened. No mocks; faults are made by the model's own ``fault_injection``, by killing
+real server processes, or by a real local HTTP server serving garbage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+
+from recsys import registry
+from recsys.audit import read_records
+from recsys.config import Settings, load_settings
+from recsys.monitoring.config import load_thresholds
+from recsys.monitoring.metrics import MetricsUnavailableError
+from recsys.monitoring.policy import MonitorState, Thresholds, check_once
+from recsys.pipeline import deploy_model, register_model
+from recsys.registry import RegistryUnavailableError
+from recsys.rollback import (
+    ROLLBACK_COMPLETED,
+    ROLLBACK_PENDING,
+    RollbackError,
+    RollbackRegistryPendingError,
+    complete_pending_rollback,
+    pending_rollbacks,
+    rollback,
+)
+from recsys.triton.control import TritonControl
+from recsys.triton.repository import COMPLETE_MARKER, IncompleteArtifactsError
+from tests.triton_testing import TritonHarness, free_port, running_triton
+
+QUERY = "angle bracket"
+
+
+@dataclass
+class Env:
+    """A platform for one test with handles on the processes a test may kill."""
+
+    settings: Settings
+    triton: TritonHarness
+    control: TritonControl
+
+    def register(self, artifacts_dir: Path) -> int:
+        run_id = registry.start_training_run(
+            self.settings.mlflow_tracking_uri, "fault-tests", "t", {"epochs": 1}, {}
+        )
+        lineage = {"data_hash": "h"}
+        return register_model(self.settings, run_id, str(artifacts_dir), lineage)["version"]
+
+    def deploy(self, artifacts_dir: Path) -> int:
+        version = self.register(artifacts_dir)
+        deploy_model(self.settings, version, str(artifacts_dir), QUERY, 5)
+        return version
+
+    def aliases(self) -> tuple[int | None, int | None]:
+        uri, model = self.settings.mlflow_tracking_uri, self.settings.model_name
+        return (
+            registry.alias_version(uri, model, registry.CHAMPION),
+            registry.alias_version(uri, model, registry.PREVIOUS),
+        )
+
+    def actions(self) -> list[str]:
+        return [r["action"] for r in read_records(self.settings.audit_log)]
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path, mlflow_server) -> Iterator[Env]:
+    """Like ``platform``, but keeps the Triton harness so a test can kill the server."""
+    with running_triton(tmp_path / "triton") as triton:
+        server = triton.server
+        monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("RECSYS_TRITON_REPO", str(triton.repo))
+        monkeypatch.setenv("RECSYS_TRITON_HTTP_PORT", str(server.http_port))
+        monkeypatch.setenv("RECSYS_TRITON_GRPC_PORT", str(server.grpc_port))
+        monkeypatch.setenv("RECSYS_TRITON_METRICS_PORT", str(server.metrics_port))
+        monkeypatch.setenv("RECSYS_MODEL_NAME", f"product_search_{uuid.uuid4().hex[:8]}")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        monkeypatch.delenv("RECSYS_ALERT_WEBHOOK", raising=False)
+        monkeypatch.delenv("RECSYS_MONITOR_CONFIG", raising=False)
+        settings = load_settings()
+        yield Env(settings=settings, triton=triton, control=TritonControl(settings.triton_grpc_url))
+
+
+@pytest.fixture
+def artifacts(tiny_bert_dir, homedepot_sample, tmp_path):
+    from recsys.data import product_catalog, read_relevance_csv
+    from recsys.export import build_serving_artifacts
+
+    catalog = product_catalog(read_relevance_csv(homedepot_sample))
+
+    def build(name: str, fault: Any = None) -> Path:
+        return build_serving_artifacts(
+            tiny_bert_dir, catalog, tmp_path / name, model_name="x", fault_injection=fault
+        )
+
+    return build
+
+
+class PrivateMlflow:
+    """An ``mlflow server`` of this test only (the session's is shared), so it can be stopped
+    and started again on the same port and database."""
+
+    def __init__(self, home: Path) -> None:
+        from recsys.stack import mlflow_service
+
+        self.home = home
+        self.settings = dataclasses.replace(load_settings(), home=home, mlflow_port=free_port())
+        self.service = mlflow_service(self.settings, dict(os.environ))
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.service.ui
+
+    def start(self) -> None:
+        from recsys.stack import spawn, wait_healthy
+
+        log_path = self.home / "mlflow.log"
+        self.process = spawn(self.service, log_path, self.home)
+        wait_healthy(self.service, self.process, log_path, time.monotonic() + 120)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)  # gunicorn/uvicorn workers share the group
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def private_mlflow(tmp_path) -> Iterator[PrivateMlflow]:
+    server = PrivateMlflow(tmp_path / "mlflow")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _traffic(control: TritonControl, model: str, n: int) -> int:
+    """Send ``n`` queries; return how many failed."""
+    failures = 0
+    for i in range(n):
+        try:
+            control.search(model, f"{QUERY} {i}", top_k=3)
+        except Exception:
+            failures += 1
+    return failures
+
+
+def _state_bytes(settings: Settings) -> bytes | None:
+    path = settings.monitor_state
+    return path.read_bytes() if path.exists() else None
+
+
+# --------------------------------------------------------------------------------- (a)
+
+
+def test_slow_version_breaches_latency_threshold_and_is_rolled_back(env, artifacts, tmp_path):
+    """A version that answers its smoke query and then sleeps 300 ms per request breaches the
+    per-model p99 limit from the config file and is rolled back; v1 answers fast again."""
+    model = env.settings.model_name
+    v1 = env.deploy(artifacts("good"))
+    healthy = env.control.search(model, QUERY, top_k=5)
+    v2 = env.deploy(artifacts("slow", {"mode": "sleep", "sleep_ms": 300, "after_requests": 1}))
+    config = tmp_path / "monitor.yaml"
+    config.write_text(
+        "defaults: {min_requests: 5, max_error_rate: 0.05}\n"
+        f"models:\n  {model}: {{max_mean_latency_ms: 5000, max_p99_latency_ms: 200}}\n"
+    )
+    thresholds = load_thresholds(model, config)
+    assert thresholds.max_p99_latency_ms == 200 and thresholds.max_mean_latency_ms == 5000
+
+    url = env.settings.triton_metrics_url
+    assert check_once(url, model, env.settings.monitor_state, thresholds).stats is None
+    assert _traffic(env.control, model, 8) == 0  # slow, not failing
+    verdict = check_once(url, model, env.settings.monitor_state, thresholds)
+
+    assert verdict.should_rollback, verdict.reasons
+    assert any("p99 latency" in reason for reason in verdict.reasons), verdict.reasons
+    assert verdict.success_rate == 1.0 and verdict.p99_latency_ms > 200
+    record = rollback(
+        env.settings, "; ".join(verdict.reasons), verdict.to_dict(), smoke_query=QUERY
+    )
+
+    assert (record["from_version"], record["to_version"]) == (v2, v1)
+    assert env.control.loaded_versions(model) == [v1]
+    started = time.monotonic()
+    assert env.control.search(model, QUERY, top_k=5) == healthy
+    assert time.monotonic() - started < 0.3
+    assert env.aliases() == (v1, None)
+    assert env.actions() == ["deploy", "deploy", "rollback"]
+    # The rollback stored a fresh baseline: the very next check judges the restored v1.
+    assert _traffic(env.control, model, 6) == 0
+    after = check_once(url, model, env.settings.monitor_state, thresholds)
+    assert after.stats is not None and not after.breached, after.reasons
+    assert after.consecutive == 0
+
+
+# --------------------------------------------------------------------------------- (b)
+
+
+def test_triton_killed_mid_run_stops_the_monitor_without_a_rollback(env, artifacts):
+    """SIGKILL of the whole Triton process group between two checks: the check fails with
+    MetricsUnavailableError naming the endpoint, the monitor state, the registry and the audit
+    log are untouched, and after a restart the champion is redeployed from its sealed folder."""
+    model = env.settings.model_name
+    uri = env.settings.mlflow_tracking_uri
+    v1 = env.deploy(artifacts("v1"))
+    v2 = env.deploy(artifacts("v2"))
+    url = env.settings.triton_metrics_url
+    check_once(url, model, env.settings.monitor_state)  # baseline
+    assert _traffic(env.control, model, 3) == 0
+    state_before = _state_bytes(env.settings)
+
+    server = env.triton.server
+    os.killpg(server.pid, signal.SIGKILL)
+    server.stop()  # reap it and clean its shared memory, as a supervisor would
+
+    with pytest.raises(MetricsUnavailableError, match=f"{url} is unreachable"):
+        check_once(url, model, env.settings.monitor_state)
+    assert _state_bytes(env.settings) == state_before
+    assert env.aliases() == (v2, v1)
+    assert registry.TAG_ROLLED_BACK not in MlflowClient(uri).get_model_version(model, str(v2)).tags
+    assert env.actions() == ["deploy", "deploy"]
+
+    server.start(timeout_s=60)
+    deploy_model(env.settings, v2, None, QUERY, 5)  # the champion, from its immutable folder
+    assert env.control.loaded_versions(model) == [v2]
+    assert len(env.control.search(model, QUERY, top_k=5)) == 5
+    assert env.aliases() == (v2, v1)
+
+
+# --------------------------------------------------------------------------------- (c)
+
+
+def test_mlflow_down_during_rollback_switches_serving_first_and_leaves_update_pending(
+    env, artifacts, private_mlflow, monkeypatch
+):
+    """MLflow stops after v2 (raises under traffic) became champion. The rollback still puts
+    v1 back into Triton (versions planned from Triton and the audit log), then fails with a
+    RegistryUnavailableError that says the registry update is pending; the audit log records
+    the switch. Once MLflow is back, the pending update is replayed and the registry agrees."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", private_mlflow.uri)
+    env.settings = dataclasses.replace(env.settings, mlflow_tracking_uri=private_mlflow.uri)
+    model = env.settings.model_name
+    v1 = env.deploy(artifacts("v1"))
+    healthy = env.control.search(model, QUERY, top_k=5)
+    v2 = env.deploy(artifacts("v2", {"mode": "raise", "after_requests": 1}))
+    assert _traffic(env.control, model, 3) == 3
+
+    private_mlflow.stop()
+    with pytest.raises(RegistryUnavailableError, match="registry update is PENDING") as failure:
+        rollback(env.settings, "error rate 100% > 5%", {"failures": 3}, smoke_query=QUERY)
+    assert isinstance(failure.value, RollbackRegistryPendingError)
+
+    assert env.control.loaded_versions(model) == [v1]
+    assert env.control.search(model, QUERY, top_k=5) == healthy
+    last = read_records(env.settings.audit_log)[-1]
+    assert last["action"] == ROLLBACK_PENDING
+    assert last["serving_switched"] is True and last["registry_updated"] is False
+    assert (last["from_version"], last["to_version"], last["planned_from"]) == (
+        v2,
+        v1,
+        "audit log",
+    )
+    assert "unreachable" in last["registry_error"]
+    assert [r["to_version"] for r in pending_rollbacks(env.settings)] == [v1]
+
+    private_mlflow.start()
+    assert env.aliases() == (v2, v1)  # the registry is behind what serves...
+    completed = complete_pending_rollback(env.settings)
+    assert [(r["from_version"], r["to_version"]) for r in completed] == [(v2, v1)]
+    assert env.aliases() == (v1, None)  # ...until the pending update is replayed
+    tags = MlflowClient(private_mlflow.uri).get_model_version(model, str(v2)).tags
+    assert tags[registry.TAG_ROLLED_BACK] == "true"
+    assert pending_rollbacks(env.settings) == []
+    assert env.actions()[-1] == ROLLBACK_COMPLETED
+
+
+# --------------------------------------------------------------------------------- (d)
+
+
+def test_half_written_version_is_refused_and_the_current_version_keeps_serving(env, artifacts):
+    """v1's folder loses its COMPLETE marker (a copy interrupted half-way): the rollback refuses
+    to hand it to Triton, v2 keeps serving, the registry still says v2 and the failure is in
+    the audit log. Resealing v1 by republishing it makes the same rollback succeed."""
+    model = env.settings.model_name
+    good = artifacts("v1")
+    v1 = env.deploy(good)
+    v2 = env.deploy(artifacts("v2"))
+    folder = env.settings.triton_repo / model / str(v1)
+    (folder / COMPLETE_MARKER).unlink()
+
+    with pytest.raises(RollbackError, match=f"v{v2} keeps serving") as failure:
+        rollback(env.settings, "error rate 1.0 > 0.05", smoke_query=QUERY)
+    assert isinstance(failure.value.__cause__, IncompleteArtifactsError)
+    assert COMPLETE_MARKER in str(failure.value)
+    assert env.control.loaded_versions(model) == [v2]
+    assert len(env.control.search(model, QUERY, top_k=5)) == 5
+    assert env.aliases() == (v2, v1)
+    assert env.actions() == ["deploy", "deploy", "rollback_failed"]
+
+    import shutil
+
+    from recsys.triton.repository import publish_version
+
+    shutil.rmtree(folder)
+    publish_version(env.settings.triton_repo, model, v1, good)
+    rollback(env.settings, "error rate 1.0 > 0.05", smoke_query=QUERY)
+    assert env.control.loaded_versions(model) == [v1]
+    assert env.aliases() == (v1, None)
+
+
+# --------------------------------------------------------------------------------- (e)
+
+
+class _Garbage(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"<html><body>502 Bad Gateway</body></html>\n\x00\xff{not prometheus"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_garbage_metrics_endpoint_is_unavailable_and_changes_nothing(env, artifacts):
+    """A proxy answering 200 with an HTML page instead of Triton's metrics must not read as "no
+    traffic": the check raises MetricsUnavailableError naming the URL and what came back, the
+    stored baseline and breach count stay as they were, and v1 keeps serving."""
+    model = env.settings.model_name
+    v1 = env.deploy(artifacts("v1"))
+    check_once(env.settings.triton_metrics_url, model, env.settings.monitor_state)
+    before = MonitorState.load(env.settings.monitor_state)
+    state_bytes = _state_bytes(env.settings)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Garbage)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        with pytest.raises(MetricsUnavailableError, match=r"unparseable|no Triton") as failure:
+            check_once(url, model, env.settings.monitor_state, Thresholds(min_requests=1))
+        assert url in str(failure.value) and "Bad Gateway" in str(failure.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _state_bytes(env.settings) == state_bytes
+    assert MonitorState.load(env.settings.monitor_state) == before
+    assert env.control.loaded_versions(model) == [v1]
+    assert len(env.control.search(model, QUERY, top_k=5)) == 5
+    assert env.aliases() == (v1, None)
+    assert env.actions() == ["deploy"]
+    json.dumps(before.to_dict())  # still a valid record
