@@ -21,15 +21,11 @@ intervals plus the reload. Goal: under 30 s.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 import os
 import platform
 import secrets
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -130,26 +126,11 @@ class Monitor(threading.Thread):
             self.stop_event.wait(max(0.0, next_at - time.monotonic()))
 
 
-@contextlib.contextmanager
 def mlflow_server(home: Path):
-    from recsys.config import load_settings
-    from recsys.stack import mlflow_service, spawn, wait_healthy
+    from recsys.stack import running_mlflow_server
     from tests.triton_testing import free_port
 
-    settings = dataclasses.replace(load_settings(), home=home, mlflow_port=free_port())
-    service = mlflow_service(settings, dict(os.environ))
-    log_path = home / "mlflow.log"
-    process = spawn(service, log_path, home)
-    try:
-        wait_healthy(service, process, log_path, time.monotonic() + 120)
-        yield service.ui
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+    return running_mlflow_server(home, free_port())
 
 
 def deploy(settings: Any, artifacts: Path) -> int:

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -332,6 +333,26 @@ def wait_healthy(
         if time.monotonic() > deadline:
             raise StackError(f"{service.name} not healthy in time; log {log_path}")
         time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def running_mlflow_server(home: Path, port: int, timeout_s: float = 120.0) -> Iterator[str]:
+    """A throwaway MLflow server (same command as the stack's) for tests and benchmarks;
+    yields its URI and stops its whole process tree on exit."""
+    import dataclasses
+
+    from recsys.config import load_settings
+
+    settings = dataclasses.replace(load_settings(), home=home, mlflow_port=port)
+    service = mlflow_service(settings, dict(os.environ))
+    log_path = home / "mlflow.log"
+    process = spawn(service, log_path, home)
+    try:
+        wait_healthy(service, process, log_path, time.monotonic() + timeout_s)
+        yield str(service.ui)
+    finally:
+        _terminate_tree(process.pid, 15)
+        process.wait(timeout=5)
 
 
 def up(settings: Settings, timeout_s: float = 180.0, echo=print) -> list[Service]:

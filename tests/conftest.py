@@ -79,35 +79,19 @@ def dagbag(airflow_db):
 
 @pytest.fixture(scope="session")
 def mlflow_server():
-    """A real ``mlflow server`` (SQLite + local artifact store, basic-auth) on a free loopback
-    port, started exactly as the stack starts it; yields its tracking URI."""
-    import dataclasses
-    import subprocess
-    import time
-
-    from recsys.config import load_settings
-    from recsys.stack import mlflow_service, spawn, wait_healthy
+    """A real ``mlflow server`` (SQLite + local artifact store) on a free loopback port, started
+    exactly as the stack starts it; yields its tracking URI."""
+    from recsys.stack import running_mlflow_server
     from tests.triton_testing import free_port
 
-    home = SESSION_DIR / "mlflow-server"
-    settings = dataclasses.replace(load_settings(), home=home, mlflow_port=free_port())
-    service = mlflow_service(settings, dict(os.environ))
-    log_path = home / "mlflow.log"
-    process = spawn(service, log_path, home)
-    try:
-        wait_healthy(service, process, log_path, time.monotonic() + 120)
-        yield service.ui
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    with running_mlflow_server(SESSION_DIR / "mlflow-server", free_port()) as uri:
+        yield uri
 
 
 @pytest.fixture
-def platform(monkeypatch, tmp_path, mlflow_server):
-    """Point every ``recsys`` setting at a fresh state folder, a real Triton and MLflow."""
+def platform_and_triton(monkeypatch, tmp_path, mlflow_server):
+    """Point every ``recsys`` setting at a fresh state folder, a real Triton and MLflow; yields
+    the settings and the Triton harness (for tests that stop or restart the server)."""
     import uuid
 
     from tests.triton_testing import running_triton
@@ -122,6 +106,14 @@ def platform(monkeypatch, tmp_path, mlflow_server):
         # One registered model per test: the MLflow server is shared by the session.
         monkeypatch.setenv("RECSYS_MODEL_NAME", f"product_search_{uuid.uuid4().hex[:8]}")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        monkeypatch.delenv("RECSYS_ALERT_WEBHOOK", raising=False)
+        monkeypatch.delenv("RECSYS_MONITOR_CONFIG", raising=False)
         from recsys.config import load_settings
 
-        yield load_settings()
+        yield load_settings(), triton
+
+
+@pytest.fixture
+def platform(platform_and_triton):
+    """Settings of a fresh platform on a real Triton and MLflow."""
+    return platform_and_triton[0]

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from recsys.rollback import (
 )
 from recsys.triton.control import TritonControl
 from recsys.triton.repository import COMPLETE_MARKER, IncompleteArtifactsError
-from tests.triton_testing import TritonHarness, free_port, running_triton
+from tests.triton_testing import TritonHarness, free_port
 
 QUERY = "angle bracket"
 
@@ -82,21 +81,10 @@ class Env:
 
 
 @pytest.fixture
-def env(monkeypatch, tmp_path, mlflow_server) -> Iterator[Env]:
+def env(platform_and_triton) -> Env:
     """Like ``platform``, but keeps the Triton harness so a test can kill the server."""
-    with running_triton(tmp_path / "triton") as triton:
-        server = triton.server
-        monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
-        monkeypatch.setenv("RECSYS_TRITON_REPO", str(triton.repo))
-        monkeypatch.setenv("RECSYS_TRITON_HTTP_PORT", str(server.http_port))
-        monkeypatch.setenv("RECSYS_TRITON_GRPC_PORT", str(server.grpc_port))
-        monkeypatch.setenv("RECSYS_TRITON_METRICS_PORT", str(server.metrics_port))
-        monkeypatch.setenv("RECSYS_MODEL_NAME", f"product_search_{uuid.uuid4().hex[:8]}")
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        monkeypatch.delenv("RECSYS_ALERT_WEBHOOK", raising=False)
-        monkeypatch.delenv("RECSYS_MONITOR_CONFIG", raising=False)
-        settings = load_settings()
-        yield Env(settings=settings, triton=triton, control=TritonControl(settings.triton_grpc_url))
+    settings, triton = platform_and_triton
+    return Env(settings=settings, triton=triton, control=TritonControl(settings.triton_grpc_url))
 
 
 @pytest.fixture

@@ -72,7 +72,7 @@ def serving_v1(triton: TritonHarness, control: TritonControl, artifacts: Path) -
 
 
 def test_publish_is_atomic_and_version_loads(
-    triton: TritonHarness, control: TritonControl, artifacts: Path
+    triton: TritonHarness, control: TritonControl, artifacts: Path, tmp_path: Path
 ) -> None:
     version_dir = publish_version(triton.repo, MODEL, 1, artifacts)
 
@@ -87,8 +87,14 @@ def test_publish_is_atomic_and_version_loads(
     assert not (triton.repo / ".staging").exists(), "staging debris left behind"
     assert (triton.repo / MODEL / "config.pbtxt").read_text().count('backend: "python"') == 1
     assert list_versions(triton.repo, MODEL) == [1]
-    with pytest.raises(VersionExistsError, match="immutable"):
-        publish_version(triton.repo, MODEL, 1, artifacts)
+    # Publishing the same artifacts again (a retried deploy) is a no-op; other artifacts under
+    # the same version number are refused: versions are immutable.
+    assert publish_version(triton.repo, MODEL, 1, artifacts) == version_dir
+    other = copy_artifacts(artifacts, tmp_path / "other")
+    products = dict(np.load(other / "products.npz"))
+    np.savez(other / "products.npz", ids=products["ids"], embeddings=-products["embeddings"])
+    with pytest.raises(VersionExistsError, match=r"different artifacts.*immutable"):
+        publish_version(triton.repo, MODEL, 1, other)
 
     control.load_version(MODEL, 1, triton.repo)
     assert control.loaded_versions(MODEL) == [1]

@@ -287,6 +287,17 @@ def version_serving_config(repo: Path, model_name: str, version: int) -> dict[st
     return serving_config(model_name, **_serving_knobs(manifest.get("serving")))
 
 
+def _holds_same_artifacts(final: Path, artifacts_dir: Path, onnx_file: str) -> bool:
+    """Whether a complete published version was made from exactly these artifact files (the
+    manifest is excluded: publishing adds the version and serving knobs to it)."""
+    try:
+        recorded = json.loads((final / COMPLETE_MARKER).read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        return False
+    names = [n for n in dict.fromkeys((*REQUIRED_ARTIFACTS, onnx_file)) if n != "manifest.json"]
+    return all(recorded.get(name) == _sha256(artifacts_dir / name) for name in names)
+
+
 def publish_version(
     repo: Path,
     model_name: str,
@@ -320,7 +331,13 @@ def publish_version(
     _ensure_in_place(model_dir, model_dir)  # repo is resolved: any symlink here leads away
     _ensure_in_place(repo / STAGING_DIR, repo / STAGING_DIR)
     if final.exists():
-        state = "complete" if (final / COMPLETE_MARKER).is_file() else "INCOMPLETE, remove it"
+        if _holds_same_artifacts(final, artifacts_dir, onnx_file):
+            return final  # a retried deploy of the very same artifacts: nothing to do
+        state = (
+            "with different artifacts: does this repository belong to another MLflow registry?"
+            if (final / COMPLETE_MARKER).is_file()
+            else "INCOMPLETE, remove it"
+        )
         raise VersionExistsError(
             f"{model_name} version {version} already exists at {final} ({state}); "
             "versions are immutable"
