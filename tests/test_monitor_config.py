@@ -11,21 +11,11 @@ import pytest
 from recsys.monitoring.config import CONFIG_ENV, MonitorConfigError, load_thresholds
 from recsys.monitoring.policy import Thresholds, evaluate
 from recsys.monitoring.window import WindowStats
+from tests.test_monitoring import window_stats
 
 
 def stats(requests: float, failures: float, mean_ms: float, p99_ms: float | None) -> WindowStats:
-    return WindowStats(
-        model="search",
-        version="1",
-        seconds=60.0,
-        requests=requests,
-        failures=failures,
-        error_rate=failures / requests if requests else 0.0,
-        mean_latency_ms=mean_ms,
-        mean_queue_ms=0.1,
-        throughput_rps=requests / 60.0,
-        p99_latency_ms=p99_ms,
-    )
+    return window_stats(requests, failures, mean_ms, p99_ms)
 
 
 def test_precedence_builtin_file_defaults_model_entry_then_overrides(tmp_path: Path) -> None:

@@ -57,8 +57,14 @@ def snapshot(name: str, taken_at: float) -> MetricsSnapshot:
     return parse_metrics(fixture_text(name), taken_at)
 
 
-def window_stats(requests: float, failures: float, latency_ms: float | None = 10.0) -> WindowStats:
-    """A hand-made window for policy tests that do not care where the numbers came from."""
+def window_stats(
+    requests: float,
+    failures: float,
+    latency_ms: float | None = 10.0,
+    p99_ms: float | None = -1.0,
+) -> WindowStats:
+    """A hand-made window for policy tests that do not care where the numbers came from
+    (``p99_ms`` defaults to the mean latency)."""
     return WindowStats(
         model="search",
         version="1",
@@ -69,7 +75,7 @@ def window_stats(requests: float, failures: float, latency_ms: float | None = 10
         mean_latency_ms=latency_ms,
         mean_queue_ms=0.1,
         throughput_rps=requests / 60.0,
-        p99_latency_ms=latency_ms,
+        p99_latency_ms=latency_ms if p99_ms == -1.0 else p99_ms,
     )
 
 
