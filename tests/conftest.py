@@ -117,3 +117,22 @@ def platform_and_triton(monkeypatch, tmp_path, mlflow_server):
 def platform(platform_and_triton):
     """Settings of a fresh platform on a real Triton and MLflow."""
     return platform_and_triton[0]
+
+
+@pytest.fixture(scope="session")
+def frames(homedepot_sample: Path):
+    """The fixture's held-out queries (the pipeline's default split) and its product catalogue."""
+    from recsys.data import product_catalog, read_relevance_csv, split_by_query
+
+    frame = read_relevance_csv(homedepot_sample)
+    return split_by_query(frame, test_fraction=0.2, seed=13).test, product_catalog(frame)
+
+
+@pytest.fixture
+def split_files(frames, tmp_path: Path) -> dict[str, str]:
+    """``frames`` written as the ``test_path``/``catalog_path`` files pipeline stages read."""
+    test, catalog = frames
+    split = {"test_path": str(tmp_path / "test.csv"), "catalog_path": str(tmp_path / "cat.csv")}
+    test.to_csv(split["test_path"], index=False)
+    catalog.to_csv(split["catalog_path"], index=False)
+    return split

@@ -7,19 +7,11 @@ import csv
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from recsys.baselines import TABLE_KEYS, bm25_run, comparison_table, evaluate_bm25
 from recsys.config import load_settings
-from recsys.data import product_catalog, read_relevance_csv, split_by_query
 from recsys.pipeline import evaluate_baselines
-
-
-@pytest.fixture(scope="module")
-def frames(homedepot_sample: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    frame = read_relevance_csv(homedepot_sample)
-    return split_by_query(frame, test_fraction=0.2, seed=13).test, product_catalog(frame)
 
 
 def test_bm25_ranks_the_exact_title_first(frames) -> None:
@@ -46,12 +38,9 @@ def test_bm25_metrics_are_valid_and_better_than_nothing(frames) -> None:
 
 
 def test_comparison_table_has_one_row_per_system_with_the_same_keys(
-    tiny_bert_dir: Path, frames, tmp_path: Path
+    tiny_bert_dir: Path, split_files: dict[str, str], tmp_path: Path
 ) -> None:
-    test, catalog = frames
-    split = {"test_path": str(tmp_path / "test.csv"), "catalog_path": str(tmp_path / "cat.csv")}
-    test.to_csv(split["test_path"], index=False)
-    catalog.to_csv(split["catalog_path"], index=False)
+    split = split_files
     fine_tuned = {"ndcg_at_10": 0.5, "mrr": 0.5, "recall_at_10": 0.4, "recall_at_100": 0.9}
 
     out = evaluate_baselines(

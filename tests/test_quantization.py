@@ -7,10 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from recsys.data import product_catalog, read_relevance_csv, split_by_query
 from recsys.evaluation import evaluate_encoder, onnx_embedder
 from recsys.export import build_serving_artifacts
 from recsys.pipeline import export_model
@@ -36,12 +34,6 @@ from tests.triton_testing import (
     copy_artifacts,
     running_triton,
 )
-
-
-@pytest.fixture(scope="module")
-def frames(homedepot_sample: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    frame = read_relevance_csv(homedepot_sample)
-    return split_by_query(frame, test_fraction=0.2, seed=13).test, product_catalog(frame)
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +88,9 @@ def test_gate_accepts_a_small_drop_and_rejects_a_large_one() -> None:
 
 
 def test_export_records_both_precisions_and_serves_the_chosen_one(
-    tiny_bert_dir: Path, frames, tmp_path: Path
+    tiny_bert_dir: Path, split_files: dict[str, str], tmp_path: Path
 ) -> None:
-    test, catalog = frames
-    split = {"test_path": str(tmp_path / "test.csv"), "catalog_path": str(tmp_path / "cat.csv")}
-    test.to_csv(split["test_path"], index=False)
-    catalog.to_csv(split["catalog_path"], index=False)
+    split = split_files
 
     out = export_model(
         split,
