@@ -17,12 +17,22 @@ DOC = """
 Validates the relevance data with the Great Expectations suites in `expectations/` (bad rows are
 quarantined, a critical failure stops the run), fine-tunes the bi-encoder with in-batch
 negatives, evaluates NDCG@10 / Recall@K / MRR on held-out queries, registers the model in MLflow
-with lineage, exports ONNX, publishes a new numbered version into the Triton repository
-atomically, loads it through the model-control API, answers a smoke query over gRPC, and only
-then moves the `champion` alias (the old champion becomes `previous`).
+with lineage, exports ONNX (fp32, and INT8 when `precision` allows and the NDCG cost stays
+within `max_ndcg_drop`), scores BM25 and the off-the-shelf base model on the same held-out
+queries, and re-scores the serving champion there too: only a challenger that beats the champion
+(by more than `min_gain` NDCG@10) is deployed. Deploying publishes a new numbered version into the
+Triton repository atomically, loads it through the model-control API, answers a smoke query over
+gRPC, and only then moves the `champion` alias (the old champion becomes `previous`). Every
+challenger is registered, deployed or not, with the decision among its tags; the comparison
+tables and plots are artifacts of its MLflow run.
+
+With `train_reranker` a cross-encoder is fine-tuned too and served as a second Triton model
+(`<model>_reranker`: bi-encoder retrieval, cross-encoder reranking of the top
+`rerank_candidates`), gated, registered and deployed the same way.
 
 Trigger with params to point it at other data (`data_path`), another base model or
-hyperparameters. `fault_injection` deploys a deliberately faulty version to rehearse rollbacks.
+hyperparameters. `fault_injection` (with `force_deploy`, which skips the champion gate) deploys a
+deliberately faulty version to rehearse rollbacks.
 """
 
 
@@ -53,9 +63,36 @@ hyperparameters. `fault_injection` deploys a deliberately faulty version to rehe
         "learning_rate": Param(5e-5, type="number", exclusiveMinimum=0),
         "max_steps": Param(0, type="integer", minimum=0, description="0 = all epochs"),
         "max_length": Param(64, type="integer", minimum=8, maximum=512),
+        "scale": Param(
+            20.0, type="number", exclusiveMinimum=0, description="In-batch softmax temperature"
+        ),
+        "warmup_fraction": Param(0.1, type="number", minimum=0, maximum=1),
         "positive_threshold": Param(2.33, type="number", minimum=1, maximum=3),
         "test_fraction": Param(0.2, type="number", exclusiveMinimum=0, exclusiveMaximum=1),
         "seed": Param(13, type="integer"),
+        "precision": Param(
+            "auto",
+            type="string",
+            enum=["auto", "fp32", "int8"],
+            description="auto: INT8 when its NDCG@10 drop is within max_ndcg_drop, else fp32",
+        ),
+        "max_ndcg_drop": Param(0.01, type="number", minimum=0, maximum=1),
+        "min_gain": Param(
+            0.0, type="number", minimum=0, description="NDCG@10 gain needed over the champion"
+        ),
+        "force_deploy": Param(
+            False, type="boolean", description="Skip the champion gate (rehearsals only)"
+        ),
+        "train_reranker": Param(True, type="boolean"),
+        "reranker_epochs": Param(1, type="integer", minimum=1),
+        "reranker_batch_size": Param(16, type="integer", minimum=2),
+        "reranker_learning_rate": Param(3e-5, type="number", exclusiveMinimum=0),
+        "reranker_max_steps": Param(0, type="integer", minimum=0, description="0 = all epochs"),
+        "reranker_max_length": Param(96, type="integer", minimum=16, maximum=512),
+        "reranker_in_batch_negatives": Param(
+            True, type="boolean", description="Also train on another query's title (target 0)"
+        ),
+        "rerank_candidates": Param(20, type="integer", minimum=2, maximum=100),
         "smoke_query": Param("angle bracket", type="string", minLength=1),
         "top_k": Param(10, type="integer", minimum=1, maximum=100),
         "fault_injection": Param(
@@ -76,6 +113,15 @@ def search_model_pipeline():
         settings = load_settings()
         context = get_current_context()
         return settings, run_dir_for(settings, context["run_id"]), context["params"]
+
+    def lineage_of(validated: dict) -> dict:
+        from recsys.registry import git_sha
+
+        return {
+            "data_hash": validated["data_hash"],
+            "data_path": validated["data_path"],
+            "git_sha": git_sha(),
+        }
 
     @task
     def validate_data() -> dict:
@@ -101,32 +147,18 @@ def search_model_pipeline():
     @task
     def fine_tune(validated: dict, split: dict) -> dict:
         from recsys.pipeline import fine_tune_model
-        from recsys.registry import git_sha
+        from recsys.training import TrainingParams
 
         settings, run_dir, params = settings_and_dir()
-        keys = (
-            "epochs",
-            "batch_size",
-            "learning_rate",
-            "max_steps",
-            "max_length",
-            "positive_threshold",
-            "seed",
-        )
-        lineage = {
-            "data_hash": validated["data_hash"],
-            "data_path": validated["data_path"],
-            "git_sha": git_sha(),
-        }
-        run_name = get_current_context()["run_id"]
+        keys = TrainingParams.__dataclass_fields__
         return fine_tune_model(
             settings,
             split,
             run_dir,
             params["base_model"],
             {k: params[k] for k in keys},
-            run_name,
-            lineage,
+            get_current_context()["run_id"],
+            lineage_of(validated),
         )
 
     @task
@@ -139,54 +171,230 @@ def search_model_pipeline():
         )
 
     @task
-    def export_onnx(split: dict, trained: dict) -> dict:
-        from recsys.pipeline import export_model
+    def evaluate_baselines(split: dict, trained: dict, evaluation: dict) -> dict:
+        from recsys.pipeline import evaluate_baselines as run
 
         settings, run_dir, params = settings_and_dir()
-        return export_model(
-            split, trained["checkpoint"], run_dir, settings.model_name, params["fault_injection"]
+        return run(
+            settings,
+            split,
+            run_dir,
+            params["base_model"],
+            challenger_metrics=evaluation["metrics"],
+            run_id=trained["run_id"],
+            positive_threshold=params["positive_threshold"],
         )
 
     @task
-    def register(validated: dict, trained: dict, evaluation: dict, exported: dict) -> dict:
+    def export_onnx(split: dict, trained: dict) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from recsys.pipeline import export_model
+        from recsys.quantization import QuantizationRejectedError
+
+        settings, run_dir, params = settings_and_dir()
+        try:
+            return export_model(
+                split,
+                trained["checkpoint"],
+                run_dir,
+                settings.model_name,
+                params["fault_injection"],
+                precision=params["precision"],
+                max_ndcg_drop=params["max_ndcg_drop"],
+                positive_threshold=params["positive_threshold"],
+            )
+        except QuantizationRejectedError as exc:
+            raise AirflowFailException(str(exc)) from exc  # the same model fails again
+
+    @task
+    def champion_gate(split: dict, trained: dict, exported: dict) -> dict:
+        from recsys.pipeline import compare_with_champion
+
+        settings, run_dir, params = settings_and_dir()
+        return compare_with_champion(
+            settings,
+            split,
+            exported["artifacts_dir"],
+            run_dir=run_dir,
+            min_gain=params["min_gain"],
+            positive_threshold=params["positive_threshold"],
+            run_id=trained["run_id"],
+        )
+
+    @task
+    def register(
+        validated: dict, trained: dict, evaluation: dict, exported: dict, decision: dict
+    ) -> dict:
         from recsys.pipeline import register_model
-        from recsys.registry import git_sha
 
         settings, _, params = settings_and_dir()
-        context = get_current_context()
         lineage = {
-            "data_hash": validated["data_hash"],
-            "data_path": validated["data_path"],
+            **lineage_of(validated),
             "gx_success": str(validated["quality"]["success"]),
             "gx_result": validated["quality"],
-            "params": {k: v for k, v in params.items()},
+            "params": dict(params),
             "metrics": evaluation["metrics"],
-            "git_sha": git_sha(),
-            "airflow_run_id": context["run_id"],
+            "precision": exported["precision"],
+            "quantization": exported.get("quantization"),
+            "promotion": decision["reason"],
+            "airflow_run_id": get_current_context()["run_id"],
             "fault_injection": params["fault_injection"],
         }
         return register_model(settings, trained["run_id"], exported["artifacts_dir"], lineage)
 
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    def promoted(decision: dict) -> bool:
+        """Deploy only a challenger that beat the champion, or one forced for a rehearsal."""
+        params = get_current_context()["params"]
+        return bool(decision["promote"] or params["force_deploy"])
+
     @task
-    def deploy(registered: dict, exported: dict) -> dict:
+    def deploy(registered: dict, exported: dict, decision: dict) -> dict:
         from recsys.pipeline import deploy_model
 
         settings, _, params = settings_and_dir()
+        forced = params["force_deploy"] and not decision["promote"]
         return deploy_model(
             settings,
             registered["version"],
             exported["artifacts_dir"],
             params["smoke_query"],
             params["top_k"],
+            reason=("forced (force_deploy): " if forced else "") + decision["reason"],
         )
 
     validated = validate_data()
     split = split_data(validated)
     trained = fine_tune(validated, split)
     evaluation = evaluate(split, trained)
+    evaluate_baselines(split, trained, evaluation)
     exported = export_onnx(split, trained)
-    registered = register(validated, trained, evaluation, exported)
-    deploy(registered, exported)
+    decision = champion_gate(split, trained, exported)
+    registered = register(validated, trained, evaluation, exported, decision)
+    promoted(decision) >> deploy(registered, exported, decision)
+
+    # The reranker: a second served model over the same split and bi-encoder.
+    @task.short_circuit
+    def reranker_enabled() -> bool:
+        return bool(get_current_context()["params"]["train_reranker"])
+
+    @task
+    def fine_tune_reranker(validated: dict, split: dict) -> dict:
+        from recsys.pipeline_reranker import fine_tune_reranker_model
+
+        settings, run_dir, params = settings_and_dir()
+        reranker_params = {
+            "epochs": params["reranker_epochs"],
+            "batch_size": params["reranker_batch_size"],
+            "learning_rate": params["reranker_learning_rate"],
+            "max_steps": params["reranker_max_steps"],
+            "max_length": params["reranker_max_length"],
+            "candidates": params["rerank_candidates"],
+            "in_batch_negatives": params["reranker_in_batch_negatives"],
+            "positive_threshold": params["positive_threshold"],
+            "seed": params["seed"],
+        }
+        return fine_tune_reranker_model(
+            settings,
+            split,
+            run_dir,
+            params["base_model"],
+            reranker_params,
+            get_current_context()["run_id"],
+            lineage_of(validated),
+        )
+
+    @task
+    def evaluate_reranker(split: dict, trained: dict, reranker: dict) -> dict:
+        from recsys.pipeline_reranker import evaluate_reranker_model
+
+        settings, _, params = settings_and_dir()
+        return evaluate_reranker_model(
+            settings,
+            split,
+            trained["checkpoint"],
+            reranker,
+            params["rerank_candidates"],
+            params["positive_threshold"],
+        )
+
+    @task
+    def export_reranker(split: dict, trained: dict, reranker: dict) -> dict:
+        from recsys.pipeline_reranker import export_reranked_model
+
+        settings, run_dir, params = settings_and_dir()
+        return export_reranked_model(
+            settings, split, trained["checkpoint"], reranker, run_dir, params["rerank_candidates"]
+        )
+
+    @task
+    def reranker_gate(split: dict, reranker: dict, exported: dict) -> dict:
+        from recsys.pipeline import compare_with_champion
+        from recsys.pipeline_reranker import reranker_settings
+
+        settings, run_dir, params = settings_and_dir()
+        return compare_with_champion(
+            reranker_settings(settings),
+            split,
+            exported["artifacts_dir"],
+            run_dir=run_dir,
+            min_gain=params["min_gain"],
+            positive_threshold=params["positive_threshold"],
+            run_id=reranker["run_id"],
+        )
+
+    @task
+    def register_reranker(
+        validated: dict, reranker: dict, evaluation: dict, exported: dict, decision: dict
+    ) -> dict:
+        from recsys.pipeline import register_model
+        from recsys.pipeline_reranker import reranker_settings
+
+        settings, _, params = settings_and_dir()
+        lineage = {
+            **lineage_of(validated),
+            "gx_success": str(validated["quality"]["success"]),
+            "gx_result": validated["quality"],
+            "params": dict(params),
+            "metrics": evaluation["metrics"],
+            "promotion": decision["reason"],
+            "airflow_run_id": get_current_context()["run_id"],
+        }
+        return register_model(
+            reranker_settings(settings), reranker["run_id"], exported["artifacts_dir"], lineage
+        )
+
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    def reranker_promoted(decision: dict) -> bool:
+        return bool(decision["promote"] or get_current_context()["params"]["force_deploy"])
+
+    @task
+    def deploy_reranker(registered: dict, exported: dict, decision: dict) -> dict:
+        from recsys.pipeline import deploy_model
+        from recsys.pipeline_reranker import reranker_settings
+
+        settings, _, params = settings_and_dir()
+        return deploy_model(
+            reranker_settings(settings),
+            registered["version"],
+            exported["artifacts_dir"],
+            params["smoke_query"],
+            params["top_k"],
+            reason=decision["reason"],
+        )
+
+    reranker = fine_tune_reranker(validated, split)
+    reranker_enabled() >> reranker
+    reranker_evaluation = evaluate_reranker(split, trained, reranker)
+    reranker_exported = export_reranker(split, trained, reranker)
+    reranker_decision = reranker_gate(split, reranker, reranker_exported)
+    reranker_registered = register_reranker(
+        validated, reranker, reranker_evaluation, reranker_exported, reranker_decision
+    )
+    reranker_promoted(reranker_decision) >> deploy_reranker(
+        reranker_registered, reranker_exported, reranker_decision
+    )
 
 
 search_model_pipeline()

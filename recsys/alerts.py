@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from recsys.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +56,12 @@ def task_failure_alert(context: Mapping[str, Any]) -> None:
         audit.send_alert(load_settings().home / "alerts" / "alerts.jsonl", title, details)
     except Exception:  # a failing callback must not mask the task failure it reports
         log.exception("could not send the failure alert")
+
+
+def post_alert(settings: Settings, title: str, details: dict[str, Any]) -> None:
+    """Post an alert that is not a task failure (e.g. query drift) the way failures are
+    posted: kept in ``$RECSYS_HOME/alerts`` and sent to ``RECSYS_ALERT_WEBHOOK`` when set, so
+    on-call sees every kind of alert in one place."""
+    from recsys import audit
+
+    audit.send_alert(settings.home / "alerts" / "alerts.jsonl", title, details)

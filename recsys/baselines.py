@@ -118,3 +118,33 @@ def write_table(rows: list[dict[str, Any]], path_stem: Path) -> list[Path]:
         writer.writeheader()
         writer.writerows(rows)
     return [json_path, csv_path]
+
+
+def plot_table(
+    rows: list[dict[str, Any]], path: Path, keys: tuple[str, ...] = TABLE_KEYS, title: str = ""
+) -> Path:
+    """Draw ``rows`` (from :func:`comparison_table`) as grouped bars, one group per metric, so
+    the MLflow UI shows at a glance which system wins where."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = tuple(k for k in keys if all(k in row for row in rows))
+    figure, axes = plt.subplots(figsize=(1.8 + 1.6 * len(keys), 4.0))
+    width = 0.8 / max(1, len(rows))
+    for index, row in enumerate(rows):
+        positions = [i + (index - (len(rows) - 1) / 2) * width for i in range(len(keys))]
+        bars = axes.bar(positions, [row[k] for k in keys], width, label=row["system"])
+        axes.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
+    axes.set_xticks(range(len(keys)), keys)
+    axes.set_ylim(0, 1.05)
+    axes.set_ylabel("score on held-out queries")
+    axes.set_title(title or "search quality")
+    axes.legend(fontsize=8, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

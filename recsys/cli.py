@@ -5,8 +5,10 @@ recsys data validate PATH            run the Great Expectations gate on a releva
 recsys train [--wait]                trigger search_model_pipeline on the running stack
 recsys deploy --version N            serve a registered version (rebuilt from MLflow if needed)
 recsys rollback [--to N]             put the previous (or given) version back into service
+recsys rollback --complete-pending   replay registry updates a rollback left pending (MLflow down)
 recsys status                        services, served versions, aliases, recent audit records
 recsys audit [--action A]            the deploy/rollback audit trail
+recsys drift [--model M]             are served queries drifting from the training queries?
 recsys query "cordless drill"        ask the served model over gRPC
 recsys demo                          stack up -> train+deploy -> query -> fault -> rollback
 
@@ -167,11 +169,31 @@ def _rollback(args: argparse.Namespace) -> int:
     from recsys.rollback import rollback
 
     settings = load_settings()
+    if args.complete_pending:
+        return _complete_pending(settings)
     record = rollback(settings, args.reason, to_version=args.to)
     print(
         f"{settings.model_name} rolled back from v{record['from_version']} "
         f"to v{record['to_version']}: {args.reason}"
     )
+    return 0
+
+
+def _complete_pending(settings: Settings) -> int:
+    """Replay the registry updates of rollbacks that switched Triton while MLflow was down."""
+    from recsys.rollback import complete_pending_rollback, pending_rollbacks
+
+    pending = pending_rollbacks(settings)
+    if not pending:
+        print(f"{settings.model_name}: no rollback has a pending registry update")
+        return 0
+    completed = complete_pending_rollback(settings)  # MLflow still down: raises, exit 3
+    for record in completed:
+        print(
+            f"{settings.model_name}: registry updated for the rollback from "
+            f"v{record['from_version']} to v{record['to_version']} "
+            f"(pending since {str(record['pending_since'])[:19].replace('T', ' ')} UTC)"
+        )
     return 0
 
 
@@ -262,6 +284,36 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drift(args: argparse.Namespace) -> int:
+    from recsys.monitoring.drift import check_query_drift
+
+    settings = load_settings()
+    # Looks only: consuming the sample is the query_drift DAG's job.
+    verdict = check_query_drift(settings, args.model, args.version, commit=False)
+    if args.json:
+        print(json.dumps(verdict, sort_keys=True, default=str))
+        return 0
+    version = f"v{verdict['version']}" if verdict["version"] is not None else "-"
+    state = {True: "DRIFT", False: "no drift"}[verdict["drift"]]
+    state = state if verdict["judged"] else "NOT JUDGED"
+    print(f"{verdict['model']} {version}: {state} ({verdict['queries']} sampled queries)")
+    for reason in verdict["reasons"]:
+        print(f"  - {reason}")
+    stats = verdict.get("stats") or {}
+    for key in (
+        "token_length_psi",
+        "word_length_psi",
+        "oov_rate",
+        "reference_oov_rate",
+        "unk_rate",
+        "reference_unk_rate",
+        "centroid_shift",
+    ):
+        if stats.get(key) is not None:
+            print(f"  {key:<20} {stats[key]:.4f}")
+    return 0
+
+
 def _query(args: argparse.Namespace) -> int:
     from recsys.triton.control import TritonControl
 
@@ -324,7 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.set_defaults(func=_deploy)
 
     rollback = sub.add_parser("rollback", help="return to the previous known-good version")
-    rollback.add_argument("--to", type=int, default=None, help="version to return to")
+    target = rollback.add_mutually_exclusive_group()
+    target.add_argument("--to", type=int, default=None, help="version to return to")
+    target.add_argument(
+        "--complete-pending",
+        action="store_true",
+        help="only replay the registry updates of rollbacks done while MLflow was down",
+    )
     rollback.add_argument("--reason", default="manual rollback (recsys rollback)")
     rollback.set_defaults(func=_rollback)
 
@@ -337,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--limit", type=int, default=0, help="only the last N records")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
     audit.set_defaults(func=_audit)
+
+    drift = sub.add_parser("drift", help="judge the sampled served queries against training")
+    drift.add_argument("--model", default=None, help="model (default: RECSYS_MODEL_NAME)")
+    drift.add_argument("--version", type=int, default=None, help="default: the serving one")
+    drift.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    drift.set_defaults(func=_drift)
 
     query = sub.add_parser("query", help="search the served model")
     query.add_argument("text")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_NAME = "product_search"
@@ -34,6 +35,13 @@ class Settings:
     triton_metrics_port: int
     mlflow_port: int
     airflow_port: int
+    query_sample_dir: Path
+    """Where Triton's model writes its sample of served queries (``<dir>/<model>/<version>/``)
+    for the online drift check; ``RECSYS_QUERY_SAMPLE_DIR``, ``<home>/query_samples`` by
+    default."""
+    query_sample_rate: float
+    """Share of served queries sampled (``RECSYS_QUERY_SAMPLE_RATE``, 0.1 by default; 0 turns
+    sampling, and with it the drift check, off)."""
 
     @property
     def triton_http_url(self) -> str:
@@ -54,6 +62,12 @@ class Settings:
     @property
     def monitor_state(self) -> Path:
         return self.home / "monitor" / "state.json"
+
+    @property
+    def drift_state(self) -> Path:
+        """The drift check's memory: how far it has read each sample file, when it last asked
+        for retraining."""
+        return self.home / "monitor" / "drift_state.json"
 
     @property
     def runs_dir(self) -> Path:
@@ -86,11 +100,45 @@ def load_settings() -> Settings:
         triton_metrics_port=int(os.environ.get("RECSYS_TRITON_METRICS_PORT", "8002")),
         mlflow_port=mlflow_port,
         airflow_port=int(os.environ.get("RECSYS_AIRFLOW_PORT", "8080")),
+        query_sample_dir=_env_path("RECSYS_QUERY_SAMPLE_DIR", home / "query_samples"),
+        query_sample_rate=_sample_rate(os.environ.get("RECSYS_QUERY_SAMPLE_RATE", "0.1")),
     )
 
 
-def pipeline_schedule() -> str | None:
-    """Schedule of the training pipeline DAG: ``RECSYS_PIPELINE_SCHEDULE`` (a cron expression or
-    preset, ``none`` for manual runs only), weekly by default."""
+def _sample_rate(value: str) -> float:
+    rate = float(value)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"RECSYS_QUERY_SAMPLE_RATE must be within [0, 1], got {value!r}")
+    return rate
+
+
+def pipeline_schedule() -> Any:
+    """Schedule of the training pipeline DAG: a time schedule OR a retraining request.
+
+    ``RECSYS_PIPELINE_SCHEDULE`` is a cron expression or preset (``@weekly`` by default). The
+    pipeline then runs on that schedule *and* whenever the ``query_drift`` DAG emits the
+    retraining-request Asset (:data:`recsys.assets.RETRAINING_REQUEST`), whichever comes first
+    (an ``AssetOrTimeSchedule``). ``none`` (or ``manual``, or empty) drops the time part only:
+    the pipeline then runs on manual triggers and retraining requests, because a drift alert
+    that asks for retraining must not be silently ignored by a deployment without a cron. To
+    stop drift from starting runs, set the drift DAG's ``retrain_on_drift`` param to false.
+
+    The cron part is a ``CronTriggerTimetable`` in UTC, which is what Airflow 3 makes of a plain
+    cron string, so the time-based runs are the same as before the Asset was added. ``@once``
+    and ``@continuous`` cannot be combined with an Asset and are refused.
+    """
+    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
+
+    from recsys.assets import RETRAINING_REQUEST
+
     value = os.environ.get("RECSYS_PIPELINE_SCHEDULE", "@weekly").strip()
-    return None if value.lower() in {"", "none", "manual"} else value
+    if value.lower() in {"", "none", "manual"}:
+        return RETRAINING_REQUEST
+    if value in {"@once", "@continuous"}:
+        raise ValueError(
+            f"RECSYS_PIPELINE_SCHEDULE={value} cannot be combined with the retraining-request "
+            "Asset; use a cron expression or preset, or 'none'"
+        )
+    return AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(value, timezone="UTC"), assets=RETRAINING_REQUEST
+    )

@@ -38,11 +38,14 @@ def _product_titles(settings: Settings) -> dict[str, str]:
     return dict(zip(catalog["product_uid"], catalog["product_title"], strict=True))
 
 
-def _show_answer(settings: Settings, query: str, titles: dict[str, str]) -> None:
+def _show_answer(
+    settings: Settings, query: str, titles: dict[str, str], model: str | None = None
+) -> None:
     from recsys.triton.control import TritonControl
 
-    hits = TritonControl(settings.triton_grpc_url).search(settings.model_name, query, top_k=5)
-    print(f"query {query!r} ->")
+    model = model or settings.model_name
+    hits = TritonControl(settings.triton_grpc_url).search(model, query, top_k=5)
+    print(f"query {query!r} -> ({model})")
     for rank, (product_id, score) in enumerate(hits, 1):
         print(f"  {rank}. {score:.3f}  {product_id}  {titles.get(product_id, '?')[:70]}")
 
@@ -60,6 +63,25 @@ def _show_metrics(settings: Settings, version: int) -> None:
     )
     metrics = json.loads(tags.get("metrics", "{}"))
     print("held-out metrics: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())))
+
+
+def _show_quality_table(settings: Settings, run_id: str) -> None:
+    """The run's comparison of the fine-tuned model with BM25 and the base model (the same
+    table and plot are artifacts of the run in MLflow)."""
+    import json
+
+    from recsys.pipeline import run_dir_for
+
+    path = run_dir_for(settings, run_id) / "evaluation" / "baselines.json"
+    if not path.is_file():
+        print(f"no comparison table at {path}")
+        return
+    print(f"{'system':<12} {'ndcg@10':>8} {'mrr':>8} {'recall@10':>10} {'recall@100':>11}")
+    for row in json.loads(path.read_text()):
+        print(
+            f"{row['system']:<12} {row['ndcg_at_10']:>8.3f} {row['mrr']:>8.3f} "
+            f"{row['recall_at_10']:>10.3f} {row['recall_at_100']:>11.3f}"
+        )
 
 
 def _traffic_until_rollback(settings: Settings, bad_version: int, timeout_s: float) -> bool:
@@ -138,8 +160,17 @@ def run_demo(settings: Settings, max_rows: int = 4000, max_steps: int = 40) -> i
         airflow.wait_for_dag(dag_id)
         airflow.set_paused(dag_id, False)
 
-    conf = {"max_rows": max_rows, "max_steps": max_steps, "epochs": 1, "base_model": "minilm"}
-    _say(f"pipeline run: fine-tune MiniLM on {max_rows} rows, register, deploy")
+    conf = {
+        "max_rows": max_rows,
+        "max_steps": max_steps,
+        "epochs": 1,
+        "base_model": "minilm",
+        "reranker_max_steps": max_steps,
+    }
+    _say(
+        f"pipeline run: fine-tune MiniLM (bi-encoder and cross-encoder reranker) on {max_rows} "
+        "rows, evaluate against BM25 and the base model, register, deploy"
+    )
     run_id = airflow.trigger("search_model_pipeline", conf)
     state = airflow.wait_for_run("search_model_pipeline", run_id)
     print(f"run {run_id}: {state} {airflow.task_states('search_model_pipeline', run_id)}")
@@ -148,9 +179,13 @@ def run_demo(settings: Settings, max_rows: int = 4000, max_steps: int = 40) -> i
     good = registry.alias_version(settings.mlflow_tracking_uri, settings.model_name, "champion")
     print(f"champion: v{good}")
     _show_metrics(settings, good)
+    _show_quality_table(settings, run_id)
     titles = _product_titles(settings)
-    _say("a real query, answered by Triton over gRPC")
+    _say("a real query, answered by Triton over gRPC (bi-encoder, then with the reranker)")
     _show_answer(settings, "angle bracket", titles)
+    from recsys.pipeline_reranker import reranker_settings
+
+    _show_answer(settings, "angle bracket", titles, reranker_settings(settings).model_name)
 
     # Recording starts before the faulty deploy so the plot shows the healthy baseline, the
     # failures and the recovery.
@@ -159,7 +194,10 @@ def run_demo(settings: Settings, max_rows: int = 4000, max_steps: int = 40) -> i
     try:
         _say("deploy a faulty version (passes its smoke query, then raises under traffic)")
         fault = {"mode": "raise", "after_requests": 3}
-        run_id = airflow.trigger("search_model_pipeline", {**conf, "fault_injection": fault})
+        # A rehearsal: the faulty challenger is as good offline as the champion, so the
+        # champion gate would (rightly) keep it out; force_deploy lets it through.
+        rehearsal = {"fault_injection": fault, "force_deploy": True, "train_reranker": False}
+        run_id = airflow.trigger("search_model_pipeline", {**conf, **rehearsal})
         state = airflow.wait_for_run("search_model_pipeline", run_id)
         bad = registry.alias_version(settings.mlflow_tracking_uri, settings.model_name, "champion")
         print(f"run {run_id}: {state}; champion: v{bad} (faulty)")

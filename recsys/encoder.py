@@ -86,15 +86,20 @@ def encode_texts(
 ) -> torch.Tensor:
     """Embed texts in batches (float32 on CPU), for evaluation and product precomputation.
 
-    A full catalogue is tens of thousands of titles, so a (TTY-only) bar counts the texts."""
+    A full catalogue is tens of thousands of titles, so a (TTY-only) bar counts the texts.
+    Texts are batched in order of length (and returned in the caller's order) so a batch pads
+    to a similar length rather than to its one long outlier: about half the compute on titles.
+    """
     from recsys.progress import progress_bar
 
     model.eval().to(device)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    ordered = [texts[i] for i in order]
     chunks = []
     bar = progress_bar(total=len(texts), desc=desc, unit="text", leave=False)
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(
-            texts[start : start + batch_size],
+            ordered[start : start + batch_size],
             padding=True,
             truncation=True,
             max_length=max_length,
@@ -105,4 +110,6 @@ def encode_texts(
     bar.close()
     if not chunks:
         return torch.empty(0, 0)
-    return torch.cat(chunks)
+    embeddings = torch.empty_like(torch.cat(chunks))
+    embeddings[torch.tensor(order)] = torch.cat(chunks)
+    return embeddings

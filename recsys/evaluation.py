@@ -127,6 +127,23 @@ def _ranx_metrics(
     return ranking_metrics(test_frame, run, positive_grade, k_values)
 
 
+def pair_classification_metrics(
+    relevance: np.ndarray,
+    scores: np.ndarray,
+    positive_threshold: float,
+    score_threshold: float,
+) -> dict[str, float]:
+    """Precision, recall and F1 of judged pairs: predicted relevant when ``score >=
+    score_threshold``, actually relevant when ``relevance >= positive_threshold``."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = np.asarray(relevance) >= positive_threshold
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, np.asarray(scores) >= score_threshold, average="binary", zero_division=0
+    )
+    return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+
+
 def torch_embedder(model_dir: Path, max_length: int = 64, device: Any = None) -> EmbedFn:
     """An :data:`EmbedFn` over the PyTorch checkpoint in ``model_dir``."""
     from recsys.encoder import BiEncoder, encode_texts, load_tokenizer
@@ -190,8 +207,6 @@ def evaluate_embeddings(
     configuration where products were embedded offline by another encoder (e.g. INT8 queries
     against fp32 product embeddings).
     """
-    from sklearn.metrics import precision_recall_fscore_support
-
     query_texts = judged_queries(test_frame)
     product_ids = catalog["product_uid"].astype(str).tolist()
     query_emb = query_embed(query_texts)
@@ -207,11 +222,11 @@ def evaluate_embeddings(
     q_idx = test_frame["search_term"].astype(str).map(query_row).to_numpy()
     p_idx = test_frame["product_uid"].astype(str).map(product_row).to_numpy()
     pair_scores = np.einsum("ij,ij->i", query_emb[q_idx], product_emb[p_idx])
-    labels = test_frame["relevance"].to_numpy() >= positive_threshold
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, pair_scores >= score_threshold, average="binary", zero_division=0
+    metrics.update(
+        pair_classification_metrics(
+            test_frame["relevance"].to_numpy(), pair_scores, positive_threshold, score_threshold
+        )
     )
-    metrics.update({"precision": float(precision), "recall": float(recall), "f1": float(f1)})
     result = EvaluationResult(metrics=metrics, queries=len(query_texts), products=len(product_ids))
     log.info("evaluation: %s", result.summary())
     return result

@@ -6,6 +6,10 @@ embeddings are computed here once, at export time, so a served query costs one e
 one matrix product. The export is checked against PyTorch before anyone can deploy it.
 The manifest's ``onnx_file`` names the encoder Triton loads (``encoder.onnx`` here;
 :mod:`recsys.quantization` may add ``encoder.int8.onnx`` beside it and point there instead).
+
+With a cross-encoder (:mod:`recsys.reranker`) the folder also holds ``reranker.onnx``, its
+``reranker_tokenizer.json`` and the product titles (``titles`` in ``products.npz``), and the
+manifest a ``reranker`` section; Triton then reranks the bi-encoder's top candidates with it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ ONNX_FILE = "encoder.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 PRODUCTS_FILE = "products.npz"
 MANIFEST_FILE = "manifest.json"
+RERANKER_ONNX_FILE = "reranker.onnx"
+RERANKER_TOKENIZER_FILE = "reranker_tokenizer.json"
 
 
 class ExportVerificationError(RuntimeError):
@@ -87,11 +93,20 @@ def build_serving_artifacts(
     max_top_k: int = 100,
     fault_injection: Any = None,
     lineage: dict[str, Any] | None = None,
+    reranker_dir: Path | None = None,
+    rerank_candidates: int = 20,
+    rerank_max_length: int = 96,
 ) -> Path:
     """Write encoder.onnx, tokenizer.json, products.npz and manifest.json into ``output_dir``.
 
     ``fault_injection`` (``"raise"`` or ``{"sleep_ms": n}``) is recorded in the manifest for
     rehearsing rollbacks: the served model then fails or slows down on purpose.
+
+    ``reranker_dir`` (a cross-encoder checkpoint from :func:`recsys.reranker.fine_tune_reranker`)
+    adds ``reranker.onnx`` and ``reranker_tokenizer.json``, the titles in ``products.npz`` and
+    the manifest's ``reranker`` section: Triton then reranks the bi-encoder's best
+    ``max(rerank_candidates, TOP_K)`` products per query, pairs truncated to
+    ``rerank_max_length`` tokens.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     model = BiEncoder.from_pretrained(model_dir).eval()
@@ -107,7 +122,14 @@ def build_serving_artifacts(
         .astype(np.float32)
     )
     ids = np.array(catalog["product_uid"].astype(str).tolist(), dtype=np.str_)
-    np.savez(output_dir / PRODUCTS_FILE, ids=ids, embeddings=embeddings)
+    reranker = None
+    products: dict[str, np.ndarray] = {"ids": ids, "embeddings": embeddings}
+    if reranker_dir is not None:
+        reranker = _export_reranker(
+            Path(reranker_dir), output_dir, titles, rerank_candidates, rerank_max_length
+        )
+        products["titles"] = np.array(titles, dtype=np.str_)
+    np.savez(output_dir / PRODUCTS_FILE, **products)
     manifest = {
         "model_name": model_name,
         "version": None,
@@ -122,8 +144,58 @@ def build_serving_artifacts(
         "fault_injection": fault_injection,
         **(lineage or {}),
     }
+    if reranker is not None:
+        manifest["reranker"] = reranker
     (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
     log.info(
         "serving artifacts for %s: %d products, dim %d", model_name, len(ids), embeddings.shape[1]
     )
     return output_dir
+
+
+def _export_reranker(
+    reranker_dir: Path, output_dir: Path, titles: list[str], candidates: int, max_length: int
+) -> dict[str, Any]:
+    """Export and verify the cross-encoder; return the manifest's ``reranker`` section.
+
+    Besides the export's own check against PyTorch (HF tokenizer), the served path is checked
+    end to end: ``reranker_tokenizer.json`` + ONNX must give PyTorch's logits on catalogue pairs.
+    """
+    from recsys.reranker import (
+        export_reranker_onnx,
+        onnx_pair_scorer,
+        reranker_onnx_inputs,
+        torch_pair_scorer,
+    )
+
+    if candidates < 1 or max_length < 8:
+        raise ValueError(
+            f"rerank_candidates must be >= 1 and rerank_max_length >= 8, "
+            f"got {candidates} and {max_length}"
+        )
+    onnx_path = export_reranker_onnx(
+        reranker_dir, output_dir / RERANKER_ONNX_FILE, max_length=max_length
+    )
+    tokenizer_path = output_dir / RERANKER_TOKENIZER_FILE
+    load_tokenizer(reranker_dir).backend_tokenizer.save(str(tokenizer_path))
+    probe_titles = [*titles[:16], "", "a " * 300]
+    probe_queries = [" ".join(t.split()[:3]) or "query" for t in probe_titles]
+    served = onnx_pair_scorer(onnx_path, tokenizer_path, max_length)(probe_queries, probe_titles)
+    reference = torch_pair_scorer(reranker_dir, max_length, device="cpu")(
+        probe_queries, probe_titles
+    )
+    diff = float(np.max(np.abs(served - reference)))
+    if diff > 1e-3 * max(1.0, float(np.max(np.abs(reference)))):
+        raise ExportVerificationError(
+            f"served reranker ({RERANKER_TOKENIZER_FILE} + {RERANKER_ONNX_FILE}) deviates from "
+            f"PyTorch: max |logit diff| {diff:.5f}"
+        )
+    return {
+        "onnx_file": RERANKER_ONNX_FILE,
+        "tokenizer_file": RERANKER_TOKENIZER_FILE,
+        "candidates": int(min(candidates, len(titles))),
+        "max_length": int(max_length),
+        "onnx_inputs": reranker_onnx_inputs(onnx_path),
+        "scores": "logits",
+        "onnx_max_abs_diff": diff,
+    }

@@ -74,7 +74,8 @@ def split_data(clean_path: str, run_dir: Path, test_fraction: float, seed: int) 
     }
 
 
-def _read(path: str) -> pd.DataFrame:
+def read_split_frame(path: str) -> pd.DataFrame:
+    """A train/test/catalogue file written by :func:`split_data`, with ids and text as str."""
     return pd.read_csv(path, dtype={"product_title": str, "search_term": str, "product_uid": str})
 
 
@@ -106,7 +107,7 @@ def fine_tune_model(
         registry.log_metrics(settings.mlflow_tracking_uri, run_id, {"train_loss": loss}, step=epoch)
 
     result = fine_tune(
-        _read(split["train_path"]),
+        read_split_frame(split["train_path"]),
         base_dir,
         run_dir / "checkpoint",
         training_params,
@@ -139,8 +140,8 @@ def evaluate_model(
 
     result = evaluate_encoder(
         Path(checkpoint),
-        _read(split["test_path"]),
-        _read(split["catalog_path"]),
+        read_split_frame(split["test_path"]),
+        read_split_frame(split["catalog_path"]),
         positive_threshold=positive_threshold,
     )
     registry.log_metrics(settings.mlflow_tracking_uri, run_id, result.metrics)
@@ -171,7 +172,7 @@ def export_model(
     from recsys.export import build_serving_artifacts
     from recsys.promotion import evaluate_serving_artifacts
 
-    catalog = _read(split["catalog_path"])
+    catalog = read_split_frame(split["catalog_path"])
     artifacts = build_serving_artifacts(
         Path(checkpoint),
         catalog,
@@ -187,7 +188,7 @@ def export_model(
     fp32_path = artifacts / quantization.FP32_ONNX_FILE
     int8_path = quantization.quantize_encoder(fp32_path)
     titles = catalog["product_title"].astype(str).tolist()
-    test = _read(split["test_path"])
+    test = read_split_frame(split["test_path"])
     probes = [*titles[:64], *test["search_term"].astype(str).unique()[:64].tolist()]
     agreement = quantization.embedding_agreement(
         fp32_path, int8_path, artifacts / "tokenizer.json", probes
@@ -232,7 +233,7 @@ def evaluate_baselines(
     from recsys import baselines
     from recsys.encoder import resolve_base_model
 
-    test, catalog = _read(split["test_path"]), _read(split["catalog_path"])
+    test, catalog = read_split_frame(split["test_path"]), read_split_frame(split["catalog_path"])
     results: dict[str, Any] = {
         "bm25": baselines.evaluate_bm25(test, catalog, positive_threshold=positive_threshold),
         "base_model": baselines.evaluate_base_model(
@@ -242,18 +243,35 @@ def evaluate_baselines(
     if challenger_metrics is not None:
         results["fine_tuned"] = challenger_metrics
     table = baselines.comparison_table(results)
-    paths = baselines.write_table(table, run_dir / "evaluation" / "baselines")
-    if run_id is not None:
-        _log_artifacts(settings, run_id, paths)
+    paths = write_evaluation_table(
+        settings, table, run_dir / "evaluation" / "baselines", run_id, "fine-tuned vs baselines"
+    )
     return {"table": table, "table_paths": [str(p) for p in paths]}
 
 
-def _log_artifacts(settings: Settings, run_id: str, paths: list[Path]) -> None:
-    from recsys import registry
+def write_evaluation_table(
+    settings: Settings,
+    table: list[dict[str, Any]],
+    path_stem: Path,
+    run_id: str | None,
+    title: str,
+    keys: tuple[str, ...] | None = None,
+) -> list[Path]:
+    """Write a comparison table as JSON, CSV and a bar-chart PNG and, with ``run_id``, log
+    all three to that MLflow run under ``evaluation/`` (the registry UI links the run)."""
+    from recsys import baselines, registry
 
-    mlflow_client = registry.client(settings.mlflow_tracking_uri)
-    for path in paths:
-        mlflow_client.log_artifact(run_id, str(path), "evaluation")
+    paths = baselines.write_table(table, path_stem)
+    paths.append(
+        baselines.plot_table(
+            table, Path(path_stem).with_suffix(".png"), keys or baselines.TABLE_KEYS, title
+        )
+    )
+    if run_id is not None:
+        mlflow_client = registry.client(settings.mlflow_tracking_uri)
+        for path in paths:
+            mlflow_client.log_artifact(run_id, str(path), "evaluation")
+    return paths
 
 
 def compare_with_champion(
@@ -279,7 +297,7 @@ def compare_with_champion(
     from recsys import baselines
     from recsys.promotion import evaluate_serving_artifacts, should_promote
 
-    test, catalog = _read(split["test_path"]), _read(split["catalog_path"])
+    test, catalog = read_split_frame(split["test_path"]), read_split_frame(split["catalog_path"])
     challenger = evaluate_serving_artifacts(
         Path(artifacts_dir), test, catalog, positive_threshold=positive_threshold
     ).metrics
@@ -305,9 +323,9 @@ def compare_with_champion(
             results["champion"] = champion
         table = baselines.comparison_table(results)
     if run_dir is not None:
-        paths = baselines.write_table(table, Path(run_dir) / "evaluation" / "champion_challenger")
-        if run_id is not None:
-            _log_artifacts(settings, run_id, paths)
+        keys = (metric,) if source == "recorded" else None
+        stem = Path(run_dir) / "evaluation" / f"champion_challenger_{settings.model_name}"
+        write_evaluation_table(settings, table, stem, run_id, "challenger vs champion", keys)
     log.info("champion/challenger: %s", reason)
     return {
         "promote": decision.promote,
@@ -364,6 +382,7 @@ def deploy_model(
     smoke_query: str,
     top_k: int,
     serving: dict[str, Any] | None = None,
+    reason: str | None = None,
 ) -> dict[str, Any]:
     """Publish ``version`` atomically into the Triton repository (skipped when
     ``artifacts_dir`` is None: the immutable version folder is already there), load it,
@@ -372,7 +391,8 @@ def deploy_model(
 
     ``serving`` (``max_batch_size``, ``instance_count``, ``dynamic_batching``,
     ``max_queue_delay_us``, ``response_cache``, ...) is pinned into the published version and
-    every load of a version uses the knobs it was published with."""
+    every load of a version uses the knobs it was published with. ``reason`` (the promotion
+    decision, or why it was forced) goes into the audit record."""
     from recsys import audit, registry
     from recsys.locking import model_lock
     from recsys.triton.control import TritonControl
@@ -418,6 +438,7 @@ def deploy_model(
             model,
             version=version,
             replaced=old,
+            reason=reason,
             smoke_query=smoke_query,
             smoke_top=answer[:3],
         )

@@ -41,6 +41,8 @@ from recsys.credentials import (
 )
 
 AIRFLOW_USER = "admin"
+TRITON_CACHE_BYTES_ENV = "RECSYS_TRITON_CACHE_BYTES"
+"""Size in bytes of Triton's response cache (default 64 MiB; 0 starts Triton without one)."""
 
 
 class StackError(RuntimeError):
@@ -110,6 +112,8 @@ def recsys_env(settings: Settings) -> dict[str, str]:
         "RECSYS_TRITON_METRICS_PORT": str(settings.triton_metrics_port),
         "RECSYS_MLFLOW_PORT": str(settings.mlflow_port),
         "RECSYS_AIRFLOW_PORT": str(settings.airflow_port),
+        "RECSYS_QUERY_SAMPLE_DIR": str(settings.query_sample_dir),
+        "RECSYS_QUERY_SAMPLE_RATE": repr(settings.query_sample_rate),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": os.pathsep.join(
             filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
@@ -211,6 +215,23 @@ def mlflow_service(settings: Settings, base_env: dict[str, str]) -> Service:
     return Service("mlflow", command, env, f"{url}/health", url)
 
 
+def triton_cache_bytes() -> int:
+    """``$RECSYS_TRITON_CACHE_BYTES``: the response cache Triton starts with, serving the
+    versions published with ``response_cache`` (the server's default when unset, 0 for none)."""
+    from recsys.triton.server import DEFAULT_RESPONSE_CACHE_BYTES
+
+    raw = os.environ.get(TRITON_CACHE_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RESPONSE_CACHE_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise StackError(f"${TRITON_CACHE_BYTES_ENV}={raw!r} is not a byte count (0 or more)")
+    return value
+
+
 def services(settings: Settings) -> list[Service]:
     """The stack's services in start order."""
     from recsys.triton.server import TritonServer
@@ -225,6 +246,10 @@ def services(settings: Settings) -> list[Service]:
         log_path=stack_dir(settings) / "logs" / "triton.log",
         workdir=stack_dir(settings) / "triton",
         admin_key=triton_admin_key(settings, create=True),
+        response_cache_bytes=triton_cache_bytes(),
+        # The model samples served queries here for the query_drift DAG.
+        query_sample_dir=settings.query_sample_dir,
+        query_sample_rate=settings.query_sample_rate,
     )
     af_env = {**base, **airflow_env(settings)}
     airflow = _bin("airflow")

@@ -344,3 +344,12 @@ def test_dashboard_metrics_exist_in_real_triton_scrape(
         "nv_inference_request_summary_us", "nv_inference_queue_duration_us",
         "nv_cpu_utilization", "nv_cpu_memory_used_bytes",
     } <= all_names  # fmt: skip
+
+
+def test_triton_starts_with_response_cache(services: dict[str, dict[str, Any]]) -> None:
+    """Versions published with ``response_cache`` are only cached by a server that has one."""
+    triton = services["triton"]
+    assert "--cache-config=local,size=$$RECSYS_TRITON_CACHE_BYTES" in triton["command"]
+    assert _environment(triton)["RECSYS_TRITON_CACHE_BYTES"] == (
+        "${RECSYS_TRITON_CACHE_BYTES:-67108864}"
+    )

@@ -46,13 +46,33 @@ def test_deploy_breach_rollback(platform, dagbag, tiny_bert_dir, homedepot_sampl
     healthy_answer = control.search(model, "angle bracket", top_k=5)
     assert len(healthy_answer) == 5
 
+    assert tasks["evaluate_baselines"] == "success" and tasks["champion_gate"] == "success"
+    reranker_model = f"{model}_reranker"
+    assert tasks["deploy_reranker"] == "success", tasks
+    assert registry.alias_version(uri, reranker_model, registry.CHAMPION) == 1
+    reranked = control.search(reranker_model, "angle bracket", top_k=5)
+    assert len(reranked) == 5
+    assert [score for _, score in reranked] == sorted((s for _, s in reranked), reverse=True)
+
+    # The same data, seed and params again: no better than the champion, so not deployed.
+    rehearsal = {"train_reranker": False}
+    state, tasks = _run(pipeline, {**conf, **rehearsal})
+    assert state == "success", tasks
+    assert tasks["promoted"] == "success" and tasks["deploy"] == "skipped", tasks
+    assert tasks["fine_tune_reranker"] == "skipped", tasks
+    assert registry.alias_version(uri, model, registry.CHAMPION) == 1
+    gated = MlflowClient(tracking_uri=uri).get_model_version(model, "2").tags
+    assert "keeping the champion" in gated["promotion"]
+    assert control.loaded_versions(model) == [1]
+
+    fault = {"mode": "raise", "after_requests": 2}
     state, tasks = _run(
-        pipeline, {**conf, "fault_injection": {"mode": "raise", "after_requests": 2}}
+        pipeline, {**conf, **rehearsal, "fault_injection": fault, "force_deploy": True}
     )
     assert state == "success", tasks
-    assert registry.alias_version(uri, model, registry.CHAMPION) == 2
+    assert registry.alias_version(uri, model, registry.CHAMPION) == 3
     assert registry.alias_version(uri, model, registry.PREVIOUS) == 1
-    assert control.loaded_versions(model) == [2]
+    assert control.loaded_versions(model) == [3]
 
     monitor_conf = {"min_requests": 5, "max_error_rate": 0.05, "consecutive_windows": 1}
     state, tasks = _run(monitor, monitor_conf)  # first scrape after a deploy: the baseline
@@ -73,7 +93,7 @@ def test_deploy_breach_rollback(platform, dagbag, tiny_bert_dir, homedepot_sampl
     assert control.search(model, "angle bracket", top_k=5) == healthy_answer
     assert registry.alias_version(uri, model, registry.CHAMPION) == 1
     assert registry.alias_version(uri, model, registry.PREVIOUS) is None
-    bad_tags = MlflowClient(tracking_uri=uri).get_model_version(model, "2").tags
+    bad_tags = MlflowClient(tracking_uri=uri).get_model_version(model, "3").tags
     assert bad_tags[registry.TAG_ROLLED_BACK] == "true"
     assert "error rate" in bad_tags["rollback_reason"]
     lineage = MlflowClient(tracking_uri=uri).get_model_version(model, "1").tags
@@ -81,6 +101,7 @@ def test_deploy_breach_rollback(platform, dagbag, tiny_bert_dir, homedepot_sampl
 
     actions = [
         (r["action"], r.get("version") or r.get("to_version"))
-        for r in read_records(platform.audit_log)
+        for r in read_records(platform.audit_log, model)
     ]
-    assert actions == [("deploy", 1), ("deploy", 2), ("rollback", 1)]
+    assert actions == [("deploy", 1), ("deploy", 3), ("rollback", 1)]
+    assert "forced (force_deploy)" in read_records(platform.audit_log, model)[1]["reason"]

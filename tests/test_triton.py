@@ -325,3 +325,52 @@ def test_start_refuses_busy_port_and_stop_cleans_only_own_shm(
     # The module server lost nothing: its stub's region is there and it still answers.
     assert list(SHM_DIR.glob(f"{triton.server.shm_prefix}*"))
     assert TritonControl(triton.grpc_url).search(MODEL, CATALOG["100016"], 1)[0][0] == "100016"
+
+
+def test_response_cache_answers_repeated_query_from_cache(
+    triton: TritonHarness, control: TritonControl, artifacts: Path, serving_v1: Path
+) -> None:
+    """The server starts with a local response cache; a version published with
+    ``response_cache`` serves a repeated (query, top_k) from it, which Triton 2.51 reports as
+    ``nv_cache_num_hits_per_model`` (and the model runs only for the first request)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from recsys.triton.repository import version_serving_config
+
+    assert triton.server.response_cache_bytes > 0
+    assert any(arg.startswith("--cache-config=local,size=") for arg in triton.server.command())
+
+    def samples(name: str, version: str) -> float:
+        with urllib.request.urlopen(triton.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        # The parser gives counter samples a synthesized ``_total``; Triton exposes none.
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == name
+            for sample in family.samples
+            if sample.name in (name, f"{name}_total")
+            and sample.labels.get("model") == MODEL
+            and sample.labels.get("version") == version
+        )
+
+    publish_version(triton.repo, MODEL, 9, artifacts, serving={"response_cache": True})
+    config = version_serving_config(triton.repo, MODEL, 9)
+    assert config["response_cache"] == {"enable": True}
+    control.load_version(MODEL, 9, triton.repo, config=config)
+    try:
+        first = control.search(MODEL, CATALOG["100021"], top_k=3)
+        second = control.search(MODEL, CATALOG["100021"], top_k=3)
+        assert first == second and first[0][0] == "100021"
+        assert samples("nv_cache_num_misses_per_model", "9") == 1
+        assert samples("nv_cache_num_hits_per_model", "9") == 1
+        assert samples("nv_inference_exec_count", "9") == 1  # the hit never reached the model
+        # Another top_k is another cache key: a miss, and the model runs again.
+        assert len(control.search(MODEL, CATALOG["100021"], top_k=2)) == 2
+        assert samples("nv_cache_num_misses_per_model", "9") == 2
+        assert samples("nv_cache_num_hits_per_model", "9") == 1
+    finally:
+        control.load_version(MODEL, 1, triton.repo)
+    assert control.loaded_versions(MODEL) == [1]

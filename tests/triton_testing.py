@@ -60,9 +60,20 @@ CATALOG: dict[str, str] = {
 }
 
 
+def training_queries() -> list[str]:
+    """The queries the test model counts as trained on (its drift reference): every title and
+    its first and last two words, i.e. short shop queries made of the catalogue's words."""
+    queries = []
+    for title in CATALOG.values():
+        words = title.split()
+        queries += [title, " ".join(words[:2]), " ".join(words[-2:])]
+    return queries
+
+
 def build_test_serving_artifacts(tmp_dir: Path | str, fault_injection: Any = None) -> Path:
     """Write a complete serving-artifacts folder for ``CATALOG`` under ``tmp_dir`` with the
-    platform's own exporter and a tiny offline BERT, and return it.
+    platform's own exporter and a tiny offline BERT, and return it; it includes the drift
+    check's ``query_reference.json`` for :func:`training_queries`.
 
     An exact product title used as a query embeds identically to that product, so it scores
     ~1.0 against it in Triton whatever the (random) weights.
@@ -70,13 +81,14 @@ def build_test_serving_artifacts(tmp_dir: Path | str, fault_injection: Any = Non
     import pandas as pd
 
     from recsys.export import build_serving_artifacts
+    from recsys.monitoring.drift_reference import write_query_reference
     from recsys.tiny_model import build_tiny_bert
 
     out = Path(tmp_dir)
     titles = list(CATALOG.values())
     model_dir = build_tiny_bert(out.parent / f"{out.name}-model", titles, vocab_size=400)
     catalog = pd.DataFrame({"product_uid": list(CATALOG), "product_title": titles})
-    return build_serving_artifacts(
+    artifacts = build_serving_artifacts(
         model_dir,
         catalog,
         out,
@@ -84,6 +96,8 @@ def build_test_serving_artifacts(tmp_dir: Path | str, fault_injection: Any = Non
         max_query_tokens=MAX_QUERY_TOKENS,
         fault_injection=fault_injection,
     )
+    write_query_reference(artifacts, training_queries())
+    return artifacts
 
 
 def free_port() -> int:
@@ -113,8 +127,12 @@ class TritonHarness:
 
 
 @contextlib.contextmanager
-def running_triton(workdir: Path | str | None = None) -> Iterator[TritonHarness]:
+def running_triton(
+    workdir: Path | str | None = None, **server_options: Any
+) -> Iterator[TritonHarness]:
     """Start a real tritonserver on free ports with an empty repository; always stop it.
+    ``server_options`` go to :class:`~recsys.triton.server.TritonServer` (e.g.
+    ``query_sample_dir``).
 
     Model control is restricted to the platform's admin key, as in the stack, so every test
     that loads or unloads a model goes through the authenticated path."""
@@ -136,6 +154,7 @@ def running_triton(workdir: Path | str | None = None) -> Iterator[TritonHarness]
             log_path=root / "triton.log",
             workdir=root / "server",
             admin_key=triton_admin_key(load_settings(), create=True),
+            **server_options,
         )
         server.start(timeout_s=60)
         stack.callback(server.stop)
@@ -164,3 +183,41 @@ def metric_value(metrics_url: str, field: str, model: str, version: str) -> floa
 
     counters = scrape(metrics_url).models.get((model, version))
     return float(getattr(counters, field)) if counters else 0.0
+
+
+RERANK_CANDIDATES = 5
+
+
+def build_test_reranker_artifacts(tmp_dir: Path | str, candidates: int = RERANK_CANDIDATES) -> Path:
+    """Like :func:`build_test_serving_artifacts`, plus a cross-encoder reranker: the tiny BERT
+    fine-tuned for a few steps as a cross-encoder on ``CATALOG`` (each title and its first two
+    words as queries of their own product), exported with ``reranker_dir``."""
+    import pandas as pd
+
+    from recsys.export import build_serving_artifacts
+    from recsys.reranker import RerankerParams, fine_tune_reranker
+    from recsys.tiny_model import build_tiny_bert
+
+    out = Path(tmp_dir)
+    titles = list(CATALOG.values())
+    model_dir = build_tiny_bert(out.parent / f"{out.name}-model", titles, vocab_size=400)
+    judged = pd.DataFrame(
+        [
+            {"search_term": query, "product_uid": pid, "product_title": title, "relevance": rel}
+            for pid, title in CATALOG.items()
+            for query, rel in ((title, 3.0), (" ".join(title.split()[:2]), 2.67))
+        ]
+    )
+    params = RerankerParams(batch_size=8, learning_rate=1e-3, max_steps=12, max_length=32)
+    reranker = fine_tune_reranker(judged, model_dir, out.parent / f"{out.name}-reranker", params)
+    catalog = pd.DataFrame({"product_uid": list(CATALOG), "product_title": titles})
+    return build_serving_artifacts(
+        model_dir,
+        catalog,
+        out,
+        model_name="product_search_reranker",
+        max_query_tokens=MAX_QUERY_TOKENS,
+        reranker_dir=reranker.checkpoint_dir,
+        rerank_candidates=candidates,
+        rerank_max_length=params.max_length,
+    )

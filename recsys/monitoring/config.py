@@ -15,8 +15,16 @@ holds defaults and per-model overrides::
       product_search:
         max_p99_latency_ms: 400
         consecutive_windows: 2
+    drift:                      # the query_drift DAG's limits, same layout
+      defaults:
+        min_queries: 200
+        max_centroid_shift: 0.5
+      models:
+        product_search:
+          max_oov_rate_increase: 0.1
 
-Precedence, lowest first: :class:`~recsys.monitoring.policy.Thresholds` defaults, the file's
+Precedence (for :class:`~recsys.monitoring.drift_policy.DriftThresholds` likewise, from the
+``drift`` section), lowest first: :class:`~recsys.monitoring.policy.Thresholds` defaults, the file's
 ``defaults``, the file's entry for the model, then explicit overrides (the DAG params a person
 set for one run). An unknown key or a bad value fails loudly: a typo like ``max_error_rte``
 silently ignored would leave a model monitored with limits nobody chose.
@@ -32,31 +40,48 @@ from typing import Any
 
 import yaml
 
+from recsys.monitoring.drift_policy import DriftThresholds
 from recsys.monitoring.policy import Thresholds
 
 CONFIG_ENV = "RECSYS_MONITOR_CONFIG"
-_FIELDS = {f.name for f in dataclasses.fields(Thresholds)}
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Thresholds))
+_DRIFT_FIELDS = frozenset(f.name for f in dataclasses.fields(DriftThresholds))
 
 
 class MonitorConfigError(ValueError):
     """The thresholds file is missing, unparseable or names unknown keys / invalid values."""
 
 
-def _check_keys(section: str, values: Any) -> dict[str, Any]:
+def _check_keys(section: str, values: Any, fields: frozenset[str] = _FIELDS) -> dict[str, Any]:
     if values is None:
         return {}
     if not isinstance(values, Mapping):
         raise MonitorConfigError(f"{section} must be a mapping of threshold names to values")
-    unknown = sorted(set(values) - _FIELDS)
+    unknown = sorted(set(values) - fields)
     if unknown:
         raise MonitorConfigError(
-            f"{section} has unknown threshold(s) {unknown}; known: {sorted(_FIELDS)}"
+            f"{section} has unknown threshold(s) {unknown}; known: {sorted(fields)}"
         )
     return dict(values)
 
 
+def _sections(where: str, data: Mapping[str, Any], fields: frozenset[str]) -> dict[str, Any]:
+    """``{"defaults": {...}, "models": {name: {...}}}`` of one part of the file, validated."""
+    models = data.get("models") or {}
+    if not isinstance(models, Mapping):
+        raise MonitorConfigError(f"{where}'models' must map model names")
+    return {
+        "defaults": _check_keys(f"{where}defaults", data.get("defaults"), fields),
+        "models": {
+            str(name): _check_keys(f"{where}models.{name}", values, fields)
+            for name, values in models.items()
+        },
+    }
+
+
 def read_config(path: Path | str) -> dict[str, Any]:
-    """Parse and validate the file's structure: ``{"defaults": {...}, "models": {name: {...}}}``."""
+    """Parse and validate the file's structure: ``{"defaults": {...}, "models": {name: {...}},
+    "drift": {"defaults": {...}, "models": {...}}}`` (every part optional)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -68,18 +93,17 @@ def read_config(path: Path | str) -> dict[str, Any]:
         data = {}
     if not isinstance(data, Mapping):
         raise MonitorConfigError(f"monitor config {path} must be a mapping at the top level")
-    unknown = sorted(set(data) - {"defaults", "models"})
+    unknown = sorted(set(data) - {"defaults", "models", "drift"})
     if unknown:
         raise MonitorConfigError(f"monitor config {path}: unknown top-level key(s) {unknown}")
-    models = data.get("models") or {}
-    if not isinstance(models, Mapping):
-        raise MonitorConfigError(f"monitor config {path}: 'models' must map model names")
+    drift = data.get("drift") or {}
+    if not isinstance(drift, Mapping) or set(drift) - {"defaults", "models"}:
+        raise MonitorConfigError(
+            f"monitor config {path}: 'drift' must be a mapping with 'defaults' and/or 'models'"
+        )
     return {
-        "defaults": _check_keys(f"{path}: defaults", data.get("defaults")),
-        "models": {
-            str(name): _check_keys(f"{path}: models.{name}", values)
-            for name, values in models.items()
-        },
+        **_sections(f"monitor config {path}: ", data, _FIELDS),
+        "drift": _sections(f"monitor config {path}: drift.", drift, _DRIFT_FIELDS),
     }
 
 
@@ -108,4 +132,28 @@ def load_thresholds(
     except (TypeError, ValueError) as exc:
         raise MonitorConfigError(
             f"invalid thresholds for {model} ({path or 'defaults'}): {exc}"
+        ) from exc
+
+
+def load_drift_thresholds(
+    model: str,
+    path: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> DriftThresholds:
+    """The query-drift limits for ``model``, with the same precedence as
+    :func:`load_thresholds` over the file's ``drift`` section."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
+    merged: dict[str, Any] = {}
+    if path is not None:
+        drift = read_config(path)["drift"]
+        merged.update(drift["defaults"])
+        merged.update(drift["models"].get(model, {}))
+    set_overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    merged.update(_check_keys("drift overrides", set_overrides, _DRIFT_FIELDS))
+    try:
+        return DriftThresholds(**merged)
+    except (TypeError, ValueError) as exc:
+        raise MonitorConfigError(
+            f"invalid drift thresholds for {model} ({path or 'defaults'}): {exc}"
         ) from exc

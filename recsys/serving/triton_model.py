@@ -11,12 +11,24 @@ Per request: QUERY (BYTES [b, 1]) and TOP_K (INT32 [b, 1]) give PRODUCT_IDS (BYT
 SCORES (FP32 [b, k]), best first. A bad request (undecodable or empty query, TOP_K out of range)
 gets its own error response, so one bad client never fails the other requests of its batch; all
 valid queries of a batch are embedded with a single ONNX call.
+
+With ``RECSYS_QUERY_SAMPLE_DIR`` set, a share of the valid queries is also appended to files
+there for the online drift check (:class:`QuerySampler`).
+
+A manifest with a ``reranker`` section (see :func:`reranker_config`) makes this a two-stage
+model: the bi-encoder retrieves the ``max(candidates, TOP_K)`` best products by dot product, a
+cross-encoder (``reranker.onnx`` + ``reranker_tokenizer.json``, titles from ``products.npz``)
+rescores every (query, title) pair of the batch in one ONNX call, and the TOP_K best by
+cross-encoder are returned. SCORES are then the cross-encoder's raw logits (``sigmoid(score)``
+is the predicted relevance probability; >= 0 means "relevant"), not cosines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +55,79 @@ def served_onnx_file(manifest: dict[str, Any]) -> str:
     ):
         raise ValueError(f"manifest onnx_file {name!r} is not a plain *.onnx file name")
     return name
+
+
+def _plain_file_name(name: Any, suffix: str, what: str) -> str:
+    if (
+        not isinstance(name, str)
+        or not name.endswith(suffix)
+        or name.startswith(".")
+        or "/" in name
+        or "\\" in name
+    ):
+        raise ValueError(f"manifest {what} {name!r} is not a plain *{suffix} file name")
+    return name
+
+
+def reranker_config(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest's ``reranker`` section, validated, or ``None`` for a bi-encoder-only model.
+
+    ``{"onnx_file": "reranker.onnx", "tokenizer_file": "reranker_tokenizer.json",
+    "candidates": 20, "max_length": 96, "onnx_inputs": [...]}``: file names are plain names in
+    the version folder (never paths), ``candidates`` and ``max_length`` positive integers."""
+    section = manifest.get("reranker")
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ValueError(f"manifest reranker must be an object, got {section!r}")
+    numbers = {}
+    for key, default in (("candidates", 20), ("max_length", 96)):
+        value = section.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"manifest reranker {key} must be a positive integer, got {value!r}")
+        numbers[key] = value
+    inputs = section.get("onnx_inputs")
+    if inputs is not None and (
+        not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs)
+    ):
+        raise ValueError(f"manifest reranker onnx_inputs must be a list of names, got {inputs!r}")
+    return {
+        "onnx_file": _plain_file_name(section.get("onnx_file"), ".onnx", "reranker onnx_file"),
+        "tokenizer_file": _plain_file_name(
+            section.get("tokenizer_file"), ".json", "reranker tokenizer_file"
+        ),
+        "onnx_inputs": inputs,
+        **numbers,
+    }
+
+
+def _padded_tokenizer(path: Path, max_length: int) -> Tokenizer:
+    """A fast tokenizer truncating to ``max_length`` and padding each batch to its longest."""
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.enable_truncation(max_length)
+    pad_token = (tokenizer.padding or {}).get("pad_token") or "[PAD]"
+    tokenizer.enable_padding(pad_id=tokenizer.token_to_id(pad_token) or 0, pad_token=pad_token)
+    return tokenizer
+
+
+def _onnx_feed(encodings: list[Any], names: list[str]) -> dict[str, np.ndarray]:
+    columns = {
+        "input_ids": lambda: [e.ids for e in encodings],
+        "attention_mask": lambda: [e.attention_mask for e in encodings],
+        "token_type_ids": lambda: [e.type_ids for e in encodings],
+    }
+    return {name: np.asarray(columns[name](), dtype=np.int64) for name in names}
+
+
+def _best(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column indices and values of each row's ``k`` highest scores, best first."""
+    if k < scores.shape[1]:
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        top = np.tile(np.arange(scores.shape[1]), (scores.shape[0], 1))
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-top_scores, axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
 
 
 class RequestError(ValueError):
@@ -101,8 +186,124 @@ def _error_response(message: str) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
+SAMPLE_DIR_ENV = "RECSYS_QUERY_SAMPLE_DIR"
+SAMPLE_RATE_ENV = "RECSYS_QUERY_SAMPLE_RATE"
+SAMPLE_MAX_BYTES_ENV = "RECSYS_QUERY_SAMPLE_MAX_BYTES"
+DEFAULT_SAMPLE_RATE = 0.1
+DEFAULT_SAMPLE_MAX_BYTES = 8 * 1024 * 1024
+SAMPLE_SEGMENTS_KEPT = 4
+MAX_SAMPLED_QUERY_CHARS = 2000
+
+
+class QuerySampler:
+    """Appends a random share of the served queries to JSON-lines files for the drift check.
+
+    Files are ``<dir>/<model>/<version>/queries-<pid>-<n>.jsonl`` holding one
+    ``{"ts": ..., "query": ...}`` per line: one writer per file (each model instance is its own
+    process), append-only, so the reader can keep a byte offset per file. A file that reaches
+    ``max_bytes`` is closed and the next segment started; only the newest
+    :data:`SAMPLE_SEGMENTS_KEPT` segments of a process are kept, which caps the disk a busy
+    server can fill. Sampling is best effort: it must never fail or slow down a request, so an
+    ``OSError`` (disk full, folder gone) logs once and turns the sampler off for this instance.
+    The files hold raw query text: they stay on the serving host, under the platform's home.
+    """
+
+    def __init__(self, directory: Path, rate: float, max_bytes: int, log: Any = None) -> None:
+        self.directory = directory
+        self.rate = min(max(rate, 0.0), 1.0)
+        self.max_bytes = max(int(max_bytes), 1024)
+        self.enabled = self.rate > 0
+        self._log = log
+        self._random = random.Random()
+        self._handle: Any = None
+        self._segment = -1
+        self.written = 0
+
+    @classmethod
+    def from_environment(
+        cls, model_name: str, version: str, environ: Any = None, log: Any = None
+    ) -> QuerySampler | None:
+        """The sampler ``RECSYS_QUERY_SAMPLE_*`` ask for, or ``None`` when no folder is set or
+        the rate is 0. A malformed rate or size disables sampling rather than the model."""
+        environ = os.environ if environ is None else environ
+        root = environ.get(SAMPLE_DIR_ENV)
+        if not root:
+            return None
+        try:
+            rate = float(environ.get(SAMPLE_RATE_ENV) or DEFAULT_SAMPLE_RATE)
+            max_bytes = int(environ.get(SAMPLE_MAX_BYTES_ENV) or DEFAULT_SAMPLE_MAX_BYTES)
+        except ValueError as exc:
+            if log is not None:
+                log(f"query sampling off: bad {SAMPLE_RATE_ENV}/{SAMPLE_MAX_BYTES_ENV}: {exc}")
+            return None
+        if not rate > 0:
+            return None
+        return cls(Path(root) / model_name / str(version), rate, max_bytes, log)
+
+    def _segment_path(self, segment: int) -> Path:
+        return self.directory / f"queries-{os.getpid()}-{segment}.jsonl"
+
+    def _segments(self) -> list[int]:
+        prefix = f"queries-{os.getpid()}-"
+        found = []
+        for path in self.directory.glob(f"{prefix}*.jsonl"):
+            number = path.name[len(prefix) : -len(".jsonl")]
+            if number.isdigit():
+                found.append(int(number))
+        return sorted(found)
+
+    def _writable(self, size: int) -> Any:
+        """The open segment, rotated first when ``size`` more bytes would pass ``max_bytes``."""
+        if self._handle is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            existing = self._segments()
+            self._segment = existing[-1] if existing else 0
+            self._handle = open(self._segment_path(self._segment), "ab")  # noqa: SIM115
+        if self._handle.tell() and self._handle.tell() + size > self.max_bytes:
+            self._handle.close()
+            self._segment += 1
+            self._handle = open(self._segment_path(self._segment), "ab")  # noqa: SIM115
+            for old in self._segments()[:-SAMPLE_SEGMENTS_KEPT]:
+                self._segment_path(old).unlink(missing_ok=True)
+        return self._handle
+
+    def sample(self, texts: list[str]) -> int:
+        """Write a random ``rate`` share of ``texts``; return how many were written. Never
+        raises."""
+        if not self.enabled or not texts:
+            return 0
+        chosen = [text for text in texts if self._random.random() < self.rate]
+        if not chosen:
+            return 0
+        now = round(time.time(), 3)
+        data = "".join(
+            json.dumps({"ts": now, "query": text[:MAX_SAMPLED_QUERY_CHARS]}, ensure_ascii=False)
+            + "\n"
+            for text in chosen
+        ).encode("utf-8", errors="replace")
+        try:
+            handle = self._writable(len(data))
+            handle.write(data)  # one write per batch: a reader never sees half a line for long
+            handle.flush()
+        except OSError as exc:
+            self.enabled = False
+            self.close()
+            if self._log is not None:
+                self._log(f"query sampling to {self.directory} turned off: {exc}")
+            return 0
+        self.written += len(chosen)
+        return len(chosen)
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                handle.close()
+
+
 class TritonPythonModel:
-    """Bi-encoder search over a catalogue embedded at export time."""
+    """Bi-encoder search over a catalogue embedded at export time, optionally reranked by a
+    cross-encoder (manifest ``reranker``)."""
 
     def initialize(self, args: dict[str, str]) -> None:
         """Load everything once per instance: requests then cost one ONNX call and a matmul."""
@@ -145,6 +346,7 @@ class TritonPythonModel:
         with np.load(version_dir / "products.npz", allow_pickle=False) as products:
             ids = products["ids"]
             embeddings = products["embeddings"]
+            titles = products["titles"] if "titles" in products.files else None
         self.product_ids = np.array([str(i).encode("utf-8") for i in ids], dtype=np.object_)
         self.product_embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         n_products, dim = self.product_embeddings.shape
@@ -156,16 +358,63 @@ class TritonPythonModel:
         if expected_dim is not None and int(expected_dim) != dim:
             raise ValueError(f"products.npz dim {dim} != manifest embedding_dim {expected_dim}")
         self.max_top_k = min(int(self.manifest.get("max_top_k", 100)), n_products)
+        self._load_reranker(version_dir, options, titles)
 
         self.fault_mode, self.fault_sleep_s, self.fault_after = parse_fault_injection(
             self.manifest.get("fault_injection")
         )
         self.answered = 0
+        self.query_sampler = QuerySampler.from_environment(
+            str(args.get("model_name") or self.manifest.get("model_name") or "model"),
+            args["model_version"],
+            log=pb_utils.Logger.log_warn,
+        )
         pb_utils.Logger.log_info(
             f"{args.get('model_name')} v{args['model_version']} ({args.get('model_instance_name')})"
             f": {n_products} products, dim {dim}, encoder {self.onnx_file}, pid {os.getpid()}, "
             f"fault_injection={self.manifest.get('fault_injection')!r}"
+            + (
+                f", reranker {self.reranker_file} over {self.rerank_candidates} candidates"
+                if self.reranker is not None
+                else ""
+            )
         )
+
+    def _load_reranker(self, version_dir: Path, options: Any, titles: Any) -> None:
+        """The cross-encoder session, its pair tokenizer and the titles it reads, or
+        ``self.reranker = None`` when the manifest has no ``reranker`` section."""
+        self.reranker = None
+        config = reranker_config(self.manifest)
+        if config is None:
+            return
+        for key in ("onnx_file", "tokenizer_file"):
+            if not (version_dir / config[key]).is_file():
+                raise FileNotFoundError(f"{version_dir} lacks {config[key]} (manifest reranker)")
+        if titles is None or len(titles) != len(self.product_ids):
+            raise ValueError(
+                "manifest has a reranker but products.npz holds "
+                f"{'no' if titles is None else len(titles)} titles for "
+                f"{len(self.product_ids)} products"
+            )
+        session = ort.InferenceSession(
+            str(version_dir / config["onnx_file"]), options, providers=["CPUExecutionProvider"]
+        )
+        graph_inputs = [i.name for i in session.get_inputs()]
+        inputs = list(config["onnx_inputs"] or graph_inputs)
+        if not set(inputs) <= set(graph_inputs) or not set(inputs) <= {
+            "input_ids",
+            "attention_mask",
+            "token_type_ids",
+        }:
+            raise ValueError(f"manifest reranker onnx_inputs {inputs} do not fit {graph_inputs}")
+        self.reranker = session
+        self.reranker_file = config["onnx_file"]
+        self.reranker_inputs = inputs
+        self.reranker_tokenizer = _padded_tokenizer(
+            version_dir / config["tokenizer_file"], config["max_length"]
+        )
+        self.rerank_candidates = config["candidates"]
+        self.product_titles = [str(title) for title in titles]
 
     def _parse(self, request: Any) -> tuple[list[str], int]:
         query_tensor = pb_utils.get_input_tensor_by_name(request, "QUERY")
@@ -204,7 +453,8 @@ class TritonPythonModel:
             )
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        """Answer a dynamic batch: per-request validation, one encoder call, one matmul."""
+        """Answer a dynamic batch: per-request validation, one encoder call, one matmul (and
+        one cross-encoder call for the batch's candidates when the version has a reranker)."""
         self._inject_fault()
         self.answered += len(requests)
         responses: list[Any] = [None] * len(requests)
@@ -220,19 +470,20 @@ class TritonPythonModel:
             return responses
 
         texts = [text for _, queries, _ in parsed for text in queries]
+        if self.query_sampler is not None:
+            self._sample(texts)
         scores = self._embed(texts) @ self.product_embeddings.T
+        ranked = []
         row = 0
         for index, queries, top_k in parsed:
             block = scores[row : row + len(queries)]
             row += len(queries)
-            if top_k < block.shape[1]:
-                top = np.argpartition(-block, top_k - 1, axis=1)[:, :top_k]
-            else:
-                top = np.tile(np.arange(block.shape[1]), (block.shape[0], 1))
-            top_scores = np.take_along_axis(block, top, axis=1)
-            order = np.argsort(-top_scores, axis=1, kind="stable")
-            top = np.take_along_axis(top, order, axis=1)
-            top_scores = np.take_along_axis(top_scores, order, axis=1)
+            depth = top_k if self.reranker is None else max(top_k, self.rerank_candidates)
+            ranked.append((index, queries, top_k, *_best(block, min(depth, block.shape[1]))))
+        if self.reranker is not None:
+            ranked = self._rerank(ranked)
+        for index, _, top_k, top, top_scores in ranked:
+            top, top_scores = top[:, :top_k], top_scores[:, :top_k]
             responses[index] = pb_utils.InferenceResponse(
                 output_tensors=[
                     pb_utils.Tensor("PRODUCT_IDS", self.product_ids[top]),
@@ -241,7 +492,39 @@ class TritonPythonModel:
             )
         return responses
 
+    def _rerank(self, ranked: list[tuple]) -> list[tuple]:
+        """Rescore every retrieved (query, title) pair of the batch with one cross-encoder
+        call and re-sort each row by its logits (ties keep the bi-encoder's order)."""
+        pairs = [
+            (query, self.product_titles[column])
+            for _, queries, _, top, _ in ranked
+            for query, columns in zip(queries, top.tolist(), strict=True)
+            for column in columns
+        ]
+        encodings = self.reranker_tokenizer.encode_batch(pairs)
+        logits = self.reranker.run(None, _onnx_feed(encodings, self.reranker_inputs))[0]
+        logits = logits.astype(np.float32, copy=False).reshape(-1)
+        reranked = []
+        start = 0
+        for index, queries, top_k, top, _ in ranked:
+            block = logits[start : start + top.size].reshape(top.shape)
+            start += top.size
+            order = np.argsort(-block, axis=1, kind="stable")
+            top = np.take_along_axis(top, order, axis=1)
+            reranked.append((index, queries, top_k, top, np.take_along_axis(block, order, axis=1)))
+        return reranked
+
+    def _sample(self, texts: list[str]) -> None:
+        """Hand the valid queries to the drift sampler; nothing it does may fail the batch."""
+        try:
+            self.query_sampler.sample(texts)
+        except Exception as exc:  # sampling is best effort, serving is not
+            pb_utils.Logger.log_warn(f"query sampling failed: {exc}")
+
     def finalize(self) -> None:
         """Drop the session and catalogue so an unloaded version frees its memory at once."""
         self.session = None
         self.product_embeddings = None
+        self.reranker = None
+        if self.query_sampler is not None:
+            self.query_sampler.close()

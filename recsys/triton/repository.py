@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 REQUIRED_ARTIFACTS = ("encoder.onnx", "tokenizer.json", "products.npz", "manifest.json")
+OPTIONAL_ARTIFACTS = ("query_reference.json",)
+"""Published with a version when the artifacts hold them, never required to serve it: the
+training-query reference of the online drift check (:mod:`recsys.monitoring.drift_reference`)."""
 MODEL_FILE = "model.py"
 COMPLETE_MARKER = "COMPLETE"
 STAGING_DIR = ".staging"
@@ -41,6 +44,7 @@ SERVING_KNOBS = (
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _ONNX_FILE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*\.onnx$")
+_JSON_FILE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*\.json$")
 
 
 class RepositoryError(RuntimeError):
@@ -72,6 +76,24 @@ def served_onnx_file(manifest: dict[str, Any]) -> str:
     if not isinstance(name, str) or not _ONNX_FILE.fullmatch(name):
         raise UnsafePathError(f"manifest onnx_file {name!r} is not a plain *.onnx file name")
     return name
+
+
+def served_files(manifest: dict[str, Any]) -> list[str]:
+    """Every file besides the required ones that the manifest makes Triton load: the served
+    encoder and, with a ``reranker`` section, the cross-encoder's ONNX graph and tokenizer.
+    Plain file names only (:class:`UnsafePathError` otherwise), like ``onnx_file``."""
+    files = [served_onnx_file(manifest)]
+    reranker = manifest.get("reranker")
+    if reranker is None:
+        return files
+    if not isinstance(reranker, dict):
+        raise IncompleteArtifactsError(f"manifest reranker must be an object, got {reranker!r}")
+    for key, pattern in (("onnx_file", _ONNX_FILE), ("tokenizer_file", _JSON_FILE)):
+        name = reranker.get(key)
+        if not isinstance(name, str) or not pattern.fullmatch(name) or name == "manifest.json":
+            raise UnsafePathError(f"manifest reranker {key} {name!r} is not a plain file name")
+        files.append(name)
+    return list(dict.fromkeys(files))
 
 
 def validate_model_name(model_name: str) -> str:
@@ -201,11 +223,11 @@ def validate_artifacts(artifacts_dir: Path) -> dict[str, Any]:
             f"serving artifacts in {artifacts_dir} are incomplete: missing {', '.join(missing)}"
         )
     manifest = _read_manifest(artifacts_dir)
-    onnx_file = served_onnx_file(manifest)
-    if not (artifacts_dir / onnx_file).is_file():
-        raise IncompleteArtifactsError(
-            f"serving artifacts in {artifacts_dir} lack {onnx_file}, the encoder the manifest names"
-        )
+    for name in served_files(manifest):
+        if not (artifacts_dir / name).is_file():
+            raise IncompleteArtifactsError(
+                f"serving artifacts in {artifacts_dir} lack {name}, which the manifest names"
+            )
     return manifest
 
 
@@ -264,10 +286,10 @@ def verify_version_dir(path: Path) -> dict[str, Any]:
     for name in (*REQUIRED_ARTIFACTS, MODEL_FILE, COMPLETE_MARKER):
         _ensure_in_place(path / name, real / name)
     manifest = _read_manifest(path)
-    onnx_file = served_onnx_file(manifest)
-    if not (path / onnx_file).is_file():
-        raise IncompleteArtifactsError(f"version folder {path} lacks {onnx_file}")
-    _ensure_in_place(path / onnx_file, real / onnx_file)
+    for name in served_files(manifest):
+        if not (path / name).is_file():
+            raise IncompleteArtifactsError(f"version folder {path} lacks {name}")
+        _ensure_in_place(path / name, real / name)
     return manifest
 
 
@@ -287,14 +309,14 @@ def version_serving_config(repo: Path, model_name: str, version: int) -> dict[st
     return serving_config(model_name, **_serving_knobs(manifest.get("serving")))
 
 
-def _holds_same_artifacts(final: Path, artifacts_dir: Path, onnx_file: str) -> bool:
+def _holds_same_artifacts(final: Path, artifacts_dir: Path, served: list[str]) -> bool:
     """Whether a complete published version was made from exactly these artifact files (the
     manifest is excluded: publishing adds the version and serving knobs to it)."""
     try:
         recorded = json.loads((final / COMPLETE_MARKER).read_text())["sha256"]
     except (OSError, ValueError, KeyError):
         return False
-    names = [n for n in dict.fromkeys((*REQUIRED_ARTIFACTS, onnx_file)) if n != "manifest.json"]
+    names = [n for n in dict.fromkeys((*REQUIRED_ARTIFACTS, *served)) if n != "manifest.json"]
     return all(recorded.get(name) == _sha256(artifacts_dir / name) for name in names)
 
 
@@ -325,13 +347,13 @@ def publish_version(
     knobs = _serving_knobs(serving)
     config = serving_config(model_name, **knobs)
     render_config_pbtxt(config)  # fail before copying anything if Triton would reject it
-    onnx_file = served_onnx_file(manifest)
+    served = served_files(manifest)
     model_dir = repo / model_name
     final = model_dir / str(version)
     _ensure_in_place(model_dir, model_dir)  # repo is resolved: any symlink here leads away
     _ensure_in_place(repo / STAGING_DIR, repo / STAGING_DIR)
     if final.exists():
-        if _holds_same_artifacts(final, artifacts_dir, onnx_file):
+        if _holds_same_artifacts(final, artifacts_dir, served):
             return final  # a retried deploy of the very same artifacts: nothing to do
         state = (
             "with different artifacts: does this repository belong to another MLflow registry?"
@@ -350,7 +372,8 @@ def publish_version(
     staging.mkdir()
     try:
         checksums = {}
-        for name in dict.fromkeys((*REQUIRED_ARTIFACTS, onnx_file)):
+        optional = [name for name in OPTIONAL_ARTIFACTS if (artifacts_dir / name).is_file()]
+        for name in dict.fromkeys((*REQUIRED_ARTIFACTS, *served, *optional)):
             if name == "manifest.json":
                 continue
             _copy_durably(artifacts_dir / name, staging / name)

@@ -44,6 +44,10 @@ SHM_PREFIX = "triton_python_backend_shm_region_"
 BINARY_ENV = "RECSYS_TRITONSERVER"
 """Overrides the tritonserver binary (e.g. a full Triton install) when set."""
 
+DEFAULT_RESPONSE_CACHE_BYTES = 64 * 1024 * 1024
+"""Size of Triton's local response cache (``--cache-config=local,size=...``). The cache only
+serves models whose config enables ``response_cache``; 0 starts the server without a cache."""
+
 
 class TritonStartError(RuntimeError):
     """tritonserver exited or never became live; the message carries the tail of its log."""
@@ -212,7 +216,13 @@ class TritonServer:
         exit_timeout_s: int = 10,
         admin_key: str | None = None,
         restrict_model_control: bool = True,
+        response_cache_bytes: int = DEFAULT_RESPONSE_CACHE_BYTES,
+        query_sample_dir: Path | str | None = None,
+        query_sample_rate: float | None = None,
     ) -> None:
+        if isinstance(response_cache_bytes, bool) or int(response_cache_bytes) < 0:
+            raise ValueError(f"response_cache_bytes must be >= 0, got {response_cache_bytes!r}")
+        self.response_cache_bytes = int(response_cache_bytes)
         self.model_repository = Path(model_repository).resolve()
         self.host = host
         self.http_port = int(http_port)
@@ -224,6 +234,8 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.exit_timeout_s = exit_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
+        self.query_sample_dir = Path(query_sample_dir).resolve() if query_sample_dir else None
+        self.query_sample_rate = query_sample_rate
         if restrict_model_control and admin_key is None:
             admin_key = triton_admin_key(load_settings(), create=True)
         self._admin_key = admin_key if restrict_model_control else None
@@ -265,8 +277,9 @@ class TritonServer:
         It contains the admin key: record it only through
         :func:`recsys.credentials.redact_command`."""
         prepare_backend_directory(self.backend_directory)
+        binary = find_tritonserver()
         return [
-            str(find_tritonserver()),
+            str(binary),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={self.backend_directory}",
             "--model-control-mode=explicit",
@@ -288,8 +301,22 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--metrics-config=summary_latencies=true",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            *self._cache_flags(binary),
             *(triton_restriction_flags(self._admin_key) if self._admin_key else []),
         ]
+
+    def _cache_flags(self, binary: Path) -> list[str]:
+        """The response-cache flags: none when ``response_cache_bytes`` is 0. Triton looks for
+        cache libraries in ``/opt/tritonserver/caches`` unless told otherwise; the pytriton
+        wheel (and any install laid out like ``<root>/bin/tritonserver``) keeps them in
+        ``<root>/caches``, so that folder is passed when it holds the local cache."""
+        if not self.response_cache_bytes:
+            return []
+        flags = [f"--cache-config=local,size={self.response_cache_bytes}"]
+        caches = binary.resolve().parent.parent / "caches"
+        if (caches / "local").is_dir():
+            flags.append(f"--cache-directory={caches}")
+        return flags
 
     def environment(self) -> dict[str, str]:
         """Variables to set on top of the caller's environment (not a full environment).
@@ -310,7 +337,18 @@ class TritonServer:
         return {
             "PATH": os.pathsep.join([bin_dir, path]),
             "LD_LIBRARY_PATH": os.pathsep.join([*lib_dirs, *([ld_path] if ld_path else [])]),
+            **self._query_sampling_environment(),
         }
+
+    def _query_sampling_environment(self) -> dict[str, str]:
+        """``RECSYS_QUERY_SAMPLE_DIR`` / ``_RATE`` for the model's query sampler (the python
+        stubs inherit the server's environment); empty when sampling is not configured."""
+        if self.query_sample_dir is None:
+            return {}
+        env = {"RECSYS_QUERY_SAMPLE_DIR": str(self.query_sample_dir)}
+        if self.query_sample_rate is not None:
+            env["RECSYS_QUERY_SAMPLE_RATE"] = repr(float(self.query_sample_rate))
+        return env
 
     def is_live(self, timeout_s: float = 2.0) -> bool:
         """True when the HTTP endpoint reports the server live."""

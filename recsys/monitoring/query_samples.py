@@ -1,0 +1,79 @@
+"""Read the served-query samples that Triton's model appends, from where the last check stopped.
+
+The writer (:class:`recsys.serving.triton_model.QuerySampler`) appends JSON lines to
+``<sample dir>/<model>/<version>/queries-<pid>-<n>.jsonl``, one writer per file, never
+rewriting a byte. So "since the last check" is a byte offset per file: everything after it is
+new, and a line without its newline yet is left for the next read (the writer may be
+mid-write). A file that is gone (rotated out) or shorter than its offset (replaced) is read
+from the start or dropped; a malformed line is skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SAMPLE_GLOB = "queries-*.jsonl"
+
+
+@dataclass
+class SampleRead:
+    """The queries found after ``offsets`` and the offsets to store once they are consumed."""
+
+    queries: list[str] = field(default_factory=list)
+    offsets: dict[str, int] = field(default_factory=dict)
+    first_ts: float | None = None
+    last_ts: float | None = None
+    bad_lines: int = 0
+    files: int = 0
+
+    def _seen(self, ts: float | None) -> None:
+        if ts is None:
+            return
+        self.first_ts = ts if self.first_ts is None else min(self.first_ts, ts)
+        self.last_ts = ts if self.last_ts is None else max(self.last_ts, ts)
+
+
+def version_sample_dir(sample_dir: Path, model: str, version: int | str) -> Path:
+    return Path(sample_dir) / model / str(version)
+
+
+def read_new_samples(folder: Path, offsets: dict[str, int]) -> SampleRead:
+    """Every complete sampled query in ``folder`` past ``offsets`` (file name -> bytes read).
+
+    The returned offsets cover exactly the files present now, so entries of deleted files
+    fall out of the state by themselves.
+    """
+    result = SampleRead()
+    if not folder.is_dir():
+        return result
+    for path in sorted(folder.glob(SAMPLE_GLOB)):
+        try:
+            size = path.stat().st_size
+            start = offsets.get(path.name, 0)
+            if start > size:  # not the file we read before: read it whole
+                start = 0
+            with path.open("rb") as handle:
+                handle.seek(start)
+                data = handle.read(size - start)
+        except FileNotFoundError:  # rotated out between glob and open
+            continue
+        result.files += 1
+        complete = data.rfind(b"\n") + 1  # a trailing partial line waits for the next read
+        result.offsets[path.name] = start + complete
+        for line in data[:complete].splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                query = record["query"]
+                ts = record.get("ts")
+                if not isinstance(query, str) or not query.strip():
+                    raise ValueError("no query text")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                result.bad_lines += 1
+                continue
+            result.queries.append(query)
+            result._seen(float(ts) if isinstance(ts, int | float) else None)
+    return result

@@ -1,0 +1,119 @@
+"""The reranker branch of the pipeline: one function per Airflow task, like ``recsys.pipeline``.
+
+The cross-encoder is a second served model (``<model>_reranker``): its version folders hold the
+fine-tuned bi-encoder (retrieval over the whole catalogue) plus the cross-encoder that reorders
+the bi-encoder's top candidates. It gets its own MLflow run, its own registry versions and
+aliases, and goes through the same champion gate, publish, load and smoke test as the
+bi-encoder (``recsys.pipeline.compare_with_champion`` / ``register_model`` / ``deploy_model``
+with :func:`reranker_settings`), so a bad reranker can be rolled back on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from recsys.config import Settings
+from recsys.pipeline import EXPERIMENT, read_split_frame
+
+log = logging.getLogger(__name__)
+
+RERANKER_SUFFIX = "_reranker"
+
+
+def reranker_settings(settings: Settings) -> Settings:
+    """The same platform, pointed at the reranker's model name in the registry and Triton."""
+    return dataclasses.replace(settings, model_name=settings.model_name + RERANKER_SUFFIX)
+
+
+def fine_tune_reranker_model(
+    settings: Settings,
+    split: dict[str, Any],
+    run_dir: Path,
+    base_model: str,
+    params: dict[str, Any],
+    run_name: str,
+    lineage: dict[str, Any],
+) -> dict[str, Any]:
+    """Fine-tune the cross-encoder on the graded training pairs in its own MLflow run."""
+    from recsys import registry
+    from recsys.encoder import resolve_base_model
+    from recsys.reranker import RerankerParams, fine_tune_reranker
+
+    reranker_params = RerankerParams(**params)
+    uri = settings.mlflow_tracking_uri
+    run_id = registry.start_training_run(
+        uri,
+        EXPERIMENT,
+        run_name + RERANKER_SUFFIX,
+        {**reranker_params.to_dict(), "base_model": base_model, "kind": "cross-encoder"},
+        {k: str(v) for k, v in lineage.items()},
+    )
+
+    def on_epoch_end(epoch: int, loss: float) -> None:
+        registry.log_metrics(uri, run_id, {"train_loss": loss}, step=epoch)
+
+    result = fine_tune_reranker(
+        read_split_frame(split["train_path"]),
+        resolve_base_model(base_model),
+        run_dir / "reranker_checkpoint",
+        reranker_params,
+        on_epoch_end=on_epoch_end,
+    )
+    registry.log_metrics(
+        uri,
+        run_id,
+        {"train_samples_per_second": result.samples_per_second, "train_steps": result.steps},
+    )
+    return {"checkpoint": str(result.checkpoint_dir), "run_id": run_id, "steps": result.steps}
+
+
+def evaluate_reranker_model(
+    settings: Settings,
+    split: dict[str, Any],
+    bi_encoder_checkpoint: str,
+    reranker: dict[str, Any],
+    candidates: int,
+    positive_threshold: float,
+) -> dict[str, Any]:
+    """Bi-encoder retrieval + cross-encoder reranking on the held-out queries, logged to the
+    reranker's run (the same metric keys as the bi-encoder's, so the rows compare)."""
+    from recsys import registry
+    from recsys.evaluation import torch_embedder
+    from recsys.reranker import evaluate_reranked, torch_pair_scorer
+
+    result = evaluate_reranked(
+        torch_embedder(Path(bi_encoder_checkpoint)),
+        torch_pair_scorer(Path(reranker["checkpoint"])),
+        read_split_frame(split["test_path"]),
+        read_split_frame(split["catalog_path"]),
+        candidates=candidates,
+        positive_threshold=positive_threshold,
+    )
+    registry.log_metrics(settings.mlflow_tracking_uri, reranker["run_id"], result.metrics)
+    return {"metrics": result.metrics, "queries": result.queries, "products": result.products}
+
+
+def export_reranked_model(
+    settings: Settings,
+    split: dict[str, Any],
+    bi_encoder_checkpoint: str,
+    reranker: dict[str, Any],
+    run_dir: Path,
+    candidates: int,
+) -> dict[str, Any]:
+    """The reranker model's serving folder: ONNX bi-encoder + catalogue embeddings + ONNX
+    cross-encoder, served fp32 (the reranker sees only ``candidates`` pairs per query)."""
+    from recsys.export import build_serving_artifacts
+
+    artifacts = build_serving_artifacts(
+        Path(bi_encoder_checkpoint),
+        read_split_frame(split["catalog_path"]),
+        run_dir / "serving_reranker",
+        model_name=reranker_settings(settings).model_name,
+        reranker_dir=Path(reranker["checkpoint"]),
+        rerank_candidates=candidates,
+    )
+    return {"artifacts_dir": str(artifacts), "precision": "fp32"}
