@@ -325,7 +325,13 @@ def search_model_pipeline():
 
         settings, run_dir, params = settings_and_dir()
         return export_reranked_model(
-            settings, split, trained["checkpoint"], reranker, run_dir, params["rerank_candidates"]
+            settings,
+            split,
+            trained["checkpoint"],
+            reranker,
+            run_dir,
+            params["rerank_candidates"],
+            params["reranker_max_length"],
         )
 
     @task

@@ -19,7 +19,8 @@ Scrapes Triton's metrics endpoint each minute (deferred to the triggerer, so the
 worker slot) and compares the window since the previous scrape with the model's thresholds:
 those of `RECSYS_MONITOR_CONFIG` (YAML/JSON, `defaults` plus per-model entries), overridden by
 any threshold param set for this run (unset params defer to the file). A window with too few
-requests is never judged (no traffic is not an outage, and not a recovery either). When
+requests is never judged (no traffic is not an outage, and not a recovery either). Host CPU and
+memory utilisation (Triton's `nv_cpu_*` gauges) breach too when their limits are set. When
 `consecutive_windows` windows in a row breach, the `rollback` task loads the previous known-good
 registry version into Triton, verifies it with a smoke query, moves the `champion` / `previous`
 aliases, tags the bad version with the reason and writes an audit record and an alert. Any task
@@ -48,6 +49,10 @@ left pending) posts an alert to `RECSYS_ALERT_WEBHOOK`, and so does the failed r
         "max_p99_latency_ms": Param(None, type=["null", "number"], exclusiveMinimum=0),
         "min_requests": Param(None, type=["null", "integer"], minimum=1),
         "consecutive_windows": Param(None, type=["null", "integer"], minimum=1),
+        "max_cpu_utilization": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1),
+        "max_memory_utilization": Param(
+            None, type=["null", "number"], exclusiveMinimum=0, maximum=1
+        ),
         "smoke_query": Param("angle bracket", type="string", minLength=1),
     },
 )

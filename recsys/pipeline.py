@@ -180,6 +180,7 @@ def export_model(
         model_name=model_name,
         fault_injection=fault_injection,
     )
+    write_training_reference(artifacts, split)
     if precision not in quantization.PRECISIONS:
         raise ValueError(f"precision must be one of {quantization.PRECISIONS}, got {precision!r}")
     if not quantize and precision == "fp32":
@@ -216,6 +217,15 @@ def export_model(
     quantization.set_served_encoder(artifacts, served, record)
     log.info("serving %s: %s", served, reason)
     return {"artifacts_dir": str(artifacts), "precision": served, "quantization": record}
+
+
+def write_training_reference(artifacts_dir: Path, split: dict[str, Any]) -> Path:
+    """The training queries' profile (lengths, vocabulary, embedding centroid) in the version
+    folder, which the ``query_drift`` DAG compares served queries with."""
+    from recsys.monitoring.drift_reference import write_query_reference
+
+    train = read_split_frame(split["train_path"])
+    return write_query_reference(artifacts_dir, train["search_term"].astype(str).tolist())
 
 
 def evaluate_baselines(

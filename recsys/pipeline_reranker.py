@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.config import Settings
-from recsys.pipeline import EXPERIMENT, read_split_frame
+from recsys.pipeline import EXPERIMENT, read_split_frame, write_training_reference
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def export_reranked_model(
     reranker: dict[str, Any],
     run_dir: Path,
     candidates: int,
+    max_length: int = 96,
 ) -> dict[str, Any]:
     """The reranker model's serving folder: ONNX bi-encoder + catalogue embeddings + ONNX
     cross-encoder, served fp32 (the reranker sees only ``candidates`` pairs per query)."""
@@ -115,5 +116,7 @@ def export_reranked_model(
         model_name=reranker_settings(settings).model_name,
         reranker_dir=Path(reranker["checkpoint"]),
         rerank_candidates=candidates,
+        rerank_max_length=max_length,
     )
+    write_training_reference(artifacts, split)
     return {"artifacts_dir": str(artifacts), "precision": "fp32"}

@@ -66,11 +66,19 @@ def evaluate_serving_artifacts(
     positive_threshold: float = 2.33,
 ) -> EvaluationResult:
     """Score a serving-artifacts or published version folder as it serves: queries through the
-    encoder its manifest names (fp32 or INT8), the catalogue through its fp32 ``encoder.onnx``."""
+    encoder its manifest names (fp32 or INT8), the catalogue through its fp32 ``encoder.onnx``,
+    and, for a reranker model (a ``reranker`` manifest section), the top candidates through its
+    cross-encoder."""
     from recsys.triton.repository import served_onnx_file
 
     artifacts_dir = Path(artifacts_dir)
     manifest = json.loads((artifacts_dir / "manifest.json").read_text())
+    if "reranker" in manifest:
+        from recsys.reranker import evaluate_served_reranker
+
+        return evaluate_served_reranker(
+            artifacts_dir, test_frame, catalog, positive_threshold=positive_threshold
+        )
     max_length = int(manifest.get("max_query_tokens", 64))
     tokenizer = artifacts_dir / "tokenizer.json"
     query_embed = onnx_embedder(artifacts_dir / served_onnx_file(manifest), tokenizer, max_length)

@@ -158,6 +158,19 @@ def test_deploy_rebuilds_a_deleted_version_from_mlflow_and_rollback_moves_back(
     assert len(records) == 1 and '"reason": "operator says so"' in records[0]
 
 
+def test_rollback_complete_pending_with_nothing_pending(monkeypatch, tmp_path, capsys):
+    """Nothing pending is answered from the audit log alone (no MLflow call); ``--to`` and
+    ``--complete-pending`` exclude each other. The replay itself is tested with MLflow really
+    down and back in tests/test_faults.py."""
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    assert main(["rollback", "--complete-pending"]) == 0
+    assert "no rollback has a pending registry update" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as parse_error:
+        main(["rollback", "--complete-pending", "--to", "3"])
+    assert parse_error.value.code == 2
+
+
 def test_status_with_triton_down_says_so_and_exits_3(monkeypatch, tmp_path, mlflow_server, capsys):
     monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
     monkeypatch.setenv("RECSYS_TRITON_GRPC_PORT", str(free_port()))

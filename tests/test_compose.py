@@ -353,3 +353,16 @@ def test_triton_starts_with_response_cache(services: dict[str, dict[str, Any]]) 
     assert _environment(triton)["RECSYS_TRITON_CACHE_BYTES"] == (
         "${RECSYS_TRITON_CACHE_BYTES:-67108864}"
     )
+
+
+def test_triton_samples_queries_where_the_drift_dag_reads_them(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Triton writes its query samples into the state volume that the Airflow workers mount as
+    ``RECSYS_HOME``, at the path their settings default to (``<home>/query_samples``)."""
+    triton, scheduler = services["triton"], services["airflow-scheduler"]
+    sample_dir = _environment(triton)["RECSYS_QUERY_SAMPLE_DIR"]
+    home = _environment(scheduler)["RECSYS_HOME"]
+    assert sample_dir == f"{home}/query_samples"
+    assert f"recsys-state:{home}" in triton["volumes"]
+    assert f"recsys-state:{home}" in scheduler["volumes"]

@@ -177,6 +177,40 @@ def sampling_platform(monkeypatch, tmp_path, artifacts) -> Iterator[SamplingPlat
         yield SamplingPlatform(settings=settings, triton=triton)
 
 
+def test_sampler_rotates_its_files_and_never_fails_a_request(
+    monkeypatch, tmp_path, artifacts
+) -> None:
+    """With 1 KiB segments, a busy instance keeps only its newest segments (every one a set of
+    whole JSON lines); where the sample folder cannot be created, queries are answered anyway
+    and the model logs that sampling is off."""
+    from recsys.triton.control import TritonControl
+    from recsys.triton.repository import publish_version, serving_config
+    from tests.triton_testing import running_triton
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "unwritable").write_text("a file where the model's sample folder would go")
+    monkeypatch.setenv("RECSYS_QUERY_SAMPLE_MAX_BYTES", "1024")
+    with running_triton(tmp_path / "triton", query_sample_dir=samples, query_sample_rate=1) as t:
+        with TritonControl(t.grpc_url) as control:
+            for name in ("sampled", "unwritable"):
+                publish_version(t.repo, name, 1, artifacts)
+                control.load_version(name, 1, t.repo, config=serving_config(name))
+            queries = in_distribution_queries(120)
+            for query in queries:
+                assert control.search("sampled", query, top_k=3)
+                assert control.search("unwritable", query, top_k=3)
+        log_text = Path(t.server.log_path).read_text(errors="replace")
+    assert "query sampling to" in log_text and "turned off" in log_text
+
+    files = sorted((samples / "sampled" / "1").glob("queries-*.jsonl"))
+    assert 1 < len(files) <= 4  # SAMPLE_SEGMENTS_KEPT: the oldest segments were removed
+    assert all(path.stat().st_size <= 1024 for path in files)
+    read = read_new_samples(samples / "sampled" / "1", {})
+    assert read.bad_lines == 0 and 0 < len(read.queries) < len(queries)
+    assert read.queries == queries[-len(read.queries) :]  # the newest, in order
+
+
 THRESHOLDS = DriftThresholds(min_queries=30)
 
 
@@ -264,7 +298,10 @@ def test_drift_dag_alerts_audits_and_requests_retraining(
     receiver = Receiver()
     receiver.thread.start()
     monkeypatch.setenv("RECSYS_ALERT_WEBHOOK", receiver.url)
-    conf = {"min_queries": 30}
+    config = settings.home.parent / "monitor.yaml"  # what `recsys drift` goes by
+    config.write_text("drift: {defaults: {min_queries: 30}}\n")
+    monkeypatch.setenv("RECSYS_MONITOR_CONFIG", str(config))
+    conf = {"min_queries": 30, "retrain_on_drift": True}
 
     def run_dag() -> tuple[str, dict[str, str]]:
         run = dag.test(run_conf=conf)
@@ -314,3 +351,35 @@ def test_drift_dag_alerts_audits_and_requests_retraining(
 
     actions = [r["action"] for r in read_records(settings.audit_log, settings.model_name)]
     assert actions.count("query_drift") == 2 and actions.count("retraining_requested") == 1
+
+
+# -- the Asset between the drift DAG and the pipeline -------------------------------------------
+
+
+def test_drift_dag_feeds_the_pipeline_through_the_retraining_asset(dagbag) -> None:
+    from recsys.assets import RETRAINING_REQUEST
+
+    drift = dagbag.get_dag("query_drift")
+    assert drift.get_task("request_retraining").outlets == [RETRAINING_REQUEST]
+    assert not [t.task_id for t in drift.tasks if t.outlets and t.task_id != "request_retraining"]
+    assert dagbag.get_dag("search_model_pipeline").timetable.asset_condition == RETRAINING_REQUEST
+
+
+def test_pipeline_schedule_is_time_or_retraining_request(monkeypatch) -> None:
+    from airflow.sdk import AssetOrTimeSchedule
+
+    from recsys.assets import RETRAINING_REQUEST
+    from recsys.config import pipeline_schedule
+
+    monkeypatch.setenv("RECSYS_PIPELINE_SCHEDULE", "@daily")
+    schedule = pipeline_schedule()
+    assert isinstance(schedule, AssetOrTimeSchedule)
+    assert schedule.timetable.expression == "0 0 * * *"
+    assert schedule.asset_condition == RETRAINING_REQUEST
+
+    monkeypatch.setenv("RECSYS_PIPELINE_SCHEDULE", "none")  # no cron: requests still count
+    assert pipeline_schedule() == RETRAINING_REQUEST
+
+    monkeypatch.setenv("RECSYS_PIPELINE_SCHEDULE", "@once")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        pipeline_schedule()

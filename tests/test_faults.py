@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 
 from recsys import registry
 from recsys.audit import read_records
+from recsys.cli import main
 from recsys.config import Settings, load_settings
 from recsys.monitoring.config import load_thresholds
 from recsys.monitoring.metrics import MetricsUnavailableError
@@ -38,7 +39,6 @@ from recsys.rollback import (
     ROLLBACK_PENDING,
     RollbackError,
     RollbackRegistryPendingError,
-    complete_pending_rollback,
     pending_rollbacks,
     rollback,
 )
@@ -247,12 +247,13 @@ def test_triton_killed_mid_run_stops_the_monitor_without_a_rollback(env, artifac
 
 
 def test_mlflow_down_during_rollback_switches_serving_first_and_leaves_update_pending(
-    env, artifacts, private_mlflow, monkeypatch
+    env, artifacts, private_mlflow, monkeypatch, capsys
 ):
     """MLflow stops after v2 (raises under traffic) became champion. The rollback still puts
     v1 back into Triton (versions planned from Triton and the audit log), then fails with a
     RegistryUnavailableError that says the registry update is pending; the audit log records
-    the switch. Once MLflow is back, the pending update is replayed and the registry agrees."""
+    the switch. ``recsys rollback --complete-pending`` says MLflow is still down (exit 3) and
+    keeps it pending; once MLflow is back, it replays the update and the registry agrees."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", private_mlflow.uri)
     env.settings = dataclasses.replace(env.settings, mlflow_tracking_uri=private_mlflow.uri)
     model = env.settings.model_name
@@ -279,14 +280,21 @@ def test_mlflow_down_during_rollback_switches_serving_first_and_leaves_update_pe
     assert "unreachable" in last["registry_error"]
     assert [r["to_version"] for r in pending_rollbacks(env.settings)] == [v1]
 
+    assert main(["rollback", "--complete-pending"]) == 3  # MLflow is still down
+    assert "unreachable" in capsys.readouterr().err
+    assert [r["to_version"] for r in pending_rollbacks(env.settings)] == [v1]
+
     private_mlflow.start()
     assert env.aliases() == (v2, v1)  # the registry is behind what serves...
-    completed = complete_pending_rollback(env.settings)
-    assert [(r["from_version"], r["to_version"]) for r in completed] == [(v2, v1)]
+    assert main(["rollback", "--complete-pending"]) == 0
+    assert f"registry updated for the rollback from v{v2} to v{v1}" in capsys.readouterr().out
     assert env.aliases() == (v1, None)  # ...until the pending update is replayed
     tags = MlflowClient(private_mlflow.uri).get_model_version(model, str(v2)).tags
     assert tags[registry.TAG_ROLLED_BACK] == "true"
     assert pending_rollbacks(env.settings) == []
+    assert env.actions()[-1] == ROLLBACK_COMPLETED
+    assert main(["rollback", "--complete-pending"]) == 0  # nothing left: a no-op
+    assert "no rollback has a pending registry update" in capsys.readouterr().out
     assert env.actions()[-1] == ROLLBACK_COMPLETED
 
 

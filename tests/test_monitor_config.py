@@ -4,6 +4,7 @@ verdict. Pure functions and real files; no services needed."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,7 @@ def test_json_file_from_the_environment(tmp_path: Path, monkeypatch) -> None:
         ("thresholds: {}", "unknown top-level"),
         ("defaults: [1, 2]", "must be a mapping"),
         ("defaults: {max_error_rate: 0.1", "not valid YAML"),
+        ("defaults: {max_cpu_utilization: 1.5}", "max_cpu_utilization must be within"),
     ],
 )
 def test_bad_files_fail_loudly(tmp_path: Path, text: str, message: str) -> None:
@@ -86,3 +88,31 @@ def test_no_traffic_is_neither_breach_nor_recovery_even_with_a_p99_limit() -> No
     assert empty.success_rate is None and empty.consecutive == 1
     second = evaluate(stats(50, 0, mean_ms=40, p99_ms=500), thresholds, quiet.consecutive)
     assert second.should_rollback
+
+
+def test_host_cpu_and_memory_limits_from_the_file_with_hysteresis(tmp_path: Path) -> None:
+    path = tmp_path / "monitor.yaml"
+    path.write_text(
+        "models:\n  search: {max_cpu_utilization: 0.9, max_memory_utilization: 0.8,"
+        " consecutive_windows: 2}\n"
+    )
+    thresholds = load_thresholds("search", path)
+    assert load_thresholds("other", path).max_cpu_utilization is None  # off by default
+    gib = 2**30
+    busy = replace(
+        stats(50, 0, mean_ms=40, p99_ms=60),
+        cpu_utilization=0.95,
+        memory_used_bytes=7 * gib,
+        memory_total_bytes=8 * gib,
+    )
+    first = evaluate(busy, thresholds, 0)
+    assert first.breached and not first.should_rollback and first.consecutive == 1
+    assert "host CPU utilisation 95.0% > max 90.0%" in first.reasons[0]
+    assert "host memory in use 87.5% (7168 MiB) > max 80.0%" in first.reasons[1]
+    assert evaluate(busy, thresholds, first.consecutive).should_rollback
+    calm = replace(busy, cpu_utilization=0.5, memory_used_bytes=2 * gib)
+    assert evaluate(calm, thresholds, first.consecutive).consecutive == 0
+    unknown = replace(busy, cpu_utilization=None, memory_used_bytes=None)
+    assert not evaluate(unknown, thresholds, 0).breached  # not measured never breaches
+    quiet = replace(busy, requests=2, failures=0)
+    assert not evaluate(quiet, Thresholds(max_cpu_utilization=0.9), 0).breached  # no traffic

@@ -85,7 +85,7 @@ def window_stats(
 def test_parse_real_scrape_keeps_per_version_counters() -> None:
     snap = snapshot("after", 1000.0)
     assert snap.taken_at == 1000.0
-    # Server-wide metrics (nv_cpu_*, nv_pinned_memory_*) carry no model label and are ignored.
+    # Server-wide metrics (nv_cpu_*, nv_pinned_memory_*) carry no model label: never a "model".
     assert set(snap.models) == {ECHO_V1}
     v1 = snap.models[ECHO_V1]
     assert (v1.model, v1.version) == ECHO_V1
@@ -110,6 +110,23 @@ def test_parse_real_scrape_with_two_versions_and_unloaded_model() -> None:
     assert unloaded.failure == 4
     assert unloaded.success == 0 and unloaded.request_duration_us == 0
     assert unloaded.p99_request_us is None
+
+
+def test_parse_keeps_the_host_cpu_and_memory_gauges() -> None:
+    after = snapshot("after", 0.0)
+    assert after.cpu_utilization == pytest.approx(0.0606, abs=1e-4)
+    assert (after.memory_used_bytes, after.memory_total_bytes) == (754294784, 25276514304)
+    assert after.for_model("echo").cpu_utilization == after.cpu_utilization
+    # Before Triton's first host sample every gauge reads 0: unknown, not an idle machine.
+    before = snapshot("before", 0.0)
+    assert (before.cpu_utilization, before.memory_used_bytes, before.memory_total_bytes) == (
+        None,
+        None,
+        None,
+    )
+    # A state file written before the gauges were kept still loads.
+    old = {k: v for k, v in after.to_dict().items() if not k.startswith(("cpu_", "memory_"))}
+    assert MetricsSnapshot.from_dict(old).cpu_utilization is None
 
 
 def test_snapshot_json_round_trip() -> None:
@@ -425,6 +442,29 @@ def test_check_once_hysteresis_and_reset_across_runs(
     assert "echo" not in state.snapshots and "echo" not in state.consecutive
     after_reset = check_once(metrics_endpoint.url, "echo", path, thresholds)
     assert not after_reset.breached and after_reset.stats is None  # re-baselined
+
+
+def test_check_once_judges_host_cpu_at_the_end_of_the_window(
+    tmp_path: Path, metrics_endpoint: MetricsEndpoint
+) -> None:
+    """``reloaded`` ends with the host CPU at 46.7%: healthy requests (2 of 7 failed is under
+    the 50% error limit) still breach a 40% CPU limit, and the verdict carries the gauges."""
+    path = tmp_path / "state.json"
+    thresholds = Thresholds(max_error_rate=0.5, min_requests=3, max_cpu_utilization=0.4)
+    metrics_endpoint.body = fixture_text("unloaded")
+    check_once(metrics_endpoint.url, "echo", path, thresholds)  # baseline
+    metrics_endpoint.body = fixture_text("reloaded")
+    verdict = check_once(metrics_endpoint.url, "echo", path, thresholds)
+    assert verdict.should_rollback and verdict.reasons[0].startswith("host CPU utilisation 46.7%")
+    stats = verdict.to_dict()["stats"]
+    assert stats["cpu_utilization"] == pytest.approx(0.467, abs=1e-3)
+    assert stats["memory_utilization"] == pytest.approx(821215232 / 25276514304)
+    relaxed = Thresholds(max_error_rate=0.5, min_requests=3, max_cpu_utilization=0.5)
+    reset_model(path, "echo")
+    metrics_endpoint.body = fixture_text("unloaded")
+    check_once(metrics_endpoint.url, "echo", path, relaxed)
+    metrics_endpoint.body = fixture_text("reloaded")
+    assert not check_once(metrics_endpoint.url, "echo", path, relaxed).breached
 
 
 def test_check_once_leaves_state_alone_when_triton_is_down(tmp_path: Path) -> None:

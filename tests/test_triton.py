@@ -79,7 +79,7 @@ def test_publish_is_atomic_and_version_loads(
     assert version_dir == triton.repo / MODEL / "1"
     assert {p.name for p in version_dir.iterdir()} == {
         "encoder.onnx", "tokenizer.json", "products.npz", "manifest.json", "model.py",
-        COMPLETE_MARKER,
+        "query_reference.json", COMPLETE_MARKER,
     }  # fmt: skip
     assert json.loads((version_dir / "manifest.json").read_text())["version"] == 1
     seal = json.loads((version_dir / COMPLETE_MARKER).read_text())

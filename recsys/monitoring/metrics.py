@@ -16,6 +16,9 @@ Facts about the real server that shape this module (seen in ``tests/fixtures/tri
 * Unloading a version drops its success and duration counters, but its failure counters survive
   the unload and keep counting after a reload. Each counter therefore has to be treated on its
   own when looking for resets (see :mod:`recsys.monitoring.window`).
+* ``nv_cpu_utilization`` (0-1) and ``nv_cpu_memory_used_bytes`` / ``_total_bytes`` are gauges of
+  the whole host, without model labels, sampled by Triton every metrics interval; until the
+  first sample they read 0, including a total memory of 0, which is taken as "not measured yet".
 """
 
 from __future__ import annotations
@@ -37,6 +40,14 @@ COMPUTE_INFER_DURATION = "nv_inference_compute_infer_duration_us"
 PENDING = "nv_inference_pending_request_count"
 REQUEST_SUMMARY = "nv_inference_request_summary_us"
 P99_QUANTILE = 0.99
+CPU_UTILIZATION = "nv_cpu_utilization"
+MEMORY_USED = "nv_cpu_memory_used_bytes"
+MEMORY_TOTAL = "nv_cpu_memory_total_bytes"
+_HOST_GAUGES = {
+    CPU_UTILIZATION: "cpu_utilization",
+    MEMORY_USED: "memory_used_bytes",
+    MEMORY_TOTAL: "memory_total_bytes",
+}
 
 _COUNTER_FIELDS = {
     SUCCESS: "success",
@@ -103,10 +114,15 @@ class ModelVersionCounters:
 
 @dataclass(frozen=True)
 class MetricsSnapshot:
-    """All model versions' counters at one moment (``taken_at``: unix seconds)."""
+    """All model versions' counters at one moment (``taken_at``: unix seconds), and the host's
+    CPU and memory gauges (``None`` when Triton has not measured them, or does not export
+    them)."""
 
     taken_at: float
     models: dict[tuple[str, str], ModelVersionCounters] = field(default_factory=dict)
+    cpu_utilization: float | None = None
+    memory_used_bytes: float | None = None
+    memory_total_bytes: float | None = None
 
     def for_model(self, model: str) -> MetricsSnapshot:
         """The same snapshot restricted to the versions of ``model`` (what the state file keeps
@@ -114,6 +130,9 @@ class MetricsSnapshot:
         return MetricsSnapshot(
             taken_at=self.taken_at,
             models={key: value for key, value in self.models.items() if key[0] == model},
+            cpu_utilization=self.cpu_utilization,
+            memory_used_bytes=self.memory_used_bytes,
+            memory_total_bytes=self.memory_total_bytes,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +141,7 @@ class MetricsSnapshot:
             "format": _SNAPSHOT_FORMAT,
             "taken_at": self.taken_at,
             "models": [self.models[key].to_dict() for key in sorted(self.models)],
+            **{name: getattr(self, name) for name in _HOST_GAUGES.values()},
         }
 
     @classmethod
@@ -131,9 +151,11 @@ class MetricsSnapshot:
         if data.get("format", _SNAPSHOT_FORMAT) != _SNAPSHOT_FORMAT:
             raise ValueError(f"unsupported snapshot format {data.get('format')!r}")
         counters = [ModelVersionCounters.from_dict(item) for item in data["models"]]
+        gauges = {name: data.get(name) for name in _HOST_GAUGES.values()}  # absent: older state
         return cls(
             taken_at=float(data["taken_at"]),
             models={(c.model, c.version): c for c in counters},
+            **{name: None if value is None else float(value) for name, value in gauges.items()},
         )
 
 
@@ -146,11 +168,18 @@ def parse_metrics(text: str, taken_at: float) -> MetricsSnapshot:
     ``models`` mapping.
     """
     values: dict[tuple[str, str], dict[str, Any]] = {}
+    host: dict[str, float] = {}
     saw_triton = False
     try:
         for family in text_string_to_metric_families(text):
             if family.name.startswith("nv_"):
                 saw_triton = True
+            gauge = _HOST_GAUGES.get(family.name)
+            if gauge is not None:
+                for sample in family.samples:  # one unlabelled sample per host gauge
+                    if not math.isnan(sample.value):
+                        host[gauge] = sample.value
+                continue
             counter_field = _COUNTER_FIELDS.get(family.name)
             is_summary = family.name == REQUEST_SUMMARY
             if counter_field is None and not is_summary:
@@ -177,12 +206,15 @@ def parse_metrics(text: str, taken_at: float) -> MetricsSnapshot:
             f"no Triton (nv_*) metrics in the text; is this Triton's metrics endpoint? "
             f"Got: {snippet!r}"
         )
+    if not host.get("memory_total_bytes"):  # Triton has not sampled the host yet
+        host = {}
     return MetricsSnapshot(
         taken_at=float(taken_at),
         models={
             key: ModelVersionCounters(model=key[0], version=key[1], **fields)
             for key, fields in values.items()
         },
+        **{name: float(value) for name, value in host.items()},
     )
 
 

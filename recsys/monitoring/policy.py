@@ -13,9 +13,13 @@ Decision rules, in order:
 * fewer than ``min_requests`` in the window: decide nothing, because no traffic is neither an
   outage nor a recovery, and the consecutive-breach count is left as it was;
 * otherwise the window breaches when its error rate, mean latency or (when a limit is set) p99
-  latency is over the limit; a breach
+  latency, host CPU utilisation or host memory utilisation is over the limit; a breach
   adds one to the count, a healthy window sets it to zero, and a rollback is due once the count
   reaches ``consecutive_windows``.
+
+CPU and memory are Triton's host-wide gauges at the end of the window, not per-model figures:
+their limits (off by default) suit a host that serves this model alone, where a version that
+needs far more CPU or memory than the one before is the likely cause of a saturated machine.
 """
 
 from __future__ import annotations
@@ -30,7 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from recsys.monitoring.metrics import MetricsSnapshot, scrape
-from recsys.monitoring.window import WindowStats, aggregate_model, compute_window
+from recsys.monitoring.window import (
+    WindowStats,
+    aggregate_model,
+    compute_window,
+    with_host_usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,10 @@ class Thresholds:
     max_p99_latency_ms: float | None = None
     """Triton's rolling p99 of successful requests; ``None`` disables the check. A mean hides a
     slow tail that a minority of users always hit, so a p99 limit catches what the mean misses."""
+    max_cpu_utilization: float | None = None
+    """Host CPU utilisation (0-1) at the end of the window; ``None`` disables the check."""
+    max_memory_utilization: float | None = None
+    """Share of host memory in use at the end of the window; ``None`` disables the check."""
 
     def __post_init__(self) -> None:
         # Fail at construction: a bad limit would otherwise surface as a silent non-decision
@@ -63,6 +76,10 @@ class Thresholds:
             raise ValueError(f"consecutive_windows must be >= 1, got {self.consecutive_windows}")
         if self.max_p99_latency_ms is not None and not self.max_p99_latency_ms > 0:
             raise ValueError(f"max_p99_latency_ms must be > 0, got {self.max_p99_latency_ms}")
+        for name in ("max_cpu_utilization", "max_memory_utilization"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be within (0, 1], got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,6 +212,21 @@ def _fmt_ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f} ms"
 
 
+def _host_reasons(stats: WindowStats, thresholds: Thresholds) -> list[str]:
+    """Breaches of the (optional) host CPU and memory limits; unknown values never breach."""
+    reasons = []
+    cpu, cpu_max = stats.cpu_utilization, thresholds.max_cpu_utilization
+    if cpu is not None and cpu_max is not None and cpu > cpu_max:
+        reasons.append(f"host CPU utilisation {cpu:.1%} > max {cpu_max:.1%}")
+    memory, memory_max = stats.memory_utilization, thresholds.max_memory_utilization
+    if memory is not None and memory_max is not None and memory > memory_max:
+        used_mib = (stats.memory_used_bytes or 0) / 2**20
+        reasons.append(
+            f"host memory in use {memory:.1%} ({used_mib:.0f} MiB) > max {memory_max:.1%}"
+        )
+    return reasons
+
+
 def evaluate(
     stats: WindowStats | None, thresholds: Thresholds, previous_consecutive: int
 ) -> Verdict:
@@ -242,6 +274,7 @@ def evaluate(
             f"p99 latency {_fmt_ms(stats.p99_latency_ms)} > max "
             f"{_fmt_ms(thresholds.max_p99_latency_ms)}"
         )
+    reasons.extend(_host_reasons(stats, thresholds))
     breached = bool(reasons)
     consecutive = previous_consecutive + 1 if breached else 0
     should_rollback = breached and consecutive >= thresholds.consecutive_windows
@@ -305,7 +338,9 @@ def check_once(
                 consecutive=count,
             )
         else:
-            stats = aggregate_model(compute_window(previous, current), model)
+            stats = with_host_usage(
+                aggregate_model(compute_window(previous, current), model), current
+            )
             verdict = evaluate(stats, thresholds, count)
             verdict.model = model
             verdict.reasons = [*notes, *verdict.reasons]

@@ -34,6 +34,8 @@ THRESHOLD_PARAMS = (
     "max_p99_latency_ms",
     "min_requests",
     "consecutive_windows",
+    "max_cpu_utilization",
+    "max_memory_utilization",
 )
 
 

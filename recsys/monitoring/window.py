@@ -15,7 +15,7 @@ that was unloaded before the scrape are not seen at all.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from recsys.monitoring.metrics import MetricsSnapshot, ModelVersionCounters
@@ -41,13 +41,25 @@ class WindowStats:
     mean_queue_ms: float | None
     throughput_rps: float
     p99_latency_ms: float | None
+    cpu_utilization: float | None = None
+    """Host CPU use (0-1) at the end of the window, as Triton last sampled it; ``None`` unknown."""
+    memory_used_bytes: float | None = None
+    """Host memory in use at the end of the window; ``None`` unknown."""
+    memory_total_bytes: float | None = None
 
     @property
     def successes(self) -> float:
         return self.requests - self.failures
 
+    @property
+    def memory_utilization(self) -> float | None:
+        """Share of the host's memory in use (``None`` when either number is unknown)."""
+        if self.memory_used_bytes is None or not self.memory_total_bytes:
+            return None
+        return self.memory_used_bytes / self.memory_total_bytes
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "memory_utilization": self.memory_utilization}
 
 
 def _increase(current: float, previous: float) -> float:
@@ -139,4 +151,19 @@ def aggregate_model(stats: dict[tuple[str, str], WindowStats], model: str) -> Wi
         mean_queue_ms=_weighted_mean([(s.mean_queue_ms, s.successes) for s in parts]),
         throughput_rps=requests / seconds if seconds > 0 else 0.0,
         p99_latency_ms=max(p99s) if p99s else None,
+    )
+
+
+def with_host_usage(stats: WindowStats | None, snapshot: MetricsSnapshot) -> WindowStats | None:
+    """``stats`` with the host CPU and memory gauges of ``snapshot`` (the window's end).
+
+    They are gauges of the whole machine, not of a model version, so they are attached to the
+    model's window as they are rather than differenced like the counters."""
+    if stats is None:
+        return None
+    return replace(
+        stats,
+        cpu_utilization=snapshot.cpu_utilization,
+        memory_used_bytes=snapshot.memory_used_bytes,
+        memory_total_bytes=snapshot.memory_total_bytes,
     )

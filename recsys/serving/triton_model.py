@@ -241,7 +241,7 @@ class QuerySampler:
         return cls(Path(root) / model_name / str(version), rate, max_bytes, log)
 
     def _segment_path(self, segment: int) -> Path:
-        return self.directory / f"queries-{os.getpid()}-{segment}.jsonl"
+        return self.directory / f"queries-{os.getpid()}-{segment:06d}.jsonl"
 
     def _segments(self) -> list[int]:
         prefix = f"queries-{os.getpid()}-"
