@@ -142,3 +142,16 @@ def pipeline_schedule() -> Any:
     return AssetOrTimeSchedule(
         timetable=CronTriggerTimetable(value, timezone="UTC"), assets=RETRAINING_REQUEST
     )
+
+
+SERVED_MODEL_SUFFIXES: dict[str, str] = {"bi_encoder": "", "reranker": "_reranker"}
+"""The Triton/registry models a pipeline run serves, as suffixes of ``RECSYS_MODEL_NAME``: the
+bi-encoder itself and the bi-encoder + cross-encoder reranker (``<model>_reranker``). Each gets
+its own monitor DAG, thresholds, aliases and rollbacks."""
+
+
+def served_model_settings(settings: Settings, suffix: str) -> Settings:
+    """The same platform pointed at one served model (``settings.model_name + suffix``)."""
+    import dataclasses
+
+    return dataclasses.replace(settings, model_name=settings.model_name + suffix)

@@ -156,7 +156,7 @@ def run_demo(settings: Settings, max_rows: int = 4000, max_steps: int = 40) -> i
         stack.AIRFLOW_USER,
         stack.airflow_password(settings),
     )
-    for dag_id in ("search_model_pipeline", "triton_monitor"):
+    for dag_id in ("search_model_pipeline", "triton_monitor", "triton_monitor_reranker"):
         airflow.wait_for_dag(dag_id)
         airflow.set_paused(dag_id, False)
 

@@ -10,22 +10,21 @@ with :func:`reranker_settings`), so a bad reranker can be rolled back on its own
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
-from recsys.config import Settings
+from recsys.config import SERVED_MODEL_SUFFIXES, Settings, served_model_settings
 from recsys.pipeline import EXPERIMENT, read_split_frame, write_training_reference
 
 log = logging.getLogger(__name__)
 
-RERANKER_SUFFIX = "_reranker"
+RERANKER_SUFFIX = SERVED_MODEL_SUFFIXES["reranker"]
 
 
 def reranker_settings(settings: Settings) -> Settings:
     """The same platform, pointed at the reranker's model name in the registry and Triton."""
-    return dataclasses.replace(settings, model_name=settings.model_name + RERANKER_SUFFIX)
+    return served_model_settings(settings, RERANKER_SUFFIX)
 
 
 def fine_tune_reranker_model(

@@ -108,9 +108,10 @@ def test_rollback_alert_carries_model_versions_reason_and_metrics(
     assert webhook.all() == []  # exactly one alert per rollback
 
 
-def test_both_dags_alert_on_failure(dagbag):
-    for dag_id in ("search_model_pipeline", "triton_monitor"):
-        dag = dagbag.get_dag(dag_id)
+def test_every_dag_alerts_on_failure(dagbag):
+    expected = {"search_model_pipeline", "triton_monitor", "triton_monitor_reranker", "query_drift"}
+    assert expected <= set(dagbag.dags)
+    for dag_id, dag in dagbag.dags.items():
         assert dag.default_args["on_failure_callback"] is task_failure_alert, dag_id
         for task in dag.tasks:
             callbacks = task.on_failure_callback

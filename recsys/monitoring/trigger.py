@@ -94,8 +94,17 @@ class MetricsCheckOperator(BaseOperator):
     """Check the served model's metrics without holding a worker slot; returns the verdict dict
     (the same XCom the TaskFlow version returned)."""
 
-    def __init__(self, *, trigger_timeout: timedelta = timedelta(minutes=2), **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        model_suffix: str = "",
+        trigger_timeout: timedelta = timedelta(minutes=2),
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
+        self.model_suffix = model_suffix
+        """Watch ``RECSYS_MODEL_NAME + model_suffix`` (see ``recsys.config.SERVED_MODEL_SUFFIXES``);
+        the name is resolved when the task runs, so the DAG file needs no settings to parse."""
         self.trigger_timeout = trigger_timeout
 
     def execute(self, context: Mapping[str, Any]) -> None:
@@ -103,14 +112,15 @@ class MetricsCheckOperator(BaseOperator):
         from recsys.monitoring.config import load_thresholds
 
         settings = load_settings()
+        model = settings.model_name + self.model_suffix
         params = context["params"]
         thresholds = load_thresholds(
-            settings.model_name, overrides={name: params.get(name) for name in THRESHOLD_PARAMS}
+            model, overrides={name: params.get(name) for name in THRESHOLD_PARAMS}
         )
         self.defer(
             trigger=MetricsCheckTrigger(
                 settings.triton_metrics_url,
-                settings.model_name,
+                model,
                 str(settings.monitor_state),
                 thresholds.to_dict(),
             ),
