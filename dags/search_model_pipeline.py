@@ -28,7 +28,9 @@ tables and plots are artifacts of its MLflow run.
 
 With `train_reranker` a cross-encoder is fine-tuned too and served as a second Triton model
 (`<model>_reranker`: bi-encoder retrieval, cross-encoder reranking of the top
-`rerank_candidates`), gated, registered and deployed the same way.
+`rerank_candidates`), gated, registered and deployed the same way; with
+`reranker_must_beat_bi_encoder` (default) it is only served when it also ranks better than the
+bi-encoder alone.
 
 Trigger with params to point it at other data (`data_path`), another base model or
 hyperparameters. `fault_injection` (with `force_deploy`, which skips the champion gate) deploys a
@@ -93,6 +95,9 @@ deliberately faulty version to rehearse rollbacks.
             True, type="boolean", description="Also train on another query's title (target 0)"
         ),
         "rerank_candidates": Param(20, type="integer", minimum=2, maximum=100),
+        "reranker_must_beat_bi_encoder": Param(
+            True, type="boolean", description="Serve the reranker only if it beats the bi-encoder"
+        ),
         "smoke_query": Param("angle bracket", type="string", minLength=1),
         "top_k": Param(10, type="integer", minimum=1, maximum=100),
         "fault_injection": Param(
@@ -335,16 +340,17 @@ def search_model_pipeline():
         )
 
     @task
-    def reranker_gate(split: dict, reranker: dict, exported: dict) -> dict:
-        from recsys.pipeline import compare_with_champion
-        from recsys.pipeline_reranker import reranker_settings
+    def reranker_gate(split: dict, reranker: dict, exported: dict, bi_decision: dict) -> dict:
+        from recsys.pipeline_reranker import gate_reranker
 
         settings, run_dir, params = settings_and_dir()
-        return compare_with_champion(
-            reranker_settings(settings),
+        return gate_reranker(
+            settings,
             split,
             exported["artifacts_dir"],
+            bi_decision,
             run_dir=run_dir,
+            require_gain_over_bi_encoder=params["reranker_must_beat_bi_encoder"],
             min_gain=params["min_gain"],
             positive_threshold=params["positive_threshold"],
             run_id=reranker["run_id"],
@@ -394,7 +400,7 @@ def search_model_pipeline():
     reranker_enabled() >> reranker
     reranker_evaluation = evaluate_reranker(split, trained, reranker)
     reranker_exported = export_reranker(split, trained, reranker)
-    reranker_decision = reranker_gate(split, reranker, reranker_exported)
+    reranker_decision = reranker_gate(split, reranker, reranker_exported, decision)
     reranker_registered = register_reranker(
         validated, reranker, reranker_evaluation, reranker_exported, reranker_decision
     )

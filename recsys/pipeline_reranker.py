@@ -119,3 +119,62 @@ def export_reranked_model(
     )
     write_training_reference(artifacts, split)
     return {"artifacts_dir": str(artifacts), "precision": "fp32"}
+
+
+def gate_reranker(
+    settings: Settings,
+    split: dict[str, Any],
+    artifacts_dir: str,
+    bi_encoder_decision: dict[str, Any],
+    *,
+    run_dir: Path,
+    require_gain_over_bi_encoder: bool = True,
+    min_gain: float = 0.0,
+    positive_threshold: float = 2.33,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """The reranker model's champion gate, plus one more condition: a reranker is only worth
+    its latency when it ranks better than the bi-encoder it reorders. Both are scored as they
+    serve on the same held-out queries (the bi-encoder's row comes from its own gate's table)."""
+    from recsys.pipeline import compare_with_champion
+
+    metric = "ndcg_at_10"
+    decision = compare_with_champion(
+        reranker_settings(settings),
+        split,
+        artifacts_dir,
+        run_dir=run_dir,
+        min_gain=min_gain,
+        positive_threshold=positive_threshold,
+        run_id=run_id,
+    )
+    if require_gain_over_bi_encoder:
+        decision = require_gain_over_retriever(decision, bi_encoder_decision, metric)
+    log.info("reranker gate: %s", decision["reason"])
+    return decision
+
+
+def require_gain_over_retriever(
+    decision: dict[str, Any], bi_encoder_decision: dict[str, Any], metric: str = "ndcg_at_10"
+) -> dict[str, Any]:
+    """``decision`` (the reranker's champion gate) turned into "keep out" when its challenger
+    does not beat the bi-encoder challenger's ``metric`` (both gates' tables score the served
+    artifacts on the same held-out queries). The comparison is recorded either way."""
+    reranked = _challenger(decision)[metric]
+    retriever = _challenger(bi_encoder_decision)[metric]
+    decision = {**decision, f"bi_encoder_{metric}": retriever}
+    if not reranked > retriever:
+        decision["promote"] = False
+        decision["reason"] = (
+            f"reranked {metric}={reranked:.4f} does not beat the bi-encoder alone "
+            f"({retriever:.4f}) on the same queries; not serving it. Champion gate: "
+            + decision["reason"]
+        )
+    return decision
+
+
+def _challenger(decision: dict[str, Any]) -> dict[str, Any]:
+    rows = {row["system"]: row for row in decision["table"]}
+    if "challenger" not in rows:
+        raise KeyError(f"gate table has no challenger row: {sorted(rows)}")
+    return rows["challenger"]

@@ -70,7 +70,9 @@ def test_compare_with_champion_rescores_both_on_the_same_queries(run: dict) -> N
     gain = table["challenger"]["ndcg_at_10"] - table["champion"]["ndcg_at_10"]
     assert out["promote"] is (gain > 0.0)
     assert out["promote"], f"fine-tuning should beat random weights: {out['reason']}"
-    assert (run["root"] / "evaluation" / "champion_challenger.json").is_file()
+    stem = run["root"] / "evaluation" / f"champion_challenger_{settings.model_name}"
+    for suffix in (".json", ".csv", ".png"):  # the table and its plot, as logged to MLflow
+        assert stem.with_suffix(suffix).stat().st_size > 0, suffix
 
     same = compare_with_champion(
         settings, run["split"], str(run["champion"]), champion_dir=str(run["champion"])

@@ -330,3 +330,23 @@ def test_export_refuses_bad_reranker_settings(reranker, tiny_bert_dir, frames, t
             reranker_dir=reranker[0].checkpoint_dir,
             rerank_candidates=0,
         )
+
+
+def test_a_reranker_that_does_not_beat_its_retriever_is_kept_out():
+    from recsys.baselines import comparison_table
+    from recsys.pipeline_reranker import require_gain_over_retriever
+
+    def gate(challenger: float, promote: bool = True) -> dict:
+        metrics = {"ndcg_at_10": challenger, "mrr": 0.5, "recall_at_10": 0.5, "recall_at_100": 0.9}
+        table = comparison_table({"challenger": metrics})
+        return {"promote": promote, "reason": "no champion yet", "table": table}
+
+    worse = require_gain_over_retriever(gate(0.32), gate(0.35))
+    assert worse["promote"] is False
+    assert "does not beat the bi-encoder alone (0.3500)" in worse["reason"]
+    assert "no champion yet" in worse["reason"] and worse["bi_encoder_ndcg_at_10"] == 0.35
+
+    better = require_gain_over_retriever(gate(0.40), gate(0.35))
+    assert better["promote"] is True and better["reason"] == "no champion yet"
+    # Beating the retriever never overrides the champion gate.
+    assert require_gain_over_retriever(gate(0.40, promote=False), gate(0.35))["promote"] is False
