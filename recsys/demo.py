@@ -65,6 +65,22 @@ def _show_metrics(settings: Settings, version: int) -> None:
     print("held-out metrics: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())))
 
 
+def _show_reranker(settings: Settings, titles: dict[str, str]) -> None:
+    """The reranker model's answer when its gate let it serve, otherwise why it did not."""
+    from recsys import registry
+    from recsys.pipeline_reranker import reranker_settings
+
+    model = reranker_settings(settings).model_name
+    uri = settings.mlflow_tracking_uri
+    if registry.alias_version(uri, model, registry.CHAMPION) is not None:
+        _show_answer(settings, "angle bracket", titles, model)
+        return
+    versions = registry.client(uri).search_model_versions(f"name = '{model}'")
+    newest = max(versions, key=lambda v: int(v.version), default=None)
+    reason = newest.tags.get("promotion", "?") if newest is not None else "not registered"
+    print(f"{model} is not served: {reason}")
+
+
 def _show_quality_table(settings: Settings, run_id: str) -> None:
     """The run's comparison of the fine-tuned model with BM25 and the base model (the same
     table and plot are artifacts of the run in MLflow)."""
@@ -183,9 +199,7 @@ def run_demo(settings: Settings, max_rows: int = 4000, max_steps: int = 40) -> i
     titles = _product_titles(settings)
     _say("a real query, answered by Triton over gRPC (bi-encoder, then with the reranker)")
     _show_answer(settings, "angle bracket", titles)
-    from recsys.pipeline_reranker import reranker_settings
-
-    _show_answer(settings, "angle bracket", titles, reranker_settings(settings).model_name)
+    _show_reranker(settings, titles)
 
     # Recording starts before the faulty deploy so the plot shows the healthy baseline, the
     # failures and the recovery.
