@@ -128,6 +128,20 @@ def search_model_pipeline():
             "git_sha": git_sha(),
         }
 
+    def version_lineage(validated: dict, evaluation: dict, decision: dict) -> dict:
+        """Registry tags every version carries: data, GX result, params, metrics, git sha,
+        the run that made it and the champion gate's decision."""
+        context = get_current_context()
+        return {
+            **lineage_of(validated),
+            "gx_success": str(validated["quality"]["success"]),
+            "gx_result": validated["quality"],
+            "params": dict(context["params"]),
+            "metrics": evaluation["metrics"],
+            "promotion": decision["reason"],
+            "airflow_run_id": context["run_id"],
+        }
+
     @task
     def validate_data() -> dict:
         from airflow.sdk.exceptions import AirflowFailException
@@ -235,15 +249,9 @@ def search_model_pipeline():
 
         settings, _, params = settings_and_dir()
         lineage = {
-            **lineage_of(validated),
-            "gx_success": str(validated["quality"]["success"]),
-            "gx_result": validated["quality"],
-            "params": dict(params),
-            "metrics": evaluation["metrics"],
+            **version_lineage(validated, evaluation, decision),
             "precision": exported["precision"],
             "quantization": exported.get("quantization"),
-            "promotion": decision["reason"],
-            "airflow_run_id": get_current_context()["run_id"],
             "fault_injection": params["fault_injection"],
         }
         return register_model(settings, trained["run_id"], exported["artifacts_dir"], lineage)
@@ -363,16 +371,8 @@ def search_model_pipeline():
         from recsys.pipeline import register_model
         from recsys.pipeline_reranker import reranker_settings
 
-        settings, _, params = settings_and_dir()
-        lineage = {
-            **lineage_of(validated),
-            "gx_success": str(validated["quality"]["success"]),
-            "gx_result": validated["quality"],
-            "params": dict(params),
-            "metrics": evaluation["metrics"],
-            "promotion": decision["reason"],
-            "airflow_run_id": get_current_context()["run_id"],
-        }
+        settings, _, _ = settings_and_dir()
+        lineage = version_lineage(validated, evaluation, decision)
         return register_model(
             reranker_settings(settings), reranker["run_id"], exported["artifacts_dir"], lineage
         )

@@ -8,12 +8,16 @@ file does nothing but wire these together, and tests can call them directly.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from recsys.config import Settings
+
+if TYPE_CHECKING:
+    from recsys.training import TrainingResult
 
 log = logging.getLogger(__name__)
 
@@ -89,34 +93,22 @@ def fine_tune_model(
     lineage: dict[str, Any],
 ) -> dict[str, Any]:
     """Fine-tune the bi-encoder; open the MLflow run and log params and per-epoch loss."""
-    from recsys import registry
     from recsys.encoder import resolve_base_model
     from recsys.training import TrainingParams, fine_tune
 
     training_params = TrainingParams(**params)
-    base_dir = resolve_base_model(base_model)
-    run_id = registry.start_training_run(
-        settings.mlflow_tracking_uri,
-        EXPERIMENT,
+    run_id, result = train_in_mlflow_run(
+        settings,
         run_name,
         {**training_params.to_dict(), "base_model": base_model},
-        {k: str(v) for k, v in lineage.items()},
-    )
-
-    def on_epoch_end(epoch: int, loss: float) -> None:
-        registry.log_metrics(settings.mlflow_tracking_uri, run_id, {"train_loss": loss}, step=epoch)
-
-    result = fine_tune(
-        read_split_frame(split["train_path"]),
-        base_dir,
-        run_dir / "checkpoint",
-        training_params,
-        on_epoch_end=on_epoch_end,
-    )
-    registry.log_metrics(
-        settings.mlflow_tracking_uri,
-        run_id,
-        {"train_samples_per_second": result.samples_per_second, "train_steps": result.steps},
+        lineage,
+        lambda on_epoch_end: fine_tune(
+            read_split_frame(split["train_path"]),
+            resolve_base_model(base_model),
+            run_dir / "checkpoint",
+            training_params,
+            on_epoch_end=on_epoch_end,
+        ),
     )
     return {
         "checkpoint": str(result.checkpoint_dir),
@@ -125,6 +117,35 @@ def fine_tune_model(
         "device": result.device,
         "epoch_losses": result.epoch_losses,
     }
+
+
+def train_in_mlflow_run(
+    settings: Settings,
+    run_name: str,
+    logged_params: dict[str, Any],
+    lineage: dict[str, Any],
+    train: Callable[[Callable[[int, float], None]], TrainingResult],
+) -> tuple[str, TrainingResult]:
+    """Open an MLflow run (params, lineage tags), run ``train(on_epoch_end)`` logging each
+    epoch's loss to it as it goes, then the run's training speed; return the run id and result.
+    Both models train this way, so their runs read alike in the MLflow UI."""
+    from recsys import registry
+
+    uri = settings.mlflow_tracking_uri
+    run_id = registry.start_training_run(
+        uri, EXPERIMENT, run_name, logged_params, {k: str(v) for k, v in lineage.items()}
+    )
+
+    def on_epoch_end(epoch: int, loss: float) -> None:
+        registry.log_metrics(uri, run_id, {"train_loss": loss}, step=epoch)
+
+    result = train(on_epoch_end)
+    registry.log_metrics(
+        uri,
+        run_id,
+        {"train_samples_per_second": result.samples_per_second, "train_steps": result.steps},
+    )
+    return run_id, result
 
 
 def evaluate_model(

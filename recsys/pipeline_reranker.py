@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.config import SERVED_MODEL_SUFFIXES, Settings, served_model_settings
-from recsys.pipeline import EXPERIMENT, read_split_frame, write_training_reference
+from recsys.pipeline import read_split_frame, train_in_mlflow_run, write_training_reference
 
 log = logging.getLogger(__name__)
 
@@ -37,34 +37,22 @@ def fine_tune_reranker_model(
     lineage: dict[str, Any],
 ) -> dict[str, Any]:
     """Fine-tune the cross-encoder on the graded training pairs in its own MLflow run."""
-    from recsys import registry
     from recsys.encoder import resolve_base_model
     from recsys.reranker import RerankerParams, fine_tune_reranker
 
     reranker_params = RerankerParams(**params)
-    uri = settings.mlflow_tracking_uri
-    run_id = registry.start_training_run(
-        uri,
-        EXPERIMENT,
+    run_id, result = train_in_mlflow_run(
+        settings,
         run_name + RERANKER_SUFFIX,
         {**reranker_params.to_dict(), "base_model": base_model, "kind": "cross-encoder"},
-        {k: str(v) for k, v in lineage.items()},
-    )
-
-    def on_epoch_end(epoch: int, loss: float) -> None:
-        registry.log_metrics(uri, run_id, {"train_loss": loss}, step=epoch)
-
-    result = fine_tune_reranker(
-        read_split_frame(split["train_path"]),
-        resolve_base_model(base_model),
-        run_dir / "reranker_checkpoint",
-        reranker_params,
-        on_epoch_end=on_epoch_end,
-    )
-    registry.log_metrics(
-        uri,
-        run_id,
-        {"train_samples_per_second": result.samples_per_second, "train_steps": result.steps},
+        lineage,
+        lambda on_epoch_end: fine_tune_reranker(
+            read_split_frame(split["train_path"]),
+            resolve_base_model(base_model),
+            run_dir / "reranker_checkpoint",
+            reranker_params,
+            on_epoch_end=on_epoch_end,
+        ),
     )
     return {"checkpoint": str(result.checkpoint_dir), "run_id": run_id, "steps": result.steps}
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -46,7 +44,7 @@ from recsys.evaluation import (
     relevance_grade,
 )
 from recsys.progress import progress_bar
-from recsys.training import TrainingResult, pick_device
+from recsys.training import TrainingResult, optimise, pick_device, planned_steps, training_result
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +60,10 @@ DEFAULT_PROBES: list[tuple[str, str]] = [
     ("", "empty query against a title"),
     ("a" * 400, "a very long query that has to be truncated " * 20),
 ]
+
+
+WARMUP_FRACTION = 0.1
+"""Share of the steps spent warming the learning rate up (as the bi-encoder's default)."""
 
 
 @dataclass(frozen=True)
@@ -195,84 +197,42 @@ def fine_tune_reranker(
     torch.manual_seed(params.seed)
     rng = random.Random(params.seed)
     device = pick_device()
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-
     tokenizer = load_tokenizer(base_model_dir)
     model = load_cross_encoder(base_model_dir).to(device).train()
     input_names = _pair_inputs(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.learning_rate)
-    steps_per_epoch = max(1, math.ceil(len(pairs) / params.batch_size))
-    total_steps = steps_per_epoch * params.epochs
-    if params.max_steps:
-        total_steps = min(total_steps, params.max_steps)
-    warmup = max(1, int(total_steps * 0.1))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(
-            (step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-        ),
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     loss_fn = nn.BCEWithLogitsLoss()
 
-    step, samples, started = 0, 0, time.perf_counter()
-    step_losses: list[float] = []
-    epoch_losses: list[float] = []
-    bar = progress_bar(total=total_steps, desc="fine-tune reranker", unit="step")
-    for epoch in range(params.epochs):
-        losses: list[float] = []
+    def epoch_batches() -> Iterator[list[tuple[str, str, float]]]:
         order = pairs[:]
         rng.shuffle(order)
         for start in range(0, len(order), params.batch_size):
             batch = order[start : start + params.batch_size]
-            if params.in_batch_negatives:
-                batch = _with_negatives(batch, judged, rng)
-            queries, titles, targets = zip(*batch, strict=True)
-            encoded = _encode_pairs(tokenizer, queries, titles, params.max_length)
-            feed = {name: encoded[name].to(device) for name in input_names}
-            target = torch.tensor(targets, dtype=torch.float32, device=device)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(**feed).logits.squeeze(-1)
-                loss = loss_fn(logits.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            samples += len(batch)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}", refresh=False)
-            if step >= total_steps:
-                break
-        mean_loss = sum(losses) / max(1, len(losses))
-        epoch_losses.append(mean_loss)
-        step_losses.extend(losses)
-        log.info("reranker epoch %d: %d steps, mean loss %.4f", epoch + 1, len(losses), mean_loss)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, mean_loss)
-        if step >= total_steps:
-            break
-    bar.close()
-    seconds = time.perf_counter() - started
+            yield _with_negatives(batch, judged, rng) if params.in_batch_negatives else batch
 
+    def batch_loss(batch: list[tuple[str, str, float]]) -> torch.Tensor:
+        queries, titles, targets = zip(*batch, strict=True)
+        encoded = _encode_pairs(tokenizer, queries, titles, params.max_length)
+        logits = model(**{name: encoded[name].to(device) for name in input_names}).logits
+        target = torch.tensor(targets, dtype=torch.float32, device=device)
+        return loss_fn(logits.squeeze(-1).float(), target)
+
+    outcome = optimise(
+        model,
+        epoch_batches,
+        batch_loss,
+        epochs=params.epochs,
+        total_steps=planned_steps(len(pairs), params.batch_size, params.epochs, params.max_steps),
+        learning_rate=params.learning_rate,
+        warmup_fraction=WARMUP_FRACTION,
+        device=device,
+        desc="fine-tune reranker",
+        on_epoch_end=on_epoch_end,
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
     with _quiet_transformers():
         model.cpu().eval().save_pretrained(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
-    return TrainingResult(
-        checkpoint_dir=output_dir,
-        steps=step,
-        pairs=len(pairs),
-        device=device.type,
-        mixed_precision=use_amp,
-        seconds=seconds,
-        samples_per_second=samples / seconds if seconds > 0 else 0.0,
-        epoch_losses=epoch_losses,
-        step_losses=step_losses,
-    )
+    return training_result(output_dir, len(pairs), outcome)
 
 
 def _score_by_length(

@@ -12,8 +12,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -93,6 +95,116 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def planned_steps(items: int, batch_size: int, epochs: int, max_steps: int = 0) -> int:
+    """Optimiser steps of a run: whole epochs of ``items``, capped by ``max_steps`` (0 = none)."""
+    total = max(1, math.ceil(items / batch_size)) * epochs
+    return min(total, max_steps) if max_steps else total
+
+
+@dataclass
+class LoopOutcome:
+    """What :func:`optimise` did, for a :class:`TrainingResult`."""
+
+    steps: int
+    samples: int
+    seconds: float
+    device: str
+    mixed_precision: bool
+    epoch_losses: list[float]
+    step_losses: list[float]
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+def optimise(
+    model: torch.nn.Module,
+    epoch_batches: Callable[[], Iterable[Sequence[Any]]],
+    batch_loss: Callable[[Sequence[Any]], torch.Tensor],
+    *,
+    epochs: int,
+    total_steps: int,
+    learning_rate: float,
+    warmup_fraction: float,
+    device: torch.device,
+    desc: str,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+) -> LoopOutcome:
+    """The optimisation loop the bi-encoder and the cross-encoder share: AdamW, linear warm-up
+    then linear decay to ``total_steps``, mixed precision on CUDA (bf16, or fp16 with loss
+    scaling where bf16 is missing; float32 on CPU), a progress bar (TTY only: a MiniLM run on CPU
+    takes minutes to hours) and each epoch's mean loss to ``on_epoch_end(epoch, loss)``.
+
+    ``epoch_batches()`` yields one epoch's batches; ``batch_loss(batch)`` runs the model on one
+    (under autocast) and returns its scalar loss."""
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    warmup = max(1, int(total_steps * warmup_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(
+            (step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+        ),
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    step, samples, started = 0, 0, time.perf_counter()
+    step_losses: list[float] = []
+    epoch_losses: list[float] = []
+    bar = progress_bar(total=total_steps, desc=desc, unit="step")
+    for epoch in range(epochs):
+        losses: list[float] = []
+        for batch in epoch_batches():
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                loss = batch_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            samples += len(batch)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}", refresh=False)
+            if step >= total_steps:
+                break
+        mean_loss = sum(losses) / max(1, len(losses))
+        epoch_losses.append(mean_loss)
+        step_losses.extend(losses)
+        log.info("%s epoch %d: %d steps, mean loss %.4f", desc, epoch + 1, len(losses), mean_loss)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, mean_loss)
+        if step >= total_steps:
+            break
+    bar.close()
+    return LoopOutcome(
+        steps=step,
+        samples=samples,
+        seconds=time.perf_counter() - started,
+        device=device.type,
+        mixed_precision=use_amp,
+        epoch_losses=epoch_losses,
+        step_losses=step_losses,
+    )
+
+
+def training_result(output_dir: Path, pairs: int, outcome: LoopOutcome) -> TrainingResult:
+    return TrainingResult(
+        checkpoint_dir=output_dir,
+        steps=outcome.steps,
+        pairs=pairs,
+        device=outcome.device,
+        mixed_precision=outcome.mixed_precision,
+        seconds=outcome.seconds,
+        samples_per_second=outcome.samples_per_second,
+        epoch_losses=outcome.epoch_losses,
+        step_losses=outcome.step_losses,
+    )
+
+
 def fine_tune(
     train_frame: pd.DataFrame,
     base_model_dir: Path,
@@ -112,24 +224,8 @@ def fine_tune(
     torch.manual_seed(params.seed)
     rng = random.Random(params.seed)
     device = pick_device()
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-
     tokenizer = load_tokenizer(base_model_dir)
     model = BiEncoder.from_pretrained(base_model_dir).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.learning_rate)
-    steps_per_epoch = max(1, math.ceil(len(pairs) / params.batch_size))
-    total_steps = steps_per_epoch * params.epochs
-    if params.max_steps:
-        total_steps = min(total_steps, params.max_steps)
-    warmup = max(1, int(total_steps * params.warmup_fraction))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(
-            (step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-        ),
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
@@ -138,54 +234,24 @@ def fine_tune(
         )
         return {k: encoded[k].to(device) for k in ("input_ids", "attention_mask")}
 
-    step, samples, started = 0, 0, time.perf_counter()
-    step_losses: list[float] = []
-    epoch_losses: list[float] = []
-    # A MiniLM run on CPU takes minutes to hours; the bar (TTY only) shows it is moving.
-    bar = progress_bar(total=total_steps, desc="fine-tune", unit="step")
-    for epoch in range(params.epochs):
-        losses: list[float] = []
-        for batch in _batches(pairs, params.batch_size, rng):
-            queries, titles = zip(*batch, strict=True)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                q = model(**tokenize(list(queries)))
-                p = model(**tokenize(list(titles)))
-                logits = params.scale * q @ p.T
-                loss = loss_fn(logits.float(), torch.arange(len(batch), device=device))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            samples += len(batch)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}", refresh=False)
-            if step >= total_steps:
-                break
-        mean_loss = sum(losses) / max(1, len(losses))
-        epoch_losses.append(mean_loss)
-        step_losses.extend(losses)
-        log.info("epoch %d: %d steps, mean loss %.4f", epoch + 1, len(losses), mean_loss)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, mean_loss)
-        if step >= total_steps:
-            break
-    bar.close()
-    seconds = time.perf_counter() - started
+    def batch_loss(batch: Sequence[tuple[str, str]]) -> torch.Tensor:
+        queries, titles = zip(*batch, strict=True)
+        logits = params.scale * model(**tokenize(list(queries))) @ model(**tokenize(list(titles))).T
+        return loss_fn(logits.float(), torch.arange(len(batch), device=device))
 
+    outcome = optimise(
+        model,
+        lambda: _batches(pairs, params.batch_size, rng),
+        batch_loss,
+        epochs=params.epochs,
+        total_steps=planned_steps(len(pairs), params.batch_size, params.epochs, params.max_steps),
+        learning_rate=params.learning_rate,
+        warmup_fraction=params.warmup_fraction,
+        device=device,
+        desc="fine-tune",
+        on_epoch_end=on_epoch_end,
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
     model.cpu().eval().save_pretrained(output_dir)
     tokenizer.save_pretrained(str(output_dir))
-    return TrainingResult(
-        checkpoint_dir=output_dir,
-        steps=step,
-        pairs=len(pairs),
-        device=device.type,
-        mixed_precision=use_amp,
-        seconds=seconds,
-        samples_per_second=samples / seconds if seconds > 0 else 0.0,
-        epoch_losses=epoch_losses,
-        step_losses=step_losses,
-    )
+    return training_result(output_dir, len(pairs), outcome)

@@ -136,3 +136,21 @@ def split_files(frames, tmp_path: Path) -> dict[str, str]:
     test.to_csv(split["test_path"], index=False)
     catalog.to_csv(split["catalog_path"], index=False)
     return split
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory: pytest.TempPathFactory):
+    """One real Triton server for a test module (tests load and unload their own models)."""
+    from tests.triton_testing import running_triton
+
+    with running_triton(tmp_path_factory.mktemp("triton")) as harness:
+        yield harness
+
+
+@pytest.fixture(scope="module")
+def control(triton):
+    """A gRPC model-control client of the module's Triton server."""
+    from recsys.triton.control import TritonControl
+
+    with TritonControl(triton.grpc_url, timeout_s=30) as client:
+        yield client

@@ -4,7 +4,6 @@ Triton server serving a two-stage version, all on the tiny offline BERT."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,6 @@ from tests.triton_testing import (
     TritonHarness,
     build_test_reranker_artifacts,
     copy_artifacts,
-    running_triton,
 )
 
 MODEL = "product_search_reranker"
@@ -160,18 +158,6 @@ def test_evaluate_reranked_reports_every_metric(reranker, tiny_bert_dir, frames)
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_test_reranker_artifacts(tmp_path_factory.mktemp("artifacts") / "reranker")
-
-
-@pytest.fixture(scope="module")
-def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonHarness]:
-    with running_triton(tmp_path_factory.mktemp("triton")) as harness:
-        yield harness
-
-
-@pytest.fixture(scope="module")
-def control(triton: TritonHarness) -> Iterator[TritonControl]:
-    with TritonControl(triton.grpc_url, timeout_s=30) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import concurrent.futures
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,6 @@ from tests.triton_testing import (
     copy_artifacts,
     free_port,
     metric_value,
-    running_triton,
 )
 
 MODEL = "product_search"
@@ -47,18 +45,6 @@ N_PRODUCTS = len(CATALOG)
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_test_serving_artifacts(tmp_path_factory.mktemp("artifacts") / "healthy")
-
-
-@pytest.fixture(scope="module")
-def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonHarness]:
-    with running_triton(tmp_path_factory.mktemp("triton")) as harness:
-        yield harness
-
-
-@pytest.fixture(scope="module")
-def control(triton: TritonHarness) -> Iterator[TritonControl]:
-    with TritonControl(triton.grpc_url, timeout_s=30) as client:
-        yield client
 
 
 @pytest.fixture()

@@ -24,7 +24,6 @@ product, which says how many products were judged, not how often people search f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -43,6 +42,7 @@ from recsys.monitoring.query_features import (
     normalised_centroid,
     query_embeddings,
 )
+from recsys.triton.repository import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +121,6 @@ def held_out_oov_rate(queries: Sequence[str], words: Sequence[Sequence[str]]) ->
     return missing / seen if seen else 0.0
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_query_reference(
     artifacts_dir: Path,
     train_queries: list[str],
@@ -168,7 +160,7 @@ def write_query_reference(
         "queries": len(queries),
         "embedded_queries": len(embedded),
         "encoder_file": "encoder.onnx",
-        "encoder_sha256": _sha256(artifacts_dir / "encoder.onnx"),
+        "encoder_sha256": file_sha256(artifacts_dir / "encoder.onnx"),
         "max_query_tokens": max_length,
         "token_length": quantile_histogram(features.token_lengths).to_dict(),
         "word_length": quantile_histogram(features.word_lengths).to_dict(),
@@ -238,7 +230,7 @@ class QueryReference:
     def check_encoder(self, version_dir: Path) -> None:
         """Refuse a folder whose ``encoder.onnx`` is not the one the reference was built with:
         its embeddings would live in another space and every centroid would look moved."""
-        actual = _sha256(Path(version_dir) / "encoder.onnx")
+        actual = file_sha256(Path(version_dir) / "encoder.onnx")
         if actual != self.encoder_sha256:
             raise QueryReferenceError(
                 f"{version_dir}/encoder.onnx is not the encoder its query reference was built "

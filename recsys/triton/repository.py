@@ -231,7 +231,8 @@ def validate_artifacts(artifacts_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (model files are hundreds of MB)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -317,7 +318,7 @@ def _holds_same_artifacts(final: Path, artifacts_dir: Path, served: list[str]) -
     except (OSError, ValueError, KeyError):
         return False
     names = [n for n in dict.fromkeys((*REQUIRED_ARTIFACTS, *served)) if n != "manifest.json"]
-    return all(recorded.get(name) == _sha256(artifacts_dir / name) for name in names)
+    return all(recorded.get(name) == file_sha256(artifacts_dir / name) for name in names)
 
 
 def publish_version(
@@ -377,14 +378,14 @@ def publish_version(
             if name == "manifest.json":
                 continue
             _copy_durably(artifacts_dir / name, staging / name)
-            checksums[name] = _sha256(staging / name)
+            checksums[name] = file_sha256(staging / name)
         manifest = {**manifest, "version": version}
         if serving is not None:
             manifest["serving"] = knobs
         _write_durably(staging / "manifest.json", json.dumps(manifest, indent=2).encode())
         _copy_durably(MODEL_SOURCE, staging / MODEL_FILE)
         for name in ("manifest.json", MODEL_FILE):
-            checksums[name] = _sha256(staging / name)
+            checksums[name] = file_sha256(staging / name)
         marker = {"model_name": model_name, "version": version, "sha256": checksums}
         _write_durably(staging / COMPLETE_MARKER, json.dumps(marker, indent=2).encode())
         _fsync_dir(staging)
