@@ -129,13 +129,15 @@ def frames(homedepot_sample: Path):
 
 
 @pytest.fixture
-def split_files(frames, tmp_path: Path) -> dict[str, str]:
-    """``frames`` written as the ``test_path``/``catalog_path`` files pipeline stages read."""
-    test, catalog = frames
-    split = {"test_path": str(tmp_path / "test.csv"), "catalog_path": str(tmp_path / "cat.csv")}
-    test.to_csv(split["test_path"], index=False)
-    catalog.to_csv(split["catalog_path"], index=False)
-    return split
+def split_files(homedepot_sample: Path, tmp_path: Path) -> dict[str, str]:
+    """The fixture split as the ``train_path``/``test_path``/``catalog_path`` files pipeline
+    stages read (the same split and catalogue as ``frames``)."""
+    from recsys.data import read_relevance_csv
+    from recsys.pipeline import split_data
+
+    clean = tmp_path / "clean.csv"
+    read_relevance_csv(homedepot_sample).to_csv(clean, index=False)
+    return split_data(str(clean), tmp_path, test_fraction=0.2, seed=13)
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,8 @@ def test_comparison_table_has_one_row_per_system_with_the_same_keys(
     assert [row["system"] for row in table] == ["bm25", "base_model", "fine_tuned"]
     assert all(set(row) == {"system", *TABLE_KEYS} for row in table)
     assert all(0.0 <= row[k] <= 1.0 for row in table for k in TABLE_KEYS)
-    json_path, csv_path = map(Path, out["table_paths"])
+    json_path, csv_path, png_path = map(Path, out["table_paths"])
+    assert png_path.suffix == ".png" and png_path.stat().st_size > 0  # the plot MLflow shows
     assert json.loads(json_path.read_text()) == table
     with csv_path.open() as handle:
         assert [r["system"] for r in csv.DictReader(handle)] == ["bm25", "base_model", "fine_tuned"]
