@@ -248,6 +248,13 @@ def test_window_between_real_scrapes_matches_hand_computation() -> None:
     assert v1.seconds == 30.0
     assert v1.throughput_rps == pytest.approx(9 / 30)
     assert v1.p99_latency_ms == pytest.approx(10.645)
+    # The failures were the model raising (Triton's reason BACKEND), none queued or cancelled.
+    assert v1.failures_by_reason == {"BACKEND": 3.0}
+    assert v1.mean_compute_ms == pytest.approx((131949 - 69806) / 6 / 1000)
+    assert v1.pending == 0.0
+    model = aggregate_model(stats, "echo")
+    assert model.failures_by_reason == {"BACKEND": 3.0}
+    assert model.to_dict()["failures_by_reason"] == {"BACKEND": 3.0}
 
 
 def test_counter_reset_on_reload_counts_from_zero_per_counter() -> None:
@@ -559,6 +566,9 @@ def test_check_once_detects_breach_on_real_triton(flaky_triton, tmp_path: Path) 
     assert verdict.stats.mean_latency_ms is not None and verdict.stats.mean_latency_ms > 0
     assert verdict.breached and verdict.should_rollback
     assert "error rate 62.5%" in verdict.reasons[0]
+    # An exception in the model's execute is Triton's BACKEND failure reason, said in the verdict.
+    assert verdict.stats.failures_by_reason == {"BACKEND": 5.0}
+    assert "BACKEND 5" in verdict.reasons[0]
 
     quiet = check_once(harness.metrics_url, "flaky", state, thresholds)
     assert not quiet.should_rollback  # the failures are not counted twice; no traffic, no call

@@ -91,6 +91,9 @@ class ModelVersionCounters:
     compute_infer_duration_us: float = 0.0
     pending: float = 0.0
     p99_request_us: float | None = None
+    failure_by_reason: dict[str, float] = field(default_factory=dict)
+    """``failure`` split by Triton's ``reason`` label (BACKEND, REJECTED, CANCELED, OTHER):
+    a model raising is BACKEND, an overloaded queue REJECTED; the alert says which."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,6 +112,9 @@ class ModelVersionCounters:
             compute_infer_duration_us=float(data.get("compute_infer_duration_us", 0.0)),
             pending=float(data.get("pending", 0.0)),
             p99_request_us=None if p99 is None else float(p99),
+            failure_by_reason={
+                str(k): float(v) for k, v in (data.get("failure_by_reason") or {}).items()
+            },
         )
 
 
@@ -192,6 +198,10 @@ def parse_metrics(text: str, taken_at: float) -> MetricsSnapshot:
                 if counter_field is not None:
                     if not math.isnan(sample.value):
                         record[counter_field] = record.get(counter_field, 0.0) + sample.value
+                        reason = sample.labels.get("reason")
+                        if family.name == FAILURE and reason:
+                            by_reason = record.setdefault("failure_by_reason", {})
+                            by_reason[reason] = by_reason.get(reason, 0.0) + sample.value
                 elif (
                     sample.name == REQUEST_SUMMARY
                     and _quantile(sample.labels.get("quantile")) == P99_QUANTILE

@@ -256,9 +256,11 @@ def evaluate(
         )
     reasons = []
     if stats.error_rate > thresholds.max_error_rate:
+        by_reason = ", ".join(f"{k} {v:g}" for k, v in stats.failures_by_reason.items())
         reasons.append(
             f"error rate {stats.error_rate:.1%} ({stats.failures:g} of {stats.requests:g} "
-            f"requests failed in {stats.seconds:.0f}s) > max {thresholds.max_error_rate:.1%}"
+            f"requests failed in {stats.seconds:.0f}s{'; ' + by_reason if by_reason else ''}) "
+            f"> max {thresholds.max_error_rate:.1%}"
         )
     if stats.mean_latency_ms is not None and stats.mean_latency_ms > thresholds.max_mean_latency_ms:
         reasons.append(

@@ -15,7 +15,7 @@ that was unloaded before the scrape are not seen at all.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from recsys.monitoring.metrics import MetricsSnapshot, ModelVersionCounters
@@ -46,6 +46,12 @@ class WindowStats:
     memory_used_bytes: float | None = None
     """Host memory in use at the end of the window; ``None`` unknown."""
     memory_total_bytes: float | None = None
+    mean_compute_ms: float | None = None
+    """Mean model compute time of the window's successful requests (``None`` without one)."""
+    pending: float = 0.0
+    """Requests waiting in Triton at the end of the window (a gauge, summed over versions)."""
+    failures_by_reason: dict[str, float] = field(default_factory=dict)
+    """The window's failures by Triton's ``reason`` label; reasons without failures left out."""
 
     @property
     def successes(self) -> float:
@@ -79,6 +85,13 @@ def _version_window(
     failures = _increase(current.failure, base.failure)
     duration_us = _increase(current.request_duration_us, base.request_duration_us)
     queue_us = _increase(current.queue_duration_us, base.queue_duration_us)
+    compute_us = _increase(current.compute_infer_duration_us, base.compute_infer_duration_us)
+    by_reason = {
+        reason: increase
+        for reason, value in sorted(current.failure_by_reason.items())
+        if (increase := _increase(value, base.failure_by_reason.get(reason, 0.0))) > 0
+    }
+    mean_compute_us = _ratio(compute_us, successes)
     requests = successes + failures
     mean_latency_us = _ratio(duration_us, successes)
     mean_queue_us = _ratio(queue_us, successes)
@@ -94,6 +107,9 @@ def _version_window(
         mean_queue_ms=None if mean_queue_us is None else mean_queue_us / 1000.0,
         throughput_rps=requests / seconds if seconds > 0 else 0.0,
         p99_latency_ms=None if p99_us is None else p99_us / 1000.0,
+        mean_compute_ms=None if mean_compute_us is None else mean_compute_us / 1000.0,
+        pending=current.pending,
+        failures_by_reason=by_reason,
     )
 
 
@@ -151,7 +167,18 @@ def aggregate_model(stats: dict[tuple[str, str], WindowStats], model: str) -> Wi
         mean_queue_ms=_weighted_mean([(s.mean_queue_ms, s.successes) for s in parts]),
         throughput_rps=requests / seconds if seconds > 0 else 0.0,
         p99_latency_ms=max(p99s) if p99s else None,
+        mean_compute_ms=_weighted_mean([(s.mean_compute_ms, s.successes) for s in parts]),
+        pending=sum(s.pending for s in parts),
+        failures_by_reason=_sum_by_reason(parts),
     )
+
+
+def _sum_by_reason(parts: list[WindowStats]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for part in parts:
+        for reason, count in part.failures_by_reason.items():
+            total[reason] = total.get(reason, 0.0) + count
+    return dict(sorted(total.items()))
 
 
 def with_host_usage(stats: WindowStats | None, snapshot: MetricsSnapshot) -> WindowStats | None:
