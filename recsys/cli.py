@@ -5,6 +5,8 @@ recsys data validate PATH            run the Great Expectations gate on a releva
 recsys train [--wait]                trigger search_model_pipeline on the running stack
 recsys deploy --version N            serve a registered version (rebuilt from MLflow if needed)
 recsys rollback [--to N]             put the previous (or given) version back into service
+                                     (deploy, rollback, query: --model M for another served
+                                     model, e.g. the reranker model <model>_reranker)
 recsys rollback --complete-pending   replay registry updates a rollback left pending (MLflow down)
 recsys status                        services, served versions, aliases, recent audit records
 recsys audit [--action A]            the deploy/rollback audit trail
@@ -150,10 +152,23 @@ def _train(args: argparse.Namespace) -> int:
 # -- deploy / rollback ------------------------------------------------------------------------
 
 
+MODEL_HELP = "served model (default: RECSYS_MODEL_NAME; e.g. product_search_reranker)"
+
+
+def _settings_for(args: argparse.Namespace) -> Settings:
+    """The platform settings aimed at ``--model`` (another served model, e.g. the reranker
+    model ``<RECSYS_MODEL_NAME>_reranker``), or at ``RECSYS_MODEL_NAME`` without it."""
+    import dataclasses
+
+    settings = load_settings()
+    model = getattr(args, "model", None)
+    return dataclasses.replace(settings, model_name=model) if model else settings
+
+
 def _deploy(args: argparse.Namespace) -> int:
     from recsys.operations import deploy_registered_version
 
-    settings = load_settings()
+    settings = _settings_for(args)
     result = deploy_registered_version(
         settings, args.version, smoke_query=args.smoke_query, top_k=args.top_k
     )
@@ -168,7 +183,7 @@ def _deploy(args: argparse.Namespace) -> int:
 def _rollback(args: argparse.Namespace) -> int:
     from recsys.rollback import rollback
 
-    settings = load_settings()
+    settings = _settings_for(args)
     if args.complete_pending:
         return _complete_pending(settings)
     record = rollback(settings, args.reason, to_version=args.to)
@@ -317,7 +332,7 @@ def _drift(args: argparse.Namespace) -> int:
 def _query(args: argparse.Namespace) -> int:
     from recsys.triton.control import TritonControl
 
-    settings = load_settings()
+    settings = _settings_for(args)
     hits = TritonControl(settings.triton_grpc_url).search(
         settings.model_name, args.text, args.top_k
     )
@@ -373,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--version", type=int, required=True)
     deploy.add_argument("--smoke-query", default="angle bracket")
     deploy.add_argument("--top-k", type=int, default=5, help="hits the smoke query must return")
+    deploy.add_argument("--model", default=None, help=MODEL_HELP)
     deploy.set_defaults(func=_deploy)
 
     rollback = sub.add_parser("rollback", help="return to the previous known-good version")
@@ -384,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only replay the registry updates of rollbacks done while MLflow was down",
     )
     rollback.add_argument("--reason", default="manual rollback (recsys rollback)")
+    rollback.add_argument("--model", default=None, help=MODEL_HELP)
     rollback.set_defaults(func=_rollback)
 
     status = sub.add_parser("status", help="services, served versions, aliases, audit")
@@ -405,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     query = sub.add_parser("query", help="search the served model")
     query.add_argument("text")
     query.add_argument("--top-k", type=int, default=10)
+    query.add_argument("--model", default=None, help=MODEL_HELP)
     query.set_defaults(func=_query)
 
     demo = sub.add_parser("demo", help="end-to-end demo on the running stack")

@@ -116,7 +116,7 @@ def test_train_without_a_running_airflow_says_so(monkeypatch, tmp_path, capsys):
 
 
 def test_deploy_rebuilds_a_deleted_version_from_mlflow_and_rollback_moves_back(
-    platform, register, capsys
+    platform, register, capsys, monkeypatch
 ):
     v1, v2 = register(platform, "first"), register(platform, "second")
     version_dir = platform.triton_repo / platform.model_name / str(v1)
@@ -156,6 +156,14 @@ def test_deploy_rebuilds_a_deleted_version_from_mlflow_and_rollback_moves_back(
     assert main(["audit", "--model", platform.model_name, "--action", "rollback", "--json"]) == 0
     records = [line for line in capsys.readouterr().out.splitlines() if line]
     assert len(records) == 1 and '"reason": "operator says so"' in records[0]
+
+    # --model aims deploy/rollback/query at another served model (e.g. the reranker model).
+    monkeypatch.setenv("RECSYS_MODEL_NAME", f"{platform.model_name}_other")
+    assert main(["query", "angle bracket", "--top-k", "3", "--model", platform.model_name]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert main(["rollback", "--model", platform.model_name, "--to", str(v2)]) == 0
+    assert f"{platform.model_name} rolled back from v{v1} to v{v2}" in capsys.readouterr().out
+    assert control.loaded_versions(platform.model_name) == [v2]
 
 
 def test_rollback_complete_pending_with_nothing_pending(monkeypatch, tmp_path, capsys):
