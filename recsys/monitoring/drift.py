@@ -16,12 +16,9 @@ them for the next check, so a quiet model is judged once enough traffic has accu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,7 @@ from recsys.monitoring.drift_reference import (
     QUERY_REFERENCE_FILE,
     QueryReference,
 )
+from recsys.statefile import state_lock, write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +59,11 @@ def _load_state(path: Path) -> dict[str, Any]:
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(state, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    write_json_atomically(path, state)
 
 
 def _locked(path: Path):
-    from recsys.locking import file_lock
-
-    return file_lock(path.with_name(path.name + ".lock"), 120.0, "drift state")
+    return state_lock(path, 120.0, "drift state")
 
 
 # -- which version ----------------------------------------------------------------------------

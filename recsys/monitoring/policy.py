@@ -24,11 +24,8 @@ needs far more CPU or memory than the one before is the likely cause of a satura
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +37,7 @@ from recsys.monitoring.window import (
     compute_window,
     with_host_usage,
 )
+from recsys.statefile import state_lock, write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -183,29 +181,14 @@ class MonitorState:
             return cls(recovered_from=problem)
 
     def save(self, path: Path | str) -> None:
-        """Write atomically: a temp file in the same folder, fsynced, then ``os.replace``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
-                handle.write("\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            raise
+        """Write atomically (see :func:`recsys.statefile.write_json_atomically`)."""
+        write_json_atomically(Path(path), self.to_dict())
 
 
 def _locked(state_path: Path, timeout_s: float = _LOCK_TIMEOUT_S):
     """Exclusive lock on ``<state>.lock`` for one read-modify-write of the state file, so a
     :func:`reset_model` from a rollback cannot be overwritten by a concurrent check."""
-    from recsys.locking import file_lock
-
-    return file_lock(state_path.with_name(state_path.name + ".lock"), timeout_s, "monitor state")
+    return state_lock(state_path, timeout_s, "monitor state")
 
 
 def _fmt_ms(value: float | None) -> str:
