@@ -333,14 +333,14 @@ def search_model_pipeline():
         )
 
     @task
-    def export_reranker(split: dict, trained: dict, reranker: dict) -> dict:
+    def export_reranker(split: dict, exported: dict, reranker: dict) -> dict:
         from recsys.pipeline_reranker import export_reranked_model
 
         settings, run_dir, params = settings_and_dir()
         return export_reranked_model(
             settings,
             split,
-            trained["checkpoint"],
+            exported["artifacts_dir"],
             reranker,
             run_dir,
             params["rerank_candidates"],
@@ -399,7 +399,7 @@ def search_model_pipeline():
     reranker = fine_tune_reranker(validated, split)
     reranker_enabled() >> reranker
     reranker_evaluation = evaluate_reranker(split, trained, reranker)
-    reranker_exported = export_reranker(split, trained, reranker)
+    reranker_exported = export_reranker(split, exported, reranker)
     reranker_decision = reranker_gate(split, reranker, reranker_exported, decision)
     reranker_registered = register_reranker(
         validated, reranker, reranker_evaluation, reranker_exported, reranker_decision

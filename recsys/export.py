@@ -102,11 +102,8 @@ def build_serving_artifacts(
     ``fault_injection`` (``"raise"`` or ``{"sleep_ms": n}``) is recorded in the manifest for
     rehearsing rollbacks: the served model then fails or slows down on purpose.
 
-    ``reranker_dir`` (a cross-encoder checkpoint from :func:`recsys.reranker.fine_tune_reranker`)
-    adds ``reranker.onnx`` and ``reranker_tokenizer.json``, the titles in ``products.npz`` and
-    the manifest's ``reranker`` section: Triton then reranks the bi-encoder's best
-    ``max(rerank_candidates, TOP_K)`` products per query, pairs truncated to
-    ``rerank_max_length`` tokens.
+    ``reranker_dir`` (a cross-encoder checkpoint) makes it a reranker model's folder: see
+    :func:`add_reranker`.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     model = BiEncoder.from_pretrained(model_dir).eval()
@@ -122,14 +119,7 @@ def build_serving_artifacts(
         .astype(np.float32)
     )
     ids = np.array(catalog["product_uid"].astype(str).tolist(), dtype=np.str_)
-    reranker = None
-    products: dict[str, np.ndarray] = {"ids": ids, "embeddings": embeddings}
-    if reranker_dir is not None:
-        reranker = _export_reranker(
-            Path(reranker_dir), output_dir, titles, rerank_candidates, rerank_max_length
-        )
-        products["titles"] = np.array(titles, dtype=np.str_)
-    np.savez(output_dir / PRODUCTS_FILE, **products)
+    np.savez(output_dir / PRODUCTS_FILE, ids=ids, embeddings=embeddings)
     manifest = {
         "model_name": model_name,
         "version": None,
@@ -144,13 +134,81 @@ def build_serving_artifacts(
         "fault_injection": fault_injection,
         **(lineage or {}),
     }
-    if reranker is not None:
-        manifest["reranker"] = reranker
     (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
     log.info(
         "serving artifacts for %s: %d products, dim %d", model_name, len(ids), embeddings.shape[1]
     )
+    if reranker_dir is not None:
+        add_reranker(
+            output_dir,
+            Path(reranker_dir),
+            catalog,
+            candidates=rerank_candidates,
+            max_length=rerank_max_length,
+        )
     return output_dir
+
+
+def copy_fp32_artifacts(source_dir: Path, output_dir: Path, *, model_name: str) -> Path:
+    """The fp32 bi-encoder part of a serving folder (ONNX encoder, tokenizer, catalogue
+    embeddings, drift reference, manifest) copied under another model name, so a second served
+    model (the reranker model) reuses an export instead of embedding the catalogue again.
+
+    The copy serves ``encoder.onnx`` whatever the source serves, and carries neither the
+    source's quantization record nor its fault injection."""
+    import shutil
+
+    from recsys.triton.repository import OPTIONAL_ARTIFACTS
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in (ONNX_FILE, TOKENIZER_FILE, PRODUCTS_FILE, *OPTIONAL_ARTIFACTS):
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, output_dir / name)
+    manifest = json.loads((source_dir / MANIFEST_FILE).read_text())
+    manifest.pop("quantization", None)
+    manifest.update(
+        model_name=model_name, onnx_file=ONNX_FILE, precision="fp32", fault_injection=None
+    )
+    (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
+    return output_dir
+
+
+def add_reranker(
+    artifacts_dir: Path,
+    reranker_dir: Path,
+    catalog: pd.DataFrame,
+    *,
+    candidates: int = 20,
+    max_length: int = 96,
+) -> Path:
+    """Turn a bi-encoder serving folder into a reranker model's, in place: ``reranker.onnx``
+    and ``reranker_tokenizer.json`` (a cross-encoder checkpoint from
+    :func:`recsys.reranker.fine_tune_reranker`), the product titles in ``products.npz`` and the
+    manifest's ``reranker`` section. Triton then reranks the bi-encoder's best
+    ``max(candidates, TOP_K)`` products per query, pairs truncated to ``max_length`` tokens."""
+    with np.load(artifacts_dir / PRODUCTS_FILE, allow_pickle=False) as stored:
+        products = {name: stored[name] for name in stored.files}
+    title_of = dict(
+        zip(
+            catalog["product_uid"].astype(str),
+            catalog["product_title"].astype(str),
+            strict=True,
+        )
+    )
+    unknown = [str(i) for i in products["ids"] if str(i) not in title_of]
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} product(s) of {artifacts_dir / PRODUCTS_FILE} are not in the "
+            f"catalogue given for the reranker, e.g. {unknown[:3]}"
+        )
+    titles = [title_of[str(i)] for i in products["ids"]]
+    section = _export_reranker(reranker_dir, artifacts_dir, titles, candidates, max_length)
+    products["titles"] = np.array(titles, dtype=np.str_)
+    np.savez(artifacts_dir / PRODUCTS_FILE, **products)
+    manifest = json.loads((artifacts_dir / MANIFEST_FILE).read_text())
+    manifest["reranker"] = section
+    (artifacts_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
+    return artifacts_dir
 
 
 def _export_reranker(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.config import SERVED_MODEL_SUFFIXES, Settings, served_model_settings
-from recsys.pipeline import read_split_frame, train_in_mlflow_run, write_training_reference
+from recsys.pipeline import read_split_frame, train_in_mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -86,26 +86,29 @@ def evaluate_reranker_model(
 def export_reranked_model(
     settings: Settings,
     split: dict[str, Any],
-    bi_encoder_checkpoint: str,
+    bi_encoder_artifacts: str,
     reranker: dict[str, Any],
     run_dir: Path,
     candidates: int,
     max_length: int = 96,
 ) -> dict[str, Any]:
-    """The reranker model's serving folder: ONNX bi-encoder + catalogue embeddings + ONNX
-    cross-encoder, served fp32 (the reranker sees only ``candidates`` pairs per query)."""
-    from recsys.export import build_serving_artifacts
+    """The reranker model's serving folder: the bi-encoder's fp32 export of this run (ONNX
+    encoder, catalogue embeddings, drift reference; exported once, by ``export_onnx``) plus the
+    ONNX cross-encoder, served fp32 (the reranker sees only ``candidates`` pairs per query)."""
+    from recsys.export import add_reranker, copy_fp32_artifacts
 
-    artifacts = build_serving_artifacts(
-        Path(bi_encoder_checkpoint),
-        read_split_frame(split["catalog_path"]),
+    artifacts = copy_fp32_artifacts(
+        Path(bi_encoder_artifacts),
         run_dir / "serving_reranker",
         model_name=reranker_settings(settings).model_name,
-        reranker_dir=Path(reranker["checkpoint"]),
-        rerank_candidates=candidates,
-        rerank_max_length=max_length,
     )
-    write_training_reference(artifacts, split)
+    add_reranker(
+        artifacts,
+        Path(reranker["checkpoint"]),
+        read_split_frame(split["catalog_path"]),
+        candidates=candidates,
+        max_length=max_length,
+    )
     return {"artifacts_dir": str(artifacts), "precision": "fp32"}
 
 

@@ -336,3 +336,21 @@ def test_a_reranker_that_does_not_beat_its_retriever_is_kept_out():
     assert better["promote"] is True and better["reason"] == "no champion yet"
     # Beating the retriever never overrides the champion gate.
     assert require_gain_over_retriever(gate(0.40, promote=False), gate(0.35))["promote"] is False
+
+
+def test_reranker_model_reuses_the_bi_encoder_export_as_fp32(tmp_path: Path):
+    from recsys.export import copy_fp32_artifacts
+    from recsys.quantization import set_served_encoder
+    from tests.triton_testing import build_test_serving_artifacts
+
+    source = build_test_serving_artifacts(tmp_path / "bi", fault_injection="raise")
+    set_served_encoder(source, "int8", {"decision": "int8 within margin"})
+    copy = copy_fp32_artifacts(source, tmp_path / "reranker", model_name="m_reranker")
+
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["model_name"] == "m_reranker"
+    assert (manifest["onnx_file"], manifest["precision"]) == ("encoder.onnx", "fp32")
+    assert manifest["fault_injection"] is None and "quantization" not in manifest
+    for name in ("encoder.onnx", "tokenizer.json", "products.npz", "query_reference.json"):
+        assert (copy / name).read_bytes() == (source / name).read_bytes(), name
+    assert not (copy / "encoder.int8.onnx").exists()
