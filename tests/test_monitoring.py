@@ -537,7 +537,10 @@ def test_check_once_detects_breach_on_real_triton(flaky_triton, tmp_path: Path) 
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
+    from tests.triton_testing import metric_value, settled_value
+
     harness, client = flaky_triton
+    counted = ("success", "failure")
     # A live server without models still exposes nv_* metrics, and no model entries.
     assert scrape(harness.metrics_url, timeout_s=5).models == {}
     client.load_model("flaky", headers=harness.admin_headers, client_timeout=60)
@@ -558,6 +561,9 @@ def test_check_once_detects_breach_on_real_triton(flaky_triton, tmp_path: Path) 
 
     outcomes = [infer(1.0) for _ in range(3)] + [infer(-1.0) for _ in range(5)]
     assert outcomes == [True] * 3 + [False] * 5
+    settled_value(  # Triton counts a request just after answering it
+        lambda: sum(metric_value(harness.metrics_url, f, "flaky", "1") for f in counted), 8
+    )
 
     verdict = check_once(harness.metrics_url, "flaky", state, thresholds)
     assert verdict.stats is not None

@@ -36,6 +36,7 @@ from tests.triton_testing import (
     copy_artifacts,
     free_port,
     metric_value,
+    settled_value,
 )
 
 MODEL = "product_search"
@@ -234,7 +235,9 @@ def test_raise_fault_counts_as_inference_failures(
         with pytest.raises(SearchError, match="injected fault"):
             control.search(MODEL, "drill", top_k=3)
 
-    after = metric_value(triton.metrics_url, "failure", MODEL, "3")
+    after = settled_value(
+        lambda: metric_value(triton.metrics_url, "failure", MODEL, "3"), before + 4
+    )
     assert after - before == 4
     assert metric_value(triton.metrics_url, "success", MODEL, "3") == 0
 
@@ -350,12 +353,13 @@ def test_response_cache_answers_repeated_query_from_cache(
         first = control.search(MODEL, CATALOG["100021"], top_k=3)
         second = control.search(MODEL, CATALOG["100021"], top_k=3)
         assert first == second and first[0][0] == "100021"
-        assert samples("nv_cache_num_misses_per_model", "9") == 1
-        assert samples("nv_cache_num_hits_per_model", "9") == 1
-        assert samples("nv_inference_exec_count", "9") == 1  # the hit never reached the model
+        assert settled_value(lambda: samples("nv_cache_num_misses_per_model", "9"), 1) == 1
+        assert settled_value(lambda: samples("nv_cache_num_hits_per_model", "9"), 1) == 1
+        # The hit never reached the model.
+        assert settled_value(lambda: samples("nv_inference_exec_count", "9"), 1) == 1
         # Another top_k is another cache key: a miss, and the model runs again.
         assert len(control.search(MODEL, CATALOG["100021"], top_k=2)) == 2
-        assert samples("nv_cache_num_misses_per_model", "9") == 2
+        assert settled_value(lambda: samples("nv_cache_num_misses_per_model", "9"), 2) == 2
         assert samples("nv_cache_num_hits_per_model", "9") == 1
     finally:
         control.load_version(MODEL, 1, triton.repo)

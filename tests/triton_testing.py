@@ -13,7 +13,8 @@ import json
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,22 @@ def metric_value(metrics_url: str, field: str, model: str, version: str) -> floa
 
     counters = scrape(metrics_url).models.get((model, version))
     return float(getattr(counters, field)) if counters else 0.0
+
+
+def settled_value(read: Callable[[], float], expected: float, timeout_s: float = 10.0) -> float:
+    """``read()`` once it returns ``expected``, or its last value after ``timeout_s``.
+
+    Triton records a request's statistics after the client already has its answer, so a
+    scrape right after the last request can miss it (CI saw 3 of 4 failures counted). Tests
+    that assert exact counts wait for them to settle, and still assert on the value returned:
+    a wrong count fails after the timeout instead of passing.
+    """
+    deadline = time.monotonic() + timeout_s
+    value = read()
+    while value != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = read()
+    return value
 
 
 RERANK_CANDIDATES = 5
