@@ -197,9 +197,9 @@ def test_slow_version_breaches_latency_threshold_and_is_rolled_back(env, artifac
 
     assert (record["from_version"], record["to_version"]) == (v2, v1)
     assert env.control.loaded_versions(model) == [v1]
-    started = time.monotonic()
+    # v1 answers as before; that it is fast again is the monitor's judgement below, not a
+    # wall-clock assertion that a loaded CI machine could break.
     assert env.control.search(model, QUERY, top_k=5) == healthy
-    assert time.monotonic() - started < 0.3
     assert env.aliases() == (v1, None)
     assert env.actions() == ["deploy", "deploy", "rollback"]
     # The rollback stored a fresh baseline: the very next check judges the restored v1.
