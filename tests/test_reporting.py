@@ -35,6 +35,18 @@ def _png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+def _await_scrapes(recorder: MetricsRecorder, n: int = 2, timeout_s: float = 20.0) -> None:
+    """Block until the recorder has taken ``n`` more samples. A fixed sleep would let a starved
+    recorder thread on a busy machine miss a phase (say v2's failures before v2 is unloaded);
+    the second new sample is also at least one interval after the traffic, which gives Triton
+    time to record the last request."""
+    target = len(recorder.samples) + n
+    deadline = time.monotonic() + timeout_s
+    while len(recorder.samples) < target and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(recorder.samples) >= target, f"recorder took no {n} samples in {timeout_s}s"
+
+
 def _send(control: TritonControl, n: int) -> tuple[int, int]:
     ok = failed = 0
     for i in range(n):
@@ -84,16 +96,16 @@ def test_record_faulty_deploy_and_rollback_then_render(tmp_path: Path) -> None:
         recorder = MetricsRecorder(triton.metrics_url, MODEL, interval_s=0.3)
         with recorder:
             assert _send(control, 12) == (12, 0)
-            time.sleep(0.7)
+            _await_scrapes(recorder)
             control.load_version(MODEL, 2, triton.repo)
             append_record(audit_log, "deploy", MODEL, version=2, replaced=1)
             ok, failed = _send(control, 14)
             assert (ok, failed) == (2, 12)  # the fault: two answers, then errors
-            time.sleep(0.7)
+            _await_scrapes(recorder)
             control.load_version(MODEL, 1, triton.repo)
             append_record(audit_log, "rollback", MODEL, from_version=2, to_version=1, reason="test")
             assert _send(control, 12) == (12, 0)
-            time.sleep(0.4)
+            _await_scrapes(recorder)
         samples = recorder.samples
 
     assert recorder.scrape_errors == 0
