@@ -110,6 +110,7 @@ def encode_texts(
     bar.close()
     if not chunks:
         return torch.empty(0, 0)
-    embeddings = torch.empty_like(torch.cat(chunks))
-    embeddings[torch.tensor(order)] = torch.cat(chunks)
+    stacked = torch.cat(chunks)
+    embeddings = torch.empty_like(stacked)
+    embeddings[torch.tensor(order)] = stacked
     return embeddings
