@@ -159,33 +159,47 @@ def torch_embedder(model_dir: Path, max_length: int = 64, device: Any = None) ->
     return embed
 
 
+class OnnxTokenizedSession:
+    """An ONNX graph on CPU and ``tokenizer.json`` set up as the Triton model sets them up
+    (truncation to ``max_length``, padding each batch to its longest), so what is scored
+    offline is what serves. Shared by the bi-encoder and cross-encoder scorers."""
+
+    def __init__(self, onnx_path: Path, tokenizer_path: Path, max_length: int) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer.enable_truncation(max_length)
+        pad_token = (self.tokenizer.padding or {}).get("pad_token") or "[PAD]"
+        pad_id = self.tokenizer.token_to_id(pad_token) or 0
+        self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
+
+    def run(self, texts: list[str] | list[tuple[str, str]]) -> np.ndarray:
+        """The graph's first output for one batch of texts (or (query, title) pairs)."""
+        encodings = self.tokenizer.encode_batch(texts)
+        columns = {
+            "input_ids": lambda: [e.ids for e in encodings],
+            "attention_mask": lambda: [e.attention_mask for e in encodings],
+            "token_type_ids": lambda: [e.type_ids for e in encodings],
+        }
+        feed = {name: np.asarray(columns[name](), dtype=np.int64) for name in self.inputs}
+        return self.session.run(None, feed)[0].astype(np.float32, copy=False)
+
+
 def onnx_embedder(
     onnx_path: Path, tokenizer_path: Path, max_length: int = 64, batch_size: int = 128
 ) -> EmbedFn:
     """An :data:`EmbedFn` over an exported ONNX encoder, tokenised exactly as the Triton model
     tokenises (``tokenizer.json`` with truncation and padding), so what is scored is what
     serves."""
-    import onnxruntime as ort
-    from tokenizers import Tokenizer
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    inputs = [i.name for i in session.get_inputs()]
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    tokenizer.enable_truncation(max_length)
-    pad_token = (tokenizer.padding or {}).get("pad_token") or "[PAD]"
-    tokenizer.enable_padding(pad_id=tokenizer.token_to_id(pad_token) or 0, pad_token=pad_token)
+    encoder = OnnxTokenizedSession(onnx_path, tokenizer_path, max_length)
 
     def embed(texts: list[str]) -> np.ndarray:
         chunks = []
         for start in range(0, len(texts), batch_size):
-            encodings = tokenizer.encode_batch(texts[start : start + batch_size])
-            columns = {
-                "input_ids": [e.ids for e in encodings],
-                "attention_mask": [e.attention_mask for e in encodings],
-                "token_type_ids": [e.type_ids for e in encodings],
-            }
-            feed = {name: np.asarray(columns[name], dtype=np.int64) for name in inputs}
-            chunks.append(session.run(None, feed)[0].astype(np.float32, copy=False))
+            chunks.append(encoder.run(texts[start : start + batch_size]))
         return np.concatenate(chunks) if chunks else np.empty((0, 0), dtype=np.float32)
 
     return embed

@@ -285,25 +285,12 @@ def onnx_pair_scorer(
 ) -> PairScoreFn:
     """A :data:`PairScoreFn` over an exported cross-encoder, tokenised exactly as the Triton
     model tokenises pairs (``tokenizer.json``, longest-first truncation, padding)."""
-    import onnxruntime as ort
-    from tokenizers import Tokenizer
+    from recsys.evaluation import OnnxTokenizedSession
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    inputs = [i.name for i in session.get_inputs()]
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    tokenizer.enable_truncation(max_length)
-    pad_token = (tokenizer.padding or {}).get("pad_token") or "[PAD]"
-    tokenizer.enable_padding(pad_id=tokenizer.token_to_id(pad_token) or 0, pad_token=pad_token)
+    cross_encoder = OnnxTokenizedSession(onnx_path, tokenizer_path, max_length)
 
     def score_batch(queries: list[str], titles: list[str]) -> np.ndarray:
-        encodings = tokenizer.encode_batch(list(zip(queries, titles, strict=True)))
-        columns = {
-            "input_ids": [e.ids for e in encodings],
-            "attention_mask": [e.attention_mask for e in encodings],
-            "token_type_ids": [e.type_ids for e in encodings],
-        }
-        feed = {name: np.asarray(columns[name], dtype=np.int64) for name in inputs}
-        return session.run(None, feed)[0].astype(np.float32).reshape(-1)
+        return cross_encoder.run(list(zip(queries, titles, strict=True))).reshape(-1)
 
     def score(queries: list[str], titles: list[str]) -> np.ndarray:
         return _score_by_length(queries, titles, batch_size, score_batch)

@@ -45,16 +45,7 @@ DEFAULT_ONNX_FILE = "encoder.onnx"
 def served_onnx_file(manifest: dict[str, Any]) -> str:
     """The encoder file to serve: the manifest's ``onnx_file``, a plain ``*.onnx`` name in the
     version folder (never a path: a manifest must not point the server at other files)."""
-    name = manifest.get("onnx_file") or DEFAULT_ONNX_FILE
-    if (
-        not isinstance(name, str)
-        or not name.endswith(".onnx")
-        or name.startswith(".")
-        or "/" in name
-        or "\\" in name
-    ):
-        raise ValueError(f"manifest onnx_file {name!r} is not a plain *.onnx file name")
-    return name
+    return _plain_file_name(manifest.get("onnx_file") or DEFAULT_ONNX_FILE, ".onnx", "onnx_file")
 
 
 def _plain_file_name(name: Any, suffix: str, what: str) -> str:
@@ -111,6 +102,7 @@ def _padded_tokenizer(path: Path, max_length: int) -> Tokenizer:
 
 
 def _onnx_feed(encodings: list[Any], names: list[str]) -> dict[str, np.ndarray]:
+    """The int64 arrays the graph's ``names`` inputs take; only those are built (per request)."""
     columns = {
         "input_ids": lambda: [e.ids for e in encodings],
         "attention_mask": lambda: [e.attention_mask for e in encodings],
@@ -336,12 +328,9 @@ class TritonPythonModel:
                 f"manifest onnx_inputs {self.onnx_inputs} not all in the graph {graph_inputs}"
             )
 
-        self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
-        self.tokenizer.enable_truncation(int(self.manifest.get("max_query_tokens", 64)))
-        padding = self.tokenizer.padding or {}
-        pad_token = padding.get("pad_token") or "[PAD]"
-        pad_id = self.tokenizer.token_to_id(pad_token)
-        self.tokenizer.enable_padding(pad_id=pad_id or 0, pad_token=pad_token)
+        self.tokenizer = _padded_tokenizer(
+            version_dir / "tokenizer.json", int(self.manifest.get("max_query_tokens", 64))
+        )
 
         with np.load(version_dir / "products.npz", allow_pickle=False) as products:
             ids = products["ids"]
@@ -433,13 +422,7 @@ class TritonPythonModel:
         return queries, top_k
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(texts)
-        columns = {
-            "input_ids": [e.ids for e in encodings],
-            "attention_mask": [e.attention_mask for e in encodings],
-            "token_type_ids": [e.type_ids for e in encodings],
-        }
-        feed = {name: np.asarray(columns[name], dtype=np.int64) for name in self.onnx_inputs}
+        feed = _onnx_feed(self.tokenizer.encode_batch(texts), self.onnx_inputs)
         return self.session.run(["embeddings"], feed)[0].astype(np.float32, copy=False)
 
     def _inject_fault(self) -> None:
