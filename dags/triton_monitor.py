@@ -97,4 +97,4 @@ def monitor_dag(dag_id: str, model_suffix: str):
 
 
 for _suffix in SERVED_MODEL_SUFFIXES.values():
-    monitor_dag("triton_monitor" if not _suffix else f"triton_monitor{_suffix}", _suffix)
+    monitor_dag(f"triton_monitor{_suffix}", _suffix)

@@ -23,7 +23,7 @@ holds defaults and per-model overrides::
         product_search:
           max_oov_rate_increase: 0.1
 
-Precedence (for :class:`~recsys.monitoring.drift_policy.DriftThresholds` likewise, from the
+Precedence (for :class:`~recsys.monitoring.drift_thresholds.DriftThresholds` likewise, from the
 ``drift`` section), lowest first: :class:`~recsys.monitoring.policy.Thresholds` defaults, the file's
 ``defaults``, the file's entry for the model, then explicit overrides (the DAG params a person
 set for one run). An unknown key or a bad value fails loudly: a typo like ``max_error_rte``
@@ -40,19 +40,19 @@ from typing import Any
 
 import yaml
 
-from recsys.monitoring.drift_policy import DriftThresholds
+from recsys.monitoring.drift_thresholds import DriftThresholds
 from recsys.monitoring.policy import Thresholds
 
 CONFIG_ENV = "RECSYS_MONITOR_CONFIG"
-_FIELDS = frozenset(f.name for f in dataclasses.fields(Thresholds))
-_DRIFT_FIELDS = frozenset(f.name for f in dataclasses.fields(DriftThresholds))
+THRESHOLD_FIELDS = frozenset(f.name for f in dataclasses.fields(Thresholds))
+DRIFT_THRESHOLD_FIELDS = frozenset(f.name for f in dataclasses.fields(DriftThresholds))
 
 
 class MonitorConfigError(ValueError):
     """The thresholds file is missing, unparseable or names unknown keys / invalid values."""
 
 
-def _check_keys(section: str, values: Any, fields: frozenset[str] = _FIELDS) -> dict[str, Any]:
+def _check_keys(section: str, values: Any, fields: frozenset[str]) -> dict[str, Any]:
     if values is None:
         return {}
     if not isinstance(values, Mapping):
@@ -102,9 +102,40 @@ def read_config(path: Path | str) -> dict[str, Any]:
             f"monitor config {path}: 'drift' must be a mapping with 'defaults' and/or 'models'"
         )
     return {
-        **_sections(f"monitor config {path}: ", data, _FIELDS),
-        "drift": _sections(f"monitor config {path}: drift.", drift, _DRIFT_FIELDS),
+        **_sections(f"monitor config {path}: ", data, THRESHOLD_FIELDS),
+        "drift": _sections(f"monitor config {path}: drift.", drift, DRIFT_THRESHOLD_FIELDS),
     }
+
+
+def _resolve(
+    model: str,
+    path: Path | str | None,
+    overrides: Mapping[str, Any] | None,
+    *,
+    drift: bool,
+) -> Any:
+    """Merge built-in defaults < file defaults < file model entry < set ``overrides`` into
+    :class:`Thresholds`, or (``drift``) :class:`DriftThresholds` from the ``drift`` section."""
+    if drift:
+        cls, fields, label = DriftThresholds, DRIFT_THRESHOLD_FIELDS, "drift "
+    else:
+        cls, fields, label = Thresholds, THRESHOLD_FIELDS, ""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
+    merged: dict[str, Any] = {}
+    if path is not None:
+        config = read_config(path)
+        section = config["drift"] if drift else config
+        merged.update(section["defaults"])
+        merged.update(section["models"].get(model, {}))
+    set_overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    merged.update(_check_keys(f"{label}overrides", set_overrides, fields))
+    try:
+        return cls(**merged)
+    except (TypeError, ValueError) as exc:
+        raise MonitorConfigError(
+            f"invalid {label}thresholds for {model} ({path or 'defaults'}): {exc}"
+        ) from exc
 
 
 def load_thresholds(
@@ -118,21 +149,7 @@ def load_thresholds(
     ``path`` defaults to ``$RECSYS_MONITOR_CONFIG``; with neither, only the built-in defaults
     and the overrides apply.
     """
-    if path is None:
-        path = os.environ.get(CONFIG_ENV) or None
-    merged: dict[str, Any] = {}
-    if path is not None:
-        config = read_config(path)
-        merged.update(config["defaults"])
-        merged.update(config["models"].get(model, {}))
-    set_overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    merged.update(_check_keys("overrides", set_overrides))
-    try:
-        return Thresholds(**merged)
-    except (TypeError, ValueError) as exc:
-        raise MonitorConfigError(
-            f"invalid thresholds for {model} ({path or 'defaults'}): {exc}"
-        ) from exc
+    return _resolve(model, path, overrides, drift=False)
 
 
 def load_drift_thresholds(
@@ -142,18 +159,4 @@ def load_drift_thresholds(
 ) -> DriftThresholds:
     """The query-drift limits for ``model``, with the same precedence as
     :func:`load_thresholds` over the file's ``drift`` section."""
-    if path is None:
-        path = os.environ.get(CONFIG_ENV) or None
-    merged: dict[str, Any] = {}
-    if path is not None:
-        drift = read_config(path)["drift"]
-        merged.update(drift["defaults"])
-        merged.update(drift["models"].get(model, {}))
-    set_overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    merged.update(_check_keys("drift overrides", set_overrides, _DRIFT_FIELDS))
-    try:
-        return DriftThresholds(**merged)
-    except (TypeError, ValueError) as exc:
-        raise MonitorConfigError(
-            f"invalid drift thresholds for {model} ({path or 'defaults'}): {exc}"
-        ) from exc
+    return _resolve(model, path, overrides, drift=True)

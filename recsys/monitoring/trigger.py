@@ -28,16 +28,6 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from recsys.monitoring.metrics import MetricsUnavailableError
 
-THRESHOLD_PARAMS = (
-    "max_error_rate",
-    "max_mean_latency_ms",
-    "max_p99_latency_ms",
-    "min_requests",
-    "consecutive_windows",
-    "max_cpu_utilization",
-    "max_memory_utilization",
-)
-
 
 class MetricsCheckTrigger(BaseTrigger):
     """One :func:`check_once` in the triggerer; the event is ``{"status": "ok", "verdict": ...}``
@@ -108,14 +98,14 @@ class MetricsCheckOperator(BaseOperator):
         self.trigger_timeout = trigger_timeout
 
     def execute(self, context: Mapping[str, Any]) -> None:
-        from recsys.config import load_settings
-        from recsys.monitoring.config import load_thresholds
+        from recsys.config import load_settings, served_model_settings
+        from recsys.monitoring.config import THRESHOLD_FIELDS, load_thresholds
 
-        settings = load_settings()
-        model = settings.model_name + self.model_suffix
+        settings = served_model_settings(load_settings(), self.model_suffix)
+        model = settings.model_name
         params = context["params"]
         thresholds = load_thresholds(
-            model, overrides={name: params.get(name) for name in THRESHOLD_PARAMS}
+            model, overrides={name: params.get(name) for name in THRESHOLD_FIELDS}
         )
         self.defer(
             trigger=MetricsCheckTrigger(
