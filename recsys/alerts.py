@@ -53,7 +53,7 @@ def task_failure_alert(context: Mapping[str, Any]) -> None:
         details = failure_details(context)
         where = details["task_id"] or "run"
         title = f"{details['dag_id']}.{where} failed: {details['error_type'] or 'failure'}"
-        audit.send_alert(load_settings().home / "alerts" / "alerts.jsonl", title, details)
+        audit.send_alert(load_settings().alerts_log, title, details)
     except Exception:  # a failing callback must not mask the task failure it reports
         log.exception("could not send the failure alert")
 
@@ -64,4 +64,4 @@ def post_alert(settings: Settings, title: str, details: dict[str, Any]) -> None:
     on-call sees every kind of alert in one place."""
     from recsys import audit
 
-    audit.send_alert(settings.home / "alerts" / "alerts.jsonl", title, details)
+    audit.send_alert(settings.alerts_log, title, details)

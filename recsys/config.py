@@ -60,6 +60,10 @@ class Settings:
         return self.home / "audit" / "audit.jsonl"
 
     @property
+    def alerts_log(self) -> Path:
+        return self.home / "alerts" / "alerts.jsonl"
+
+    @property
     def monitor_state(self) -> Path:
         return self.home / "monitor" / "state.json"
 

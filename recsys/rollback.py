@@ -205,11 +205,11 @@ def rollback(
             "complete_pending_rollback (or `recsys rollback --to "
             f"{good}`) once MLflow is back"
         )
-        audit.send_alert(settings.home / "alerts" / "alerts.jsonl", message, details)
+        audit.send_alert(settings.alerts_log, message, details)
         log.error(message)
         raise RollbackRegistryPendingError(message, record) from registry_error
     audit.send_alert(
-        settings.home / "alerts" / "alerts.jsonl",
+        settings.alerts_log,
         f"{model} rolled back from v{bad} to v{good}",
         details,
     )

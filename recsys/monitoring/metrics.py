@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import requests
@@ -133,12 +133,8 @@ class MetricsSnapshot:
     def for_model(self, model: str) -> MetricsSnapshot:
         """The same snapshot restricted to the versions of ``model`` (what the state file keeps
         per monitored model, so monitoring one model never disturbs another's baseline)."""
-        return MetricsSnapshot(
-            taken_at=self.taken_at,
-            models={key: value for key, value in self.models.items() if key[0] == model},
-            cpu_utilization=self.cpu_utilization,
-            memory_used_bytes=self.memory_used_bytes,
-            memory_total_bytes=self.memory_total_bytes,
+        return replace(
+            self, models={key: value for key, value in self.models.items() if key[0] == model}
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -209,7 +209,6 @@ class QuerySampler:
         self._random = random.Random()
         self._handle: Any = None
         self._segment = -1
-        self.written = 0
 
     @classmethod
     def from_environment(
@@ -259,14 +258,14 @@ class QuerySampler:
                 self._segment_path(old).unlink(missing_ok=True)
         return self._handle
 
-    def sample(self, texts: list[str]) -> int:
-        """Write a random ``rate`` share of ``texts``; return how many were written. Never
-        raises."""
+    def sample(self, texts: list[str]) -> None:
+        """Write a random ``rate`` share of ``texts``. An ``OSError`` turns sampling off for
+        this instance instead of raising."""
         if not self.enabled or not texts:
-            return 0
+            return
         chosen = [text for text in texts if self._random.random() < self.rate]
         if not chosen:
-            return 0
+            return
         now = round(time.time(), 3)
         data = "".join(
             json.dumps({"ts": now, "query": text[:MAX_SAMPLED_QUERY_CHARS]}, ensure_ascii=False)
@@ -282,9 +281,6 @@ class QuerySampler:
             self.close()
             if self._log is not None:
                 self._log(f"query sampling to {self.directory} turned off: {exc}")
-            return 0
-        self.written += len(chosen)
-        return len(chosen)
 
     def close(self) -> None:
         handle, self._handle = self._handle, None
