@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag, get_current_context, task
 
 from recsys.alerts import task_failure_alert
-from recsys.config import pipeline_schedule
+from recsys.config import SERVED_MODEL_SUFFIXES, pipeline_schedule
 
 DOC = """
 ### Search model pipeline
@@ -263,13 +263,16 @@ def search_model_pipeline():
         return bool(decision["promote"] or params["force_deploy"])
 
     @task
-    def deploy(registered: dict, exported: dict, decision: dict) -> dict:
+    def deploy(registered: dict, exported: dict, decision: dict, model_suffix: str = "") -> dict:
+        """Serve the registered version of the bi-encoder (or, with ``model_suffix``, of
+        another served model of this run), saying in the audit record why."""
+        from recsys.config import served_model_settings
         from recsys.pipeline import deploy_model
 
         settings, _, params = settings_and_dir()
         forced = params["force_deploy"] and not decision["promote"]
         return deploy_model(
-            settings,
+            served_model_settings(settings, model_suffix),
             registered["version"],
             exported["artifacts_dir"],
             params["smoke_query"],
@@ -377,25 +380,6 @@ def search_model_pipeline():
             reranker_settings(settings), reranker["run_id"], exported["artifacts_dir"], lineage
         )
 
-    @task.short_circuit(ignore_downstream_trigger_rules=False)
-    def reranker_promoted(decision: dict) -> bool:
-        return bool(decision["promote"] or get_current_context()["params"]["force_deploy"])
-
-    @task
-    def deploy_reranker(registered: dict, exported: dict, decision: dict) -> dict:
-        from recsys.pipeline import deploy_model
-        from recsys.pipeline_reranker import reranker_settings
-
-        settings, _, params = settings_and_dir()
-        return deploy_model(
-            reranker_settings(settings),
-            registered["version"],
-            exported["artifacts_dir"],
-            params["smoke_query"],
-            params["top_k"],
-            reason=decision["reason"],
-        )
-
     reranker = fine_tune_reranker(validated, split)
     reranker_enabled() >> reranker
     reranker_evaluation = evaluate_reranker(split, trained, reranker)
@@ -404,8 +388,13 @@ def search_model_pipeline():
     reranker_registered = register_reranker(
         validated, reranker, reranker_evaluation, reranker_exported, reranker_decision
     )
-    reranker_promoted(reranker_decision) >> deploy_reranker(
-        reranker_registered, reranker_exported, reranker_decision
+    promoted.override(task_id="reranker_promoted")(reranker_decision) >> deploy.override(
+        task_id="deploy_reranker"
+    )(
+        reranker_registered,
+        reranker_exported,
+        reranker_decision,
+        model_suffix=SERVED_MODEL_SUFFIXES["reranker"],
     )
 
 

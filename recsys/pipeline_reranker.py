@@ -135,6 +135,7 @@ def gate_reranker(
         split,
         artifacts_dir,
         run_dir=run_dir,
+        metric=metric,
         min_gain=min_gain,
         positive_threshold=positive_threshold,
         run_id=run_id,
