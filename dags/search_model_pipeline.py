@@ -239,6 +239,7 @@ def search_model_pipeline():
             min_gain=params["min_gain"],
             positive_threshold=params["positive_threshold"],
             run_id=trained["run_id"],
+            challenger_metrics=exported.get("metrics"),
         )
 
     @task

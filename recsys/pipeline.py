@@ -215,13 +215,13 @@ def export_model(
     agreement = quantization.embedding_agreement(
         fp32_path, int8_path, artifacts / "tokenizer.json", probes
     )
-    scores = {}
+    metrics = {}
     for name in ("fp32", "int8"):
         quantization.set_served_encoder(artifacts, name, {})
-        result = evaluate_serving_artifacts(
+        metrics[name] = evaluate_serving_artifacts(
             artifacts, test, catalog, positive_threshold=positive_threshold
-        )
-        scores[name] = result.metrics["ndcg_at_10"]
+        ).metrics
+    scores = {name: values["ndcg_at_10"] for name, values in metrics.items()}
     served, reason = quantization.choose_precision(
         precision, scores["fp32"], scores["int8"], max_ndcg_drop
     )  # raises QuantizationRejectedError for a refused explicit "int8"
@@ -237,7 +237,13 @@ def export_model(
     }
     quantization.set_served_encoder(artifacts, served, record)
     log.info("serving %s: %s", served, reason)
-    return {"artifacts_dir": str(artifacts), "precision": served, "quantization": record}
+    return {
+        "artifacts_dir": str(artifacts),
+        "precision": served,
+        "quantization": record,
+        # The served folder's held-out metrics, so the champion gate need not score it again.
+        "metrics": metrics[served],
+    }
 
 
 def write_training_reference(artifacts_dir: Path, split: dict[str, Any]) -> Path:
@@ -316,6 +322,7 @@ def compare_with_champion(
     min_gain: float = 0.0,
     positive_threshold: float = 2.33,
     run_id: str | None = None,
+    challenger_metrics: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Challenger (``artifacts_dir``) vs the serving champion on the SAME held-out queries.
 
@@ -324,14 +331,18 @@ def compare_with_champion(
     No champion: promote. A champion whose folder is gone cannot be re-scored; then its
     recorded run metric is used and the reason says so. Returns ``{"promote", "reason",
     "table", "champion_version", "champion_source"}``; the table is logged with ``run_id``.
+    ``challenger_metrics``: the challenger folder's metrics on this split, when its export
+    already scored it as it serves (:func:`export_model` does so when it quantizes).
     """
     from recsys import baselines
     from recsys.promotion import evaluate_serving_artifacts, should_promote
 
     test, catalog = read_split_frame(split["test_path"]), read_split_frame(split["catalog_path"])
-    challenger = evaluate_serving_artifacts(
-        Path(artifacts_dir), test, catalog, positive_threshold=positive_threshold
-    ).metrics
+    challenger = challenger_metrics or (
+        evaluate_serving_artifacts(
+            Path(artifacts_dir), test, catalog, positive_threshold=positive_threshold
+        ).metrics
+    )
     champion_version, source, champion = None, "none", None
     if champion_dir is None:
         champion_version, champion_dir, champion = _find_champion(settings, metric)

@@ -11,7 +11,7 @@ import pytest
 
 from recsys.evaluation import evaluate_encoder, onnx_embedder
 from recsys.export import build_serving_artifacts
-from recsys.pipeline import export_model
+from recsys.pipeline import export_model, read_split_frame
 from recsys.promotion import evaluate_serving_artifacts
 from recsys.quantization import (
     INT8_ONNX_FILE,
@@ -109,6 +109,16 @@ def test_export_records_both_precisions_and_serves_the_chosen_one(
     assert 0.0 <= record["fp32_ndcg_at_10"] <= 1.0 and 0.0 <= record["int8_ndcg_at_10"] <= 1.0
     assert record["min_cosine"] > 0.9 and record["int8_bytes"] < record["fp32_bytes"]
     assert validate_artifacts(Path(out["artifacts_dir"]))["onnx_file"] == INT8_ONNX_FILE
+    # The export hands the champion gate the served folder's own scores, not the fp32 ones.
+    assert out["metrics"]["ndcg_at_10"] == record["int8_ndcg_at_10"]
+    assert (
+        out["metrics"]
+        == evaluate_serving_artifacts(
+            Path(out["artifacts_dir"]),
+            read_split_frame(split["test_path"]),
+            read_split_frame(split["catalog_path"]),
+        ).metrics
+    )
 
 
 def test_manifest_cannot_point_the_server_outside_the_version(artifacts: Path, tmp_path) -> None:
