@@ -58,7 +58,6 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> int:
-    import pandas as pd
 
     from recsys import baselines, pipeline
     from recsys.encoder import resolve_base_model
@@ -94,12 +93,9 @@ def main() -> int:
     )
     split = cached(work, "split", lambda: pipeline.split_data(data["clean_path"], work, 0.2, 13))
 
-    def read(path: str) -> pd.DataFrame:
-        return pd.read_csv(
-            path, dtype={"product_title": str, "search_term": str, "product_uid": str}
-        )
-
-    train, test, catalog = (read(split[f"{n}_path"]) for n in ("train", "test", "catalog"))
+    train, test, catalog = (
+        pipeline.read_split_frame(split[f"{n}_path"]) for n in ("train", "test", "catalog")
+    )
     base_dir = resolve_base_model("minilm")
 
     def metrics_of(result) -> dict[str, Any]:

@@ -156,3 +156,19 @@ def control(triton):
 
     with TritonControl(triton.grpc_url, timeout_s=30) as client:
         yield client
+
+
+@pytest.fixture
+def webhook(monkeypatch):
+    """A live local webhook receiver with ``RECSYS_ALERT_WEBHOOK`` pointing at it. Request it
+    after fixtures that clear the variable (``platform``, ``sampling_platform``)."""
+    from tests.webhook_receiver import Receiver
+
+    receiver = Receiver()
+    receiver.thread.start()
+    monkeypatch.setenv("RECSYS_ALERT_WEBHOOK", receiver.url)
+    try:
+        yield receiver
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()

@@ -7,59 +7,9 @@ chat or paging service would get it.
 
 from __future__ import annotations
 
-import http.server
-import json
-import queue
-import threading
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 
 from recsys.alerts import task_failure_alert
-
-
-class Receiver:
-    """Collects the JSON bodies POSTed to it."""
-
-    def __init__(self) -> None:
-        self.received: queue.Queue[dict[str, Any]] = queue.Queue()
-        received = self.received
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                received.put(json.loads(self.rfile.read(length)))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def next(self, timeout_s: float = 10.0) -> dict[str, Any]:
-        return self.received.get(timeout=timeout_s)
-
-    def all(self) -> list[dict[str, Any]]:
-        items = []
-        while not self.received.empty():
-            items.append(self.received.get_nowait())
-        return items
-
-
-@pytest.fixture
-def webhook(monkeypatch) -> Iterator[Receiver]:
-    receiver = Receiver()
-    receiver.thread.start()
-    monkeypatch.setenv("RECSYS_ALERT_WEBHOOK", receiver.url)
-    try:
-        yield receiver
-    finally:
-        receiver.server.shutdown()
-        receiver.server.server_close()
 
 
 def test_rollback_alert_carries_model_versions_reason_and_metrics(

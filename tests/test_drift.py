@@ -31,12 +31,12 @@ from recsys.monitoring.drift_reference import (
     write_query_reference,
 )
 from recsys.monitoring.query_samples import read_new_samples
-from tests.test_alerts import Receiver
 from tests.triton_testing import (
     TritonHarness,
     build_test_serving_artifacts,
     training_queries,
 )
+from tests.webhook_receiver import Receiver
 
 SHIFTED_WORDS = ["дрель", "аккумуляторная", "краска", "белая", "смеситель", "кухонный", "ламинат"]
 
@@ -285,7 +285,7 @@ def _set_paused(dag_id: str, paused: bool) -> None:
 
 
 def test_drift_dag_alerts_audits_and_requests_retraining(
-    sampling_platform: SamplingPlatform, dagbag, monkeypatch, capsys
+    sampling_platform: SamplingPlatform, webhook: Receiver, dagbag, monkeypatch, capsys
 ) -> None:
     """In-distribution traffic: the DAG judges and stops. Shifted traffic: alert on the webhook,
     audit record, an event on the retraining Asset that queues ``search_model_pipeline``. More
@@ -295,9 +295,7 @@ def test_drift_dag_alerts_audits_and_requests_retraining(
 
     platform, settings = sampling_platform, sampling_platform.settings
     dag = dagbag.get_dag("query_drift")
-    receiver = Receiver()
-    receiver.thread.start()
-    monkeypatch.setenv("RECSYS_ALERT_WEBHOOK", receiver.url)
+    receiver = webhook
     config = settings.home.parent / "monitor.yaml"  # what `recsys drift` goes by
     config.write_text("drift: {defaults: {min_queries: 30}}\n")
     monkeypatch.setenv("RECSYS_MONITOR_CONFIG", str(config))
@@ -346,8 +344,6 @@ def test_drift_dag_alerts_audits_and_requests_retraining(
         assert _asset_events(run_id) == []
     finally:
         _set_paused("search_model_pipeline", True)
-        receiver.server.shutdown()
-        receiver.server.server_close()
 
     actions = [r["action"] for r in read_records(settings.audit_log, settings.model_name)]
     assert actions.count("query_drift") == 2 and actions.count("retraining_requested") == 1
