@@ -8,12 +8,38 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from recsys.locking import file_lock
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def read_json_state(
+    path: Path, parse: Callable[[Any], T], purpose: str
+) -> tuple[T | None, str | None]:
+    """``(parse(content), None)``; ``(None, None)`` when the file does not exist yet; ``(None,
+    problem)`` when it is corrupt (unparseable JSON, or ``parse`` rejects it), logged as a
+    warning. A corrupt state file means starting again from an empty state, not a task that
+    fails every run until someone deletes it. Unreadable files (permissions) still raise."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, None
+    try:
+        return parse(json.loads(text)), None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+        log.warning(
+            "%s %s is corrupt (%s); starting again from an empty state", purpose, path, problem
+        )
+        return None, problem
 
 
 def write_json_atomically(path: Path, data: Any) -> None:

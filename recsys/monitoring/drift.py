@@ -16,7 +16,6 @@ them for the next check, so a quiet model is judged once enough traffic has accu
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -29,7 +28,7 @@ from recsys.monitoring.drift_reference import (
     QUERY_REFERENCE_FILE,
     QueryReference,
 )
-from recsys.statefile import state_lock, write_json_atomically
+from recsys.statefile import read_json_state, state_lock, write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +40,19 @@ _STATE_FORMAT = 1
 # -- state ------------------------------------------------------------------------------------
 
 
+def _drift_state(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict) or data.get("format") != _STATE_FORMAT:
+        raise ValueError("not a drift state record")
+    if not isinstance(data.get("models"), dict):
+        raise ValueError("no 'models' mapping")
+    return data
+
+
 def _load_state(path: Path) -> dict[str, Any]:
     """The state file's content; missing or corrupt (logged) is a fresh start, since the worst
     that costs is reading some samples twice."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or data.get("format") != _STATE_FORMAT:
-            raise ValueError("not a drift state record")
-        if not isinstance(data.get("models"), dict):
-            raise ValueError("no 'models' mapping")
-        return data
-    except FileNotFoundError:
-        pass
-    except ValueError as exc:
-        log.warning("drift state %s is corrupt (%s); starting from an empty state", path, exc)
-    return {"format": _STATE_FORMAT, "models": {}}
+    state, _ = read_json_state(path, _drift_state, "drift state")
+    return state if state is not None else {"format": _STATE_FORMAT, "models": {}}
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:

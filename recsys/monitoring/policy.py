@@ -24,7 +24,6 @@ needs far more CPU or memory than the one before is the likely cause of a satura
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from recsys.monitoring.window import (
     compute_window,
     with_host_usage,
 )
-from recsys.statefile import state_lock, write_json_atomically
+from recsys.statefile import read_json_state, state_lock, write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -164,21 +163,10 @@ class MonitorState:
         """Read the state; a missing file is a fresh start, a corrupt one is logged as a warning
         and replaced by an empty state (the monitor then re-baselines instead of failing every
         minute until someone deletes the file). Unreadable files (permissions) still raise."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return cls()
-        try:
-            return cls.from_dict(json.loads(text))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            problem = f"{type(exc).__name__}: {exc}"
-            log.warning(
-                "monitor state %s is corrupt (%s); starting again from an empty state",
-                path,
-                problem,
-            )
-            return cls(recovered_from=problem)
+        state, problem = read_json_state(Path(path), cls.from_dict, "monitor state")
+        if state is not None:
+            return state
+        return cls(recovered_from=problem) if problem else cls()
 
     def save(self, path: Path | str) -> None:
         """Write atomically (see :func:`recsys.statefile.write_json_atomically`)."""
