@@ -73,16 +73,29 @@ def evaluate_serving_artifacts(
 
     artifacts_dir = Path(artifacts_dir)
     manifest = json.loads((artifacts_dir / "manifest.json").read_text())
-    if "reranker" in manifest:
-        from recsys.reranker import evaluate_served_reranker
-
-        return evaluate_served_reranker(
-            artifacts_dir, test_frame, catalog, positive_threshold=positive_threshold
-        )
     max_length = int(manifest.get("max_query_tokens", 64))
     tokenizer = artifacts_dir / "tokenizer.json"
     query_embed = onnx_embedder(artifacts_dir / served_onnx_file(manifest), tokenizer, max_length)
     product_embed = onnx_embedder(artifacts_dir / "encoder.onnx", tokenizer, max_length)
+    if "reranker" in manifest:
+        from recsys.reranker import evaluate_reranked, onnx_pair_scorer
+
+        section = manifest["reranker"]
+        if not isinstance(section, dict):
+            raise ValueError(f"{artifacts_dir}/manifest.json has a malformed reranker section")
+        return evaluate_reranked(
+            query_embed,
+            onnx_pair_scorer(
+                artifacts_dir / Path(section["onnx_file"]).name,
+                artifacts_dir / Path(section["tokenizer_file"]).name,
+                int(section["max_length"]),
+            ),
+            test_frame,
+            catalog,
+            candidates=int(section["candidates"]),
+            positive_threshold=positive_threshold,
+            product_embed=product_embed,
+        )
     return evaluate_embeddings(
         query_embed,
         test_frame,

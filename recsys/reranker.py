@@ -388,44 +388,6 @@ def evaluate_reranked(
     return result
 
 
-def evaluate_served_reranker(
-    artifacts_dir: Path,
-    test_frame: pd.DataFrame,
-    catalog: pd.DataFrame,
-    *,
-    positive_threshold: float = 2.33,
-) -> EvaluationResult:
-    """Score a serving-artifacts (or published version) folder with a ``reranker`` section as
-    it serves: queries through the encoder the manifest names, the catalogue through its fp32
-    ``encoder.onnx``, candidates through ``reranker.onnx`` and its tokenizer (the reranker
-    counterpart of :func:`recsys.promotion.evaluate_serving_artifacts`)."""
-    import json
-
-    from recsys.evaluation import onnx_embedder
-    from recsys.triton.repository import served_onnx_file
-
-    artifacts_dir = Path(artifacts_dir)
-    manifest = json.loads((artifacts_dir / "manifest.json").read_text())
-    section = manifest.get("reranker")
-    if not isinstance(section, dict):
-        raise ValueError(f"{artifacts_dir}/manifest.json has no reranker section")
-    max_length = int(manifest.get("max_query_tokens", 64))
-    tokenizer = artifacts_dir / "tokenizer.json"
-    return evaluate_reranked(
-        onnx_embedder(artifacts_dir / served_onnx_file(manifest), tokenizer, max_length),
-        onnx_pair_scorer(
-            artifacts_dir / Path(section["onnx_file"]).name,
-            artifacts_dir / Path(section["tokenizer_file"]).name,
-            int(section["max_length"]),
-        ),
-        test_frame,
-        catalog,
-        candidates=int(section["candidates"]),
-        positive_threshold=positive_threshold,
-        product_embed=onnx_embedder(artifacts_dir / "encoder.onnx", tokenizer, max_length),
-    )
-
-
 class _LogitsOnly(nn.Module):
     """The classifier with one tensor out (``logits`` [batch, 1]), as the ONNX graph returns."""
 

@@ -13,10 +13,10 @@ import pytest
 from recsys.data import read_relevance_csv, split_by_query
 from recsys.evaluation import onnx_embedder, torch_embedder
 from recsys.export import build_serving_artifacts
+from recsys.promotion import evaluate_serving_artifacts
 from recsys.reranker import (
     RerankerParams,
     evaluate_reranked,
-    evaluate_served_reranker,
     export_reranker_onnx,
     fine_tune_reranker,
     load_cross_encoder,
@@ -218,7 +218,8 @@ def test_served_artifacts_evaluate_like_they_serve(artifacts: Path):
         }
     )
     catalog = pd.DataFrame({"product_uid": list(CATALOG), "product_title": list(CATALOG.values())})
-    result = evaluate_served_reranker(artifacts, judged, catalog)
+    assert "reranker" in json.loads((artifacts / "manifest.json").read_text())
+    result = evaluate_serving_artifacts(artifacts, judged, catalog)
     assert result.queries == 3 and result.products == N_PRODUCTS
     assert all(0.0 <= v <= 1.0 for v in result.metrics.values())
     # Every judged product is among the 36 retrieved, and reranking keeps them all.
