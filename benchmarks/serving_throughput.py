@@ -218,7 +218,7 @@ def run_triton(
     return each one's answers to the agreement queries and the server's version."""
     from recsys.triton.control import TritonControl
     from recsys.triton.repository import publish_version, version_serving_config
-    from recsys.triton.server import TritonServer, cleanup_shared_memory
+    from recsys.triton.server import TritonServer
     from tests.triton_testing import free_port
 
     admin_key = secrets.token_urlsafe(32)
@@ -268,8 +268,7 @@ def run_triton(
                 )
                 control.unload(model)
     finally:
-        server.stop()
-        cleanup_shared_memory(server.shm_prefix)
+        server.stop()  # also removes its shared-memory regions
     return results, answers, version
 
 
