@@ -26,7 +26,9 @@ FINISHED_TASK_STATES = {"success", "failed", "skipped", "upstream_failed", "remo
 
 
 class VersionNotRegisteredError(ValueError):
-    """The requested version does not exist in the registry (bad input, not an outage)."""
+    """The requested version does not exist in the registry (bad input, not an outage: a
+    ValueError, so the CLI exits 2; a registry that fails or refuses the lookup raises
+    :class:`~recsys.registry.RegistryUnavailableError` instead, exit 3)."""
 
 
 class TrainingRunFailedError(RuntimeError):
@@ -37,16 +39,24 @@ class TrainingRunFailedError(RuntimeError):
 
 
 def registered_run_id(settings: Settings, version: int) -> str:
-    """The MLflow run that produced ``version``; raises :class:`VersionNotRegisteredError`."""
+    """The MLflow run that produced ``version``.
+
+    Raises :class:`VersionNotRegisteredError` only when MLflow says the version (or the model)
+    does not exist; any other registry failure (server error, refused login, dropped
+    connection) raises :class:`~recsys.registry.RegistryUnavailableError` naming it, because
+    "not registered" would send the operator hunting for a typo during an outage."""
     from mlflow.exceptions import MlflowException
 
     from recsys import registry
 
+    uri = settings.mlflow_tracking_uri
+    mlflow_client = registry.client(uri)
     try:
-        model_version = registry.client(settings.mlflow_tracking_uri).get_model_version(
-            settings.model_name, str(int(version))
-        )
+        model_version = mlflow_client.get_model_version(settings.model_name, str(int(version)))
     except MlflowException as exc:
+        if not registry.is_not_found(exc):
+            what = f"looking up {settings.model_name} version {version}"
+            raise registry.request_error(exc, uri, what) from exc
         raise VersionNotRegisteredError(
             f"{settings.model_name} version {version} is not registered in "
             f"{settings.mlflow_tracking_uri}"
@@ -90,7 +100,7 @@ def deploy_registered_version(
     """Serve an already-registered ``version`` and make it ``champion``.
 
     Both paths go through :func:`recsys.pipeline.deploy_model` (load, smoke test, promote,
-    audit; the previous champion is restored on failure). A version whose Triton directory is
+    audit; what Triton served before is restored on failure). A version whose Triton directory is
     missing is first rebuilt from its run's ``serving/`` artifacts; one whose directory exists
     is loaded in place. The result says which.
     """
@@ -199,18 +209,43 @@ def follow_run(
     poll_s: float = 5.0,
     timeout_s: float = 6 * 3600.0,
     on_progress: Callable[[int, int, dict[str, str]], None] | None = None,
+    on_task_finished: Callable[[Any, float | None], None] | None = None,
 ) -> RunOutcome:
     """Poll a run until it ends, reporting ``(finished tasks, all tasks, states)`` each poll;
-    raise :class:`TrainingRunFailedError` naming the failed task(s) unless it succeeded."""
-    from recsys.airflow_client import TERMINAL_STATES, AirflowApiError
+    raise :class:`TrainingRunFailedError` naming the failed task(s) unless it succeeded.
+
+    ``on_task_finished(task, elapsed_s)`` is called once per task instance
+    (:class:`~recsys.airflow_client.TaskInstance`) when it reaches a final state, in the order
+    the tasks ended, with the seconds from the run's start to the task's end: a pipeline run
+    takes many minutes, and a person watching wants to see it move, not one verdict at the
+    end. A finished task without an end date (Airflow sets one even on tasks that never ran,
+    but the API allows none) is timed when this poll saw it, on this machine's clock."""
+    from datetime import UTC, datetime
+
+    from recsys.airflow_client import TERMINAL_STATES, AirflowApiError, parse_api_time
 
     deadline = time.monotonic() + timeout_s
+    reported: set[tuple[str, int]] = set()
     while True:
-        state = client.run_state(dag_id, run_id)
-        tasks = client.task_states(dag_id, run_id)
+        run = client.run(dag_id, run_id)
+        state = run["state"]
+        instances = client.task_instances(dag_id, run_id)
+        tasks = {ti.task_id: ti.state for ti in instances}
         if on_progress is not None:
             done = sum(1 for s in tasks.values() if s in FINISHED_TASK_STATES)
             on_progress(done, len(tasks), tasks)
+        if on_task_finished is not None:
+            started = parse_api_time(run.get("start_date") or run.get("queued_at"))
+            now = datetime.now(UTC)
+            new = [
+                ti
+                for ti in instances
+                if ti.state in FINISHED_TASK_STATES and (ti.task_id, ti.map_index) not in reported
+            ]
+            for ti in sorted(new, key=lambda t: (t.end_date or now, t.task_id, t.map_index)):
+                reported.add((ti.task_id, ti.map_index))
+                ended = ti.end_date or now
+                on_task_finished(ti, (ended - started).total_seconds() if started else None)
         if state in TERMINAL_STATES:
             break
         if time.monotonic() > deadline:

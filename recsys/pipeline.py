@@ -328,9 +328,12 @@ def compare_with_champion(
 
     The champion is the registry's ``champion`` alias, scored from its published version
     folder in the Triton repository (``champion_dir`` overrides the lookup, e.g. for tests).
-    No champion: promote. A champion whose folder is gone cannot be re-scored; then its
-    recorded run metric is used and the reason says so. Returns ``{"promote", "reason",
-    "table", "champion_version", "champion_source"}``; the table is logged with ``run_id``.
+    No champion: promote. A registry that cannot be read raises
+    :class:`~recsys.registry.RegistryUnavailableError`: "no champion" is an answer only when
+    the registry says so, never a way to promote without a comparison during an outage. A
+    champion whose folder is gone cannot be re-scored; then its recorded run metric is used and
+    the reason says so. Returns ``{"promote", "reason", "table", "champion_version",
+    "champion_source"}``; the table is logged with ``run_id``.
     ``challenger_metrics``: the challenger folder's metrics on this split, when its export
     already scored it as it serves (:func:`export_model` does so when it quantizes).
     """
@@ -395,9 +398,11 @@ def _find_champion(
         return version, str(folder), None
     except IncompleteArtifactsError:
         log.warning("champion v%d has no complete folder at %s", version, folder)
-    mlflow_client = registry.client(settings.mlflow_tracking_uri)
-    run_id = mlflow_client.get_model_version(model, str(version)).run_id
-    recorded = mlflow_client.get_run(run_id).data.metrics
+    uri = settings.mlflow_tracking_uri
+    mlflow_client = registry.client(uri)
+    with registry.registry_request(uri, f"reading champion v{version}'s recorded metrics"):
+        run_id = mlflow_client.get_model_version(model, str(version)).run_id
+        recorded = mlflow_client.get_run(run_id).data.metrics
     if metric not in recorded:
         raise RuntimeError(
             f"champion v{version} has neither a published folder at {folder} nor a recorded "
@@ -428,52 +433,76 @@ def deploy_model(
 ) -> dict[str, Any]:
     """Publish ``version`` atomically into the Triton repository (skipped when
     ``artifacts_dir`` is None: the immutable version folder is already there), load it,
-    smoke-test it, and only then make it ``champion``. A version that fails to load or answer
-    is unloaded in favour of the champion that served before, and the task fails.
+    smoke-test it (pinned to ``version``: the version it replaces may still answer while it
+    drains), and only then make it ``champion``.
+
+    A version that fails to load or answer is replaced by what Triton served before the
+    attempt (read from Triton, not the registry): that version is loaded again, or, when it is
+    ``version`` itself (a retried task, ``recsys deploy --version <champion>``), the last
+    known-good version before it; with nothing served before, ``version`` is unloaded. The
+    audit log records the failure and what was restored, and the task fails with
+    :class:`~recsys.rollback.DeployFailedError` saying what serves now (Triton being down or
+    refusing the admin key re-raises that error as is). A registry that cannot be read fails
+    the deploy before Triton is touched. When the older version is still loaded after Triton's
+    retire timeout, the deploy is completed (promoted, audited, alerted) and then raises
+    :class:`~recsys.triton.control.VersionsNotRetiredError`.
 
     ``serving`` (``max_batch_size``, ``instance_count``, ``dynamic_batching``,
     ``max_queue_delay_us``, ``response_cache``, ...) is pinned into the published version and
     every load of a version uses the knobs it was published with. ``reason`` (the promotion
     decision, or why it was forced) goes into the audit record."""
     from recsys import audit, registry
+    from recsys.alerts import mark_alerted
     from recsys.locking import model_lock
-    from recsys.triton.control import TritonControl
+    from recsys.rollback import restore_after_failed_deploy
+    from recsys.triton.control import (
+        TritonAuthError,
+        TritonControl,
+        TritonUnavailableError,
+        VersionsNotRetiredError,
+    )
     from recsys.triton.repository import publish_version, version_serving_config
 
     model = settings.model_name
     control = TritonControl(settings.triton_grpc_url)
+    not_retired: VersionsNotRetiredError | None = None
     with model_lock(settings.home / "locks", model):
-        previous = registry.alias_version(settings.mlflow_tracking_uri, model, registry.CHAMPION)
+        # Fails (RegistryUnavailableError) before Triton is touched when the registry cannot be
+        # read: a version that could not be promoted must not be loaded.
+        registry.alias_version(settings.mlflow_tracking_uri, model, registry.CHAMPION)
         if artifacts_dir is not None:
             publish_version(
                 settings.triton_repo, model, version, Path(artifacts_dir), serving=serving
             )
         repo = settings.triton_repo
+        served_before: list[int] | None = None
         try:
+            # What a failure restores is what Triton served, whatever the registry says.
+            served_before = control.loaded_versions(model)
             config = version_serving_config(repo, model, version)
-            control.load_version(model, version, repo, config=config)
-            answer = control.smoke_test(model, smoke_query, top_k=top_k)
+            try:
+                control.load_version(model, version, repo, config=config)
+            except VersionsNotRetiredError as exc:
+                not_retired = exc  # version is READY and pinned; reported once the rest is done
+            answer = control.smoke_test(model, smoke_query, top_k=top_k, version=version)
         except Exception as exc:
-            # Audit first: the restore below may fail too (e.g. the server went away), and the
-            # failed attempt must be on record either way.
-            audit.append_record(
-                settings.audit_log,
-                "deploy_failed",
-                model,
-                version=version,
-                restoring=previous,
-                reason=str(exc),
+            failure = restore_after_failed_deploy(
+                settings,
+                control,
+                version,
+                served_before,
+                exc,
+                smoke_query=smoke_query,
+                top_k=top_k,
             )
-            if previous is not None and previous != version:
-                log.error("version %d failed (%s); restoring version %d", version, exc, previous)
-                control.load_version(
-                    model, previous, repo, config=version_serving_config(repo, model, previous)
-                )
-            elif previous is None:  # nothing served before: serve nothing rather than this
-                log.error("version %d failed (%s); unloading it", version, exc)
-                control.unload(model)
-            raise
+            if isinstance(exc, TritonUnavailableError | TritonAuthError):
+                exc.add_note(str(failure))  # keep the type: the CLI maps it to its exit code
+                raise
+            raise failure from exc
         old = registry.promote_to_champion(settings.mlflow_tracking_uri, model, version)
+        extra = {}
+        if not_retired is not None:
+            extra["not_retired"] = {str(v): s for v, s in not_retired.still_loaded.items()}
         audit.append_record(
             settings.audit_log,
             "deploy",
@@ -483,6 +512,7 @@ def deploy_model(
             reason=reason,
             smoke_query=smoke_query,
             smoke_top=answer[:3],
+            **extra,
         )
     from recsys.monitoring.policy import rebaseline
 
@@ -490,6 +520,17 @@ def deploy_model(
     # the version it replaced.
     rebaseline(settings.monitor_state, model, settings.triton_metrics_url)
     log.info("version %d serves; smoke query %r -> %s", version, smoke_query, answer[:3])
+    if not_retired is not None:
+        done = "deployed: it passed its smoke query and is champion" + (
+            f", replacing v{old}" if old is not None and old != version else ""
+        )
+        error = not_retired.with_done(done)
+        audit.send_alert(
+            settings.alerts_log,
+            f"{model} v{version} deployed, but older versions are still loaded",
+            {"model": model, "version": version, "replaced": old, **extra, "error": str(error)},
+        )
+        raise mark_alerted(error) from not_retired
     return {
         "version": version,
         "replaced": old,

@@ -12,10 +12,12 @@ secret file via :func:`ensure_credentials`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +39,76 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 class RegistryUnavailableError(RuntimeError):
-    """The MLflow tracking server cannot be reached."""
+    """The MLflow registry cannot be used: the tracking server cannot be reached (this class),
+    refused the request (:class:`RegistryAuthError`) or failed it (:class:`RegistryRequestError`).
+    Callers treat all three as "MLflow is down" and report the message, which says which."""
 
 
 class RegistryAuthError(RegistryUnavailableError, PermissionError):
-    """The MLflow tracking server refused the credentials (or got none)."""
+    """The MLflow tracking server refused the credentials (or got none), or the login lacks the
+    permission a request needs (MLflow's PERMISSION_DENIED)."""
+
+
+class RegistryRequestError(RegistryUnavailableError):
+    """The tracking server answered but failed a registry request: a server error such as a
+    locked or broken database (HTTP 5xx after the client's retries), or an answer that is not
+    "not found". A :class:`RegistryUnavailableError`, so callers take the same MLflow-down path
+    (plan from Triton and the audit log, keep a registry update pending, CLI exit 3); the
+    message carries MLflow's error code and text."""
+
+
+# MLflow 3.17.2, measured against `mlflow server` (tests/test_registry_errors.py):
+# a missing registered model is RESOURCE_DOES_NOT_EXIST (HTTP 404), and so is a missing
+# version; a missing alias of an existing model is INVALID_PARAMETER_VALUE (HTTP 400), the same
+# code as other bad requests, so aliases are read from the registered model instead of being
+# told apart by error text. A login without permission gets PERMISSION_DENIED (HTTP 403), even
+# for a model that does not exist; a failing database (locked, broken) answers 503, which the
+# client retries and then reports as INTERNAL_ERROR "too many 503 error responses".
+NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
+_REFUSED = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})
+
+
+def is_not_found(exc: BaseException) -> bool:
+    """True only for MLflow's "resource does not exist" (a missing model or version)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code == NOT_FOUND
+
+
+def request_error(exc: BaseException, tracking_uri: str, what: str) -> RegistryUnavailableError:
+    """The platform's error for a failed MLflow request ``what`` (e.g. "reading alias
+    'champion' of m"), keeping MLflow's code and text: refused (401/403) ->
+    :class:`RegistryAuthError`; the connection dropped -> :class:`RegistryUnavailableError`
+    ("unreachable"); anything else -> :class:`RegistryRequestError`."""
+    import requests
+
+    code = str(getattr(exc, "error_code", "") or type(exc).__name__)
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    detail = text if text.startswith(code) else f"{code}: {text}"
+    transport = exc.__cause__ or exc.__context__
+    if code in _REFUSED:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "(none)")
+        return RegistryAuthError(
+            f"MLflow tracking server at {tracking_uri} refused {what} for user {user!r}: {detail}"
+        )
+    if isinstance(transport, requests.ConnectionError | requests.Timeout):
+        return RegistryUnavailableError(
+            f"MLflow tracking server at {tracking_uri} became unreachable while {what}: {detail}"
+        )
+    return RegistryRequestError(f"MLflow tracking server at {tracking_uri} failed {what}: {detail}")
+
+
+@contextlib.contextmanager
+def registry_request(tracking_uri: str, what: str) -> Iterator[None]:
+    """Turn an ``MlflowException`` raised inside into :func:`request_error` (not-found
+    included: callers for whom "not found" is an answer check :func:`is_not_found` first)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise request_error(exc, tracking_uri, what) from exc
 
 
 def ensure_credentials() -> tuple[str, str] | None:
@@ -114,18 +181,38 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+def ensure_experiment(mlflow_client: Any, name: str) -> str:
+    """The id of experiment ``name``, created if it does not exist yet.
+
+    The pipeline's two training tasks run at the same time and both start a run in the same
+    experiment, so on a fresh server both may find it missing and both create it; the one that
+    loses gets ``RESOURCE_ALREADY_EXISTS`` and uses the winner's."""
+    from mlflow.exceptions import MlflowException
+
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return mlflow_client.create_experiment(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is None:
+        raise RegistryRequestError(
+            f"MLflow said experiment {name!r} already exists but cannot find it"
+        )
+    return found.experiment_id
+
+
 def start_training_run(
     tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]
 ) -> str:
     """Create the MLflow run that every later stage of one pipeline run logs into."""
     mlflow_client = client(tracking_uri)
-    experiment_obj = mlflow_client.get_experiment_by_name(experiment)
-    experiment_id = (
-        experiment_obj.experiment_id
-        if experiment_obj
-        else mlflow_client.create_experiment(experiment)
+    run = mlflow_client.create_run(
+        ensure_experiment(mlflow_client, experiment), run_name=run_name, tags=tags
     )
-    run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=tags)
     for key, value in params.items():
         mlflow_client.log_param(run.info.run_id, key, value)
     return run.info.run_id
@@ -179,13 +266,23 @@ def register_serving_model(
 
 
 def alias_version(tracking_uri: str, model_name: str, alias: str) -> int | None:
-    """The version an alias points at, or None when the alias (or the model) does not exist."""
+    """The version an alias points at, or None when the alias (or the model) does not exist.
+
+    Only a genuinely missing model or alias is None. Any other failure (the server failed the
+    request, refused the login, dropped the connection) raises :class:`RegistryUnavailableError`
+    or a subclass naming the cause: read as "no champion", it would let a gate promote without a
+    comparison and a failed deploy unload what serves."""
     from mlflow.exceptions import MlflowException
 
+    mlflow_client = client(tracking_uri)
     try:
-        return int(client(tracking_uri).get_model_version_by_alias(model_name, alias).version)
-    except MlflowException:
-        return None
+        registered = mlflow_client.get_registered_model(model_name)
+    except MlflowException as exc:
+        if is_not_found(exc):
+            return None
+        raise request_error(exc, tracking_uri, f"reading alias {alias!r} of {model_name}") from exc
+    version = (registered.aliases or {}).get(alias)
+    return None if version is None else int(version)
 
 
 def promote_to_champion(tracking_uri: str, model_name: str, version: int) -> int | None:
@@ -193,17 +290,19 @@ def promote_to_champion(tracking_uri: str, model_name: str, version: int) -> int
     champion. Called only after the version serves and passed its smoke query."""
     mlflow_client = client(tracking_uri)
     old = alias_version(tracking_uri, model_name, CHAMPION)
-    if old is not None and old != version:
-        mlflow_client.set_registered_model_alias(model_name, PREVIOUS, str(old))
-    mlflow_client.set_registered_model_alias(model_name, CHAMPION, str(version))
-    mlflow_client.set_model_version_tag(model_name, str(version), TAG_DEPLOYED, "true")
+    with registry_request(tracking_uri, f"promoting {model_name} v{version} to {CHAMPION}"):
+        if old is not None and old != version:
+            mlflow_client.set_registered_model_alias(model_name, PREVIOUS, str(old))
+        mlflow_client.set_registered_model_alias(model_name, CHAMPION, str(version))
+        mlflow_client.set_model_version_tag(model_name, str(version), TAG_DEPLOYED, "true")
     return old
 
 
 def last_good_version_before(tracking_uri: str, model_name: str, version: int) -> int | None:
     """Newest version older than ``version`` that was deployed and never rolled back."""
     mlflow_client = client(tracking_uri)
-    candidates = mlflow_client.search_model_versions(f"name = '{model_name}'")
+    with registry_request(tracking_uri, f"listing the versions of {model_name}"):
+        candidates = mlflow_client.search_model_versions(f"name = '{model_name}'")
     good = [
         int(v.version)
         for v in candidates
@@ -225,17 +324,23 @@ def record_rollback(
     """Move ``champion`` to the good version, tag the bad one with why it was pulled, and
     re-point ``previous`` at the next older good version (or drop it when there is none)."""
     mlflow_client = client(tracking_uri)
-    mlflow_client.set_registered_model_alias(model_name, CHAMPION, str(good_version))
-    mlflow_client.set_model_version_tag(model_name, str(bad_version), TAG_ROLLED_BACK, "true")
-    mlflow_client.set_model_version_tag(
-        model_name, str(bad_version), "rollback_reason", reason[:5000]
-    )
-    mlflow_client.set_model_version_tag(
-        model_name, str(bad_version), "rollback_metrics", json.dumps(metrics, default=str)[:5000]
-    )
+    what = f"recording the rollback of {model_name} from v{bad_version} to v{good_version}"
+    with registry_request(tracking_uri, what):
+        mlflow_client.set_registered_model_alias(model_name, CHAMPION, str(good_version))
+        mlflow_client.set_model_version_tag(model_name, str(bad_version), TAG_ROLLED_BACK, "true")
+        mlflow_client.set_model_version_tag(
+            model_name, str(bad_version), "rollback_reason", reason[:5000]
+        )
+        mlflow_client.set_model_version_tag(
+            model_name,
+            str(bad_version),
+            "rollback_metrics",
+            json.dumps(metrics, default=str)[:5000],
+        )
     older = last_good_version_before(tracking_uri, model_name, good_version)
-    if older is None:
-        if alias_version(tracking_uri, model_name, PREVIOUS) is not None:
-            mlflow_client.delete_registered_model_alias(model_name, PREVIOUS)
-    else:
-        mlflow_client.set_registered_model_alias(model_name, PREVIOUS, str(older))
+    with registry_request(tracking_uri, what):
+        if older is None:
+            if alias_version(tracking_uri, model_name, PREVIOUS) is not None:
+                mlflow_client.delete_registered_model_alias(model_name, PREVIOUS)
+        else:
+            mlflow_client.set_registered_model_alias(model_name, PREVIOUS, str(older))

@@ -10,6 +10,14 @@ every deploy and rollback), Triton is switched anyway, and the registry update i
 *pending* in the audit log: :class:`RollbackRegistryPendingError` says so, and
 :func:`complete_pending_rollback` replays the update once MLflow is back. An outage of the
 bookkeeping system must not keep a broken model serving, and must not be silently forgotten.
+The same holds when MLflow answers but fails or refuses (a locked database, a login without
+permission): the message and the audit record say which, with MLflow's error.
+
+When the good version is READY but the bad one is still loaded after Triton's retire timeout
+(requests still running on it), the rollback is done as far as serving goes (the good version
+is the only one in Triton's version policy): it is smoke-tested, the registry and audit log are
+updated, the alert says what is still loaded, and
+:class:`~recsys.triton.control.VersionsNotRetiredError` is raised at the end.
 """
 
 from __future__ import annotations
@@ -18,8 +26,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from recsys.alerts import mark_alerted
 from recsys.config import Settings
 from recsys.registry import RegistryUnavailableError
+from recsys.triton.control import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +37,9 @@ ROLLBACK = "rollback"
 ROLLBACK_FAILED = "rollback_failed"
 ROLLBACK_PENDING = "rollback_registry_pending"
 ROLLBACK_COMPLETED = "rollback_registry_completed"
+DEPLOY_FAILED = "deploy_failed"
+DEPLOY_RESTORED = "deploy_restored"
+DEPLOY_RESTORE_FAILED = "deploy_restore_failed"
 
 
 class RollbackError(RuntimeError):
@@ -52,6 +65,59 @@ class _Plan:
     """``"registry"`` or ``"audit log"``: where the versions came from."""
 
 
+def check_to_version(to_version: int | None) -> None:
+    """``to_version`` is None or a version number (an int >= 1); a ValueError names anything
+    else before a rollback asks any service (``0`` would otherwise read as "not given")."""
+    if to_version is None:
+        return
+    if isinstance(to_version, bool) or not isinstance(to_version, int) or to_version < 1:
+        raise ValueError(f"to_version must be a version number >= 1, got {to_version!r}")
+
+
+def _registry_known_good_before(settings: Settings, version: int) -> int | None:
+    """The registry's ``previous`` alias (unless it is ``version`` itself), else the newest
+    version older than ``version`` that was deployed and never rolled back."""
+    from recsys import registry
+
+    uri, model = settings.mlflow_tracking_uri, settings.model_name
+    previous = registry.alias_version(uri, model, registry.PREVIOUS)
+    if previous is not None and previous != version:
+        return previous
+    return registry.last_good_version_before(uri, model, version)
+
+
+def _audit_known_good_before(settings: Settings, version: int) -> int | None:
+    """The newest version older than ``version`` that the audit log shows deployed and never
+    rolled back away from."""
+    from recsys import audit
+
+    records = audit.read_records(settings.audit_log, settings.model_name)
+    # Rolled back away from, or fallen back from after its re-deploy failed.
+    pulled = {
+        int(r["from_version"])
+        for r in records
+        if r.get("action") in (ROLLBACK, ROLLBACK_PENDING, DEPLOY_RESTORED)
+        and r.get("from_version") is not None
+    }
+    deployed = {
+        int(r["version"]) for r in records if r.get("action") == "deploy" and r.get("version")
+    }
+    candidates = sorted(v for v in deployed - pulled if v < version)
+    return candidates[-1] if candidates else None
+
+
+def known_good_before(settings: Settings, version: int) -> tuple[int | None, str, str | None]:
+    """The version to fall back to from ``version``, as a rollback plans it: from the registry
+    (:func:`_registry_known_good_before`) or, when the registry cannot be used, from the audit
+    log. Returns ``(version or None, "registry" | "audit log", the registry's error or None)``.
+    """
+    try:
+        return _registry_known_good_before(settings, version), "registry", None
+    except RegistryUnavailableError as exc:
+        log.error("registry unusable (%s); looking for a known-good version in the audit log", exc)
+        return _audit_known_good_before(settings, version), "audit log", str(exc)
+
+
 def _plan_from_registry(settings: Settings, reason: str, to_version: int | None) -> _Plan:
     from recsys import registry
 
@@ -59,13 +125,16 @@ def _plan_from_registry(settings: Settings, reason: str, to_version: int | None)
     bad = registry.alias_version(uri, model, registry.CHAMPION)
     if bad is None:
         raise RollbackError(f"{model} has no champion in the registry; nothing to roll back from")
-    good = to_version or registry.alias_version(uri, model, registry.PREVIOUS)
-    if good is None or good == bad:
-        good = registry.last_good_version_before(uri, model, bad)
+    if to_version == bad:
+        raise RollbackError(
+            f"{model}: cannot roll back to v{to_version}: it is the champion already "
+            f"({reason}); nothing was changed"
+        )
+    good = to_version or _registry_known_good_before(settings, bad)
     if good is None:
         raise RollbackError(
-            f"{model} v{bad} breached ({reason}) but no earlier known-good version exists; "
-            f"v{bad} keeps serving"
+            f"{model}: cannot roll back from v{bad} ({reason}): no earlier known-good version "
+            f"exists; nothing was changed, v{bad} keeps serving"
         )
     return _Plan(bad=bad, good=good, source="registry")
 
@@ -75,29 +144,63 @@ def _plan_from_local_state(
 ) -> _Plan:
     """Versions from Triton (what serves is what is bad) and the audit log (the newest version
     that deployed successfully and was never rolled back away from)."""
-    from recsys import audit
-
     model = settings.model_name
     if not served:
         raise RollbackError(f"{model}: Triton serves no version, so there is nothing to roll back")
     bad = served[-1]
-    records = audit.read_records(settings.audit_log, model)
-    pulled = {
-        int(r["from_version"])
-        for r in records
-        if r.get("action") in (ROLLBACK, ROLLBACK_PENDING) and r.get("from_version") is not None
-    }
-    deployed = {
-        int(r["version"]) for r in records if r.get("action") == "deploy" and r.get("version")
-    }
-    candidates = sorted(v for v in deployed - pulled if v < bad)
-    good = to_version or (candidates[-1] if candidates else None)
-    if good is None or good == bad:
+    if to_version == bad:
         raise RollbackError(
-            f"{model} v{bad} breached ({reason}), the registry is unreachable and the audit log "
-            f"names no earlier known-good version; v{bad} keeps serving"
+            f"{model}: cannot roll back to v{to_version}: Triton serves it already ({reason}); "
+            "nothing was changed"
+        )
+    good = to_version or _audit_known_good_before(settings, bad)
+    if good is None:
+        raise RollbackError(
+            f"{model}: cannot roll back from v{bad} ({reason}): the registry cannot be used and "
+            f"the audit log names no earlier known-good version; nothing was changed, v{bad} "
+            "keeps serving"
         )
     return _Plan(bad=bad, good=good, source="audit log")
+
+
+def serving_now(control: Any, model: str) -> tuple[list[int] | None, str | None]:
+    """What Triton serves right now, read after a failure: ``(versions, None)``, or ``(None,
+    why)`` when Triton cannot say (a report must not guess)."""
+    try:
+        return control.loaded_versions(model), None
+    except Exception as exc:  # reported as "unknown" with the reason, never as a version
+        return None, f"{exc.__class__.__name__}: {exc}"
+
+
+def describe_serving(model: str, versions: list[int] | None, error: str | None) -> str:
+    """One clause saying what serves, from :func:`serving_now`."""
+    if versions is None:
+        return f"what Triton serves of {model} now is unknown ({error})"
+    if not versions:
+        return f"Triton serves no version of {model} now"
+    return f"Triton serves {', '.join(f'v{v}' for v in versions)} of {model} now"
+
+
+def _registry_failure(plan_error: BaseException | None, update_error: BaseException | None) -> str:
+    """What went wrong with the registry, in words: unreachable, refused, or failed; during
+    the planning (so the update was never tried) or during the update itself."""
+    from recsys.registry import RegistryAuthError, RegistryRequestError
+
+    if plan_error is not None:
+        if isinstance(plan_error, RegistryAuthError):
+            what = f"MLflow refused to read the registry ({plan_error})"
+        elif isinstance(plan_error, RegistryRequestError):
+            what = f"MLflow failed reading the registry ({plan_error})"
+        else:
+            what = f"MLflow is unreachable ({plan_error})"
+        return f"{what}, so the versions came from Triton and the audit log and no update was sent"
+    if isinstance(update_error, RegistryAuthError):
+        return f"MLflow refused the registry update ({update_error})"
+    if isinstance(update_error, RegistryRequestError):
+        return f"MLflow failed the registry update ({update_error})"
+    if isinstance(update_error, RegistryUnavailableError):
+        return f"MLflow is unreachable ({update_error})"
+    return f"the registry update raised {update_error.__class__.__name__}: {update_error}"
 
 
 def rollback(
@@ -111,26 +214,33 @@ def rollback(
     """Load the known-good version (``to_version``, else the ``previous`` alias, else the newest
     older version deployed and never rolled back), verify it answers, and move the aliases.
 
-    Raises :class:`RollbackError` when nothing was switched (the bad version keeps serving and
-    the audit log has a ``rollback_failed`` record when a load was attempted), and
-    :class:`RollbackRegistryPendingError` when Triton was switched but MLflow was not updated.
+    ``to_version`` must be None or an int >= 1 (ValueError otherwise, before anything is
+    asked). Raises :class:`RollbackError` when the switch did not happen or the restored version
+    failed its smoke query (the message and the ``rollback_failed`` record say what Triton
+    serves then), :class:`RollbackRegistryPendingError` when Triton was switched but the
+    registry could not be updated (unreachable, refused or failed: the message says which), and
+    :class:`~recsys.triton.control.VersionsNotRetiredError` when everything was done but the
+    bad version is still loaded after Triton's retire timeout.
     """
     from recsys import audit, registry
     from recsys.locking import model_lock
     from recsys.monitoring.policy import rebaseline
-    from recsys.triton.control import TritonControl
+    from recsys.triton.control import TritonControl, VersionsNotRetiredError
     from recsys.triton.repository import version_serving_config
 
+    check_to_version(to_version)
     model = settings.model_name
     metrics = metrics or {}
     control = TritonControl(settings.triton_grpc_url)
-    registry_error: RegistryUnavailableError | None = None
+    plan_error: RegistryUnavailableError | None = None
+    update_error: BaseException | None = None
+    not_retired: VersionsNotRetiredError | None = None
     with model_lock(settings.home / "locks", model):
         try:
             plan = _plan_from_registry(settings, reason, to_version)
         except RegistryUnavailableError as exc:
-            log.error("registry unreachable (%s); planning the rollback from local state", exc)
-            registry_error = exc
+            log.error("registry unusable (%s); planning the rollback from local state", exc)
+            plan_error = exc
             plan = _plan_from_local_state(
                 settings, reason, to_version, control.loaded_versions(model)
             )
@@ -138,9 +248,20 @@ def rollback(
         try:
             # The version comes back with the batching/instances/cache it was published with.
             config = version_serving_config(settings.triton_repo, model, good)
-            control.load_version(model, good, settings.triton_repo, config=config)
-            answer = control.smoke_test(model, smoke_query, top_k=3)
+            try:
+                control.load_version(model, good, settings.triton_repo, config=config)
+            except VersionsNotRetiredError as exc:
+                not_retired = exc  # good is READY and pinned; reported once the rest is done
+            # Pinned: while the bad version drains, it must not be the one that answers.
+            answer = control.smoke_test(model, smoke_query, top_k=3, version=good)
         except Exception as exc:
+            versions, unknown = serving_now(control, model)
+            if versions == [bad]:
+                serving = f"v{bad} keeps serving"
+            elif versions == [good]:
+                serving = f"v{good} serves (it loaded, then failed the check)"
+            else:
+                serving = describe_serving(model, versions, unknown)
             audit.append_record(
                 settings.audit_log,
                 ROLLBACK_FAILED,
@@ -150,9 +271,10 @@ def rollback(
                 reason=reason,
                 error=str(exc),
                 metrics=metrics,
+                serving_now=versions,
             )
             raise RollbackError(
-                f"rollback of {model} from v{bad} to v{good} failed: {exc}; v{bad} keeps serving"
+                f"rollback of {model} from v{bad} to v{good} failed: {exc}; {serving}"
             ) from exc
         fields = {
             "from_version": bad,
@@ -163,29 +285,30 @@ def rollback(
             "planned_from": plan.source,
             "serving_switched": True,
         }
-        if registry_error is None:
+        if not_retired is not None:
+            fields["not_retired"] = {str(v): s for v, s in not_retired.still_loaded.items()}
+        if plan_error is None:
             try:
                 registry.record_rollback(
                     settings.mlflow_tracking_uri, model, bad, good, reason, metrics
                 )
-            except Exception as exc:  # any failure here leaves the registry update pending
-                registry_error = (
-                    exc
-                    if isinstance(exc, RegistryUnavailableError)
-                    else RegistryUnavailableError(f"registry update failed: {exc}")
-                )
-        if registry_error is None:
+            except Exception as exc:  # Triton was switched: whatever failed, the update is pending
+                update_error = exc
+        if plan_error is None and update_error is None:
+            failure = None
             record = audit.append_record(
                 settings.audit_log, ROLLBACK, model, **fields, registry_updated=True
             )
         else:
+            failure = _registry_failure(plan_error, update_error)
             record = audit.append_record(
                 settings.audit_log,
                 ROLLBACK_PENDING,
                 model,
                 **fields,
                 registry_updated=False,
-                registry_error=str(registry_error),
+                registry_error=str(plan_error or update_error),
+                registry_failure=failure,
             )
     # The served version changed either way, so the old baseline and breach count are stale;
     # a fresh baseline lets the next check judge the restored version at once.
@@ -196,24 +319,36 @@ def rollback(
         "to_version": good,
         "reason": reason,
         "metrics": metrics,
-        "registry_updated": registry_error is None,
+        "registry_updated": failure is None,
     }
-    if registry_error is not None:
+    leftover = ""
+    if not_retired is not None:
+        details["not_retired"] = fields["not_retired"]
+        leftover = "; still loaded: " + ", ".join(
+            f"v{v} ({s})" for v, s in sorted(not_retired.still_loaded.items())
+        )
+    if failure is not None:
         message = (
             f"{model}: Triton now serves v{good} (rolled back from v{bad}), but the registry "
-            f"update is PENDING because MLflow is unreachable ({registry_error}); run "
-            "complete_pending_rollback (or `recsys rollback --to "
-            f"{good}`) once MLflow is back"
+            f"update is PENDING: {failure}; replay it with `recsys rollback --complete-pending` "
+            f"(complete_pending_rollback) once MLflow accepts it{leftover}"
         )
         audit.send_alert(settings.alerts_log, message, details)
         log.error(message)
-        raise RollbackRegistryPendingError(message, record) from registry_error
+        raise mark_alerted(RollbackRegistryPendingError(message, record)) from (
+            plan_error or update_error
+        )
     audit.send_alert(
-        settings.alerts_log,
-        f"{model} rolled back from v{bad} to v{good}",
-        details,
+        settings.alerts_log, f"{model} rolled back from v{bad} to v{good}{leftover}", details
     )
     log.warning("rolled back %s from v%d to v%d: %s", model, bad, good, reason)
+    if not_retired is not None:
+        raise mark_alerted(
+            not_retired.with_done(
+                f"rolled back from v{bad}: v{good} passed its smoke query and is champion in "
+                "the registry"
+            )
+        ) from not_retired
     return record
 
 
@@ -262,3 +397,141 @@ def complete_pending_rollback(settings: Settings) -> list[dict[str, Any]]:
             )
         )
     return completed
+
+
+# -- failed deploys ---------------------------------------------------------------------------
+
+
+class DeployFailedError(ModelLoadError):
+    """A deploy failed; the message says why, what was restored and what serves now.
+
+    A :class:`ModelLoadError`, as a failed load or smoke test always was; the original error is
+    its ``__cause__``. ``serving`` is what Triton served after the restore (None: unknown)."""
+
+    def __init__(self, message: str, serving: list[int] | None) -> None:
+        super().__init__(message)
+        self.serving = serving
+
+
+def _restore_plan(
+    settings: Settings, version: int, served_before: list[int] | None
+) -> tuple[str, int | None, bool, str]:
+    """``(action, target, fell_back, why)``: action "load" (target), "unload" or "none"."""
+    if served_before is None:
+        return "none", None, False, "Triton could not be asked what served before the attempt"
+    if not served_before:
+        return "unload", None, False, "nothing served before the attempt"
+    before = served_before[-1]
+    if before != version:
+        return "load", before, False, f"v{before} served before the attempt"
+    good, source, registry_error = known_good_before(settings, version)
+    why = f"v{version} itself served before the attempt, and failed it"
+    source += f" (registry: {registry_error})" if registry_error else ""
+    if good is None:
+        return "none", None, False, f"{why}; no earlier known-good version exists ({source})"
+    return "load", good, True, f"{why}; v{good} is the last known-good version before it ({source})"
+
+
+def restore_after_failed_deploy(
+    settings: Settings,
+    control: Any,
+    version: int,
+    served_before: list[int] | None,
+    error: BaseException,
+    *,
+    smoke_query: str,
+    top_k: int,
+) -> DeployFailedError:
+    """Put back what Triton served before a deploy of ``version`` failed with ``error``, record
+    it, and return the error the deploy raises (the caller holds the model lock).
+
+    ``served_before`` is what Triton served when the deploy started (None if it could not be
+    read: then nothing was sent to Triton and nothing is restored). That version is loaded
+    again and smoke-tested (pinned); when it is ``version`` itself (a re-deploy of what
+    serves, e.g. a retried task) the last known-good version before it is loaded instead,
+    found as a rollback finds it (registry, or the audit log when MLflow cannot be used); when
+    nothing served before, ``version`` is unloaded. The ``deploy_failed`` record is written
+    first (the restore may fail too); a ``deploy_restored`` or ``deploy_restore_failed``
+    record follows whenever Triton was asked to change anything. The registry is not touched:
+    after a fall-back the message says how to make it agree.
+    """
+    from recsys import audit
+    from recsys.triton.control import VersionsNotRetiredError
+    from recsys.triton.repository import version_serving_config
+
+    model, repo = settings.model_name, settings.triton_repo
+    try:
+        action, target, fell_back, why = _restore_plan(settings, version, served_before)
+    except Exception as exc:  # reported in the record and the error, never dropped
+        action, target, fell_back = "none", None, False
+        why = f"could not work out what to restore: {exc.__class__.__name__}: {exc}"
+    current, unknown = serving_now(control, model)
+    if action == "load" and current == [target]:
+        action, why = "none", f"{why}; Triton still serves it (the attempt did not replace it)"
+    elif action == "unload" and current == []:
+        action, why = "none", f"{why}; nothing serves now either"
+    audit.append_record(
+        settings.audit_log,
+        DEPLOY_FAILED,
+        model,
+        version=version,
+        reason=str(error),
+        served_before=served_before,
+        restoring=target if action == "load" else None,
+        restore_plan=why,
+    )
+    leftover = ""
+    if action == "none":
+        outcome = f"nothing was restored: {why}"
+    else:
+        log.error("v%d failed (%s); %s", version, error, why)
+        try:
+            if action == "load":
+                assert target is not None
+                config = version_serving_config(repo, model, target)
+                try:
+                    control.load_version(model, target, repo, config=config)
+                except VersionsNotRetiredError as exc:  # target serves; say what lingers
+                    leftover = f" ({exc})"
+                control.smoke_test(model, smoke_query, top_k=top_k, version=target)
+            else:
+                control.unload(model)
+        except Exception as exc:
+            current, unknown = serving_now(control, model)
+            audit.append_record(
+                settings.audit_log,
+                DEPLOY_RESTORE_FAILED,
+                model,
+                version=version,
+                restoring=target,
+                error=str(exc),
+                serving_now=current,
+            )
+            doing = f"restoring v{target}" if target is not None else f"unloading v{version}"
+            outcome = f"{doing} failed ({why}): {exc}"
+        else:
+            current, unknown = serving_now(control, model)
+            audit.append_record(
+                settings.audit_log,
+                DEPLOY_RESTORED,
+                model,
+                version=version,
+                restored=target,
+                from_version=version if fell_back else None,
+                plan=why,
+                serving_now=current,
+            )
+            outcome = (
+                f"restored v{target} ({why}){leftover}"
+                if target is not None
+                else f"unloaded v{version} ({why})"
+            )
+            if fell_back:
+                outcome += (
+                    f"; the registry is unchanged: record the switch there with "
+                    f"`recsys rollback --to {target}`"
+                )
+    serving = describe_serving(model, current, unknown)
+    message = f"deploy of {model} v{version} failed: {error}; {outcome}; {serving}"
+    log.error(message)
+    return DeployFailedError(message, current)

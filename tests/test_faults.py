@@ -1,10 +1,12 @@
 """Fault injection against the real components: a slow version, a Triton crash, MLflow down
-during a rollback, a half-written version folder and a garbage metrics endpoint.
+during a rollback, a half-written version folder, a garbage metrics endpoint, a registry whose
+database fails or that refuses a login, and a version that keeps draining after a rollback.
 
 Each test ends with the service answering from a good version, a clear error where something
 could not be done, and nothing lost: the registry, the monitor state and the audit log say what
 really happened. No mocks; faults are made by the model's own ``fault_injection``, by killing
-real server processes, or by a real local HTTP server serving garbage.
+real server processes, by a real local HTTP server serving garbage, by breaking the MLflow
+server's database or logging in as a user with fewer rights (see tests/test_registry_errors.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -33,18 +36,21 @@ from recsys.monitoring.config import load_thresholds
 from recsys.monitoring.metrics import MetricsUnavailableError
 from recsys.monitoring.policy import MonitorState, Thresholds, check_once
 from recsys.pipeline import deploy_model, register_model
-from recsys.registry import RegistryUnavailableError
+from recsys.registry import RegistryRequestError
 from recsys.rollback import (
     ROLLBACK_COMPLETED,
     ROLLBACK_PENDING,
+    DeployFailedError,
     RollbackError,
     RollbackRegistryPendingError,
+    complete_pending_rollback,
     pending_rollbacks,
     rollback,
 )
-from recsys.triton.control import TritonControl
+from recsys.triton.control import TritonControl, VersionsNotRetiredError
 from recsys.triton.repository import COMPLETE_MARKER, IncompleteArtifactsError
-from tests.triton_testing import TritonHarness, free_port
+from tests.test_registry_errors import create_mlflow_user, failing_registry_db, log_in_as
+from tests.triton_testing import TritonHarness, free_port, settled_value
 
 QUERY = "angle bracket"
 
@@ -247,25 +253,35 @@ def test_triton_killed_mid_run_stops_the_monitor_without_a_rollback(env, artifac
 
 
 def test_mlflow_down_during_rollback_switches_serving_first_and_leaves_update_pending(
-    env, artifacts, private_mlflow, monkeypatch, capsys
+    env, artifacts, private_mlflow, monkeypatch, capsys, dagbag, webhook
 ):
-    """MLflow stops after v2 (raises under traffic) became champion. The rollback still puts
-    v1 back into Triton (versions planned from Triton and the audit log), then fails with a
-    RegistryUnavailableError that says the registry update is pending; the audit log records
-    the switch. ``recsys rollback --complete-pending`` says MLflow is still down (exit 3) and
-    keeps it pending; once MLflow is back, it replays the update and the registry agrees."""
+    """MLflow stops after v2 (raises under traffic) became champion. The monitor DAG's
+    rollback still puts v1 back into Triton (versions planned from Triton and the audit log),
+    then fails with a RegistryUnavailableError that says the registry update is pending; the
+    audit log records the switch, and the incident pages once (the rollback's own alert; the
+    failed task's callback records it as already alerted). ``recsys rollback
+    --complete-pending`` says MLflow is still down (exit 3) and keeps it pending; once MLflow
+    is back, it replays the update and the registry agrees."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", private_mlflow.uri)
     env.settings = dataclasses.replace(env.settings, mlflow_tracking_uri=private_mlflow.uri)
     model = env.settings.model_name
     v1 = env.deploy(artifacts("v1"))
     healthy = env.control.search(model, QUERY, top_k=5)
     v2 = env.deploy(artifacts("v2", {"mode": "raise", "after_requests": 1}))
-    assert _traffic(env.control, model, 3) == 3
+    assert _traffic(env.control, model, 6) == 6
 
     private_mlflow.stop()
-    with pytest.raises(RegistryUnavailableError, match="registry update is PENDING") as failure:
-        rollback(env.settings, "error rate 100% > 5%", {"failures": 3}, smoke_query=QUERY)
-    assert isinstance(failure.value, RollbackRegistryPendingError)
+    monitor = dagbag.get_dag("triton_monitor")
+    run = monitor.test(run_conf={"check_interval_s": 1, "watch_minutes": 2, "smoke_query": QUERY})
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states == {"watch_metrics": "success", "rollback": "failed"}, states
+    received = [webhook.next(), *webhook.all()]
+    assert len(received) == 1, received
+    assert "registry update is PENDING" in received[0]["title"]
+    assert [r["action"] for r in read_records(env.settings.alerts_log)] == [
+        "alert",
+        "alert_suppressed",
+    ]
 
     assert env.control.loaded_versions(model) == [v1]
     assert env.control.search(model, QUERY, top_k=5) == healthy
@@ -376,3 +392,194 @@ def test_garbage_metrics_endpoint_is_unavailable_and_changes_nothing(env, artifa
     assert env.aliases() == (v1, None)
     assert env.actions() == ["deploy"]
     json.dumps(before.to_dict())  # still a valid record
+
+
+# --------------------------------------------------------------------------------- (f)
+
+
+def test_failing_registry_database_blocks_deploys_and_rollback_plans_from_triton(
+    env, artifacts, private_mlflow, monkeypatch, capsys
+):
+    """MLflow answers its health check but its database fails every registry read (503). A
+    deploy fails before it touches Triton (nothing unloaded, nothing loaded); the rollback of
+    the broken v2 does not stop at "no champion": it plans from Triton and the audit log,
+    switches to v1, and leaves the registry update pending, saying MLflow failed (with its
+    error), not that it is unreachable. Once the database is back the update is replayed."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", private_mlflow.uri)
+    env.settings = dataclasses.replace(env.settings, mlflow_tracking_uri=private_mlflow.uri)
+    model = env.settings.model_name
+    v1 = env.deploy(artifacts("v1"))
+    v2 = env.deploy(artifacts("v2", {"mode": "raise", "after_requests": 1}))
+    v3_dir = artifacts("v3")
+    v3 = env.register(v3_dir)
+    assert _traffic(env.control, model, 3) == 3
+
+    with failing_registry_db(private_mlflow.home / "mlflow" / "mlflow.db", monkeypatch):
+        with pytest.raises(RegistryRequestError, match="503"):
+            deploy_model(env.settings, v3, str(v3_dir), QUERY, 5)
+        assert env.control.loaded_versions(model) == [v2]
+        assert not (env.settings.triton_repo / model / str(v3)).exists()
+        assert env.actions() == ["deploy", "deploy"]
+
+        with pytest.raises(
+            RollbackRegistryPendingError, match="MLflow failed reading the registry"
+        ) as failure:
+            rollback(env.settings, "error rate 100% > 5%", {"failures": 3}, smoke_query=QUERY)
+        assert "503" in str(failure.value) and "unreachable" not in str(failure.value)
+        assert env.control.loaded_versions(model) == [v1]
+        last = read_records(env.settings.audit_log)[-1]
+        assert last["action"] == ROLLBACK_PENDING and last["planned_from"] == "audit log"
+        assert (last["from_version"], last["to_version"]) == (v2, v1)
+        assert "failed reading" in last["registry_failure"] and "503" in last["registry_error"]
+
+        assert main(["rollback", "--complete-pending"]) == 3  # the database still fails
+        assert "RegistryRequestError" in capsys.readouterr().err
+        assert [r["to_version"] for r in pending_rollbacks(env.settings)] == [v1]
+
+    assert env.aliases() == (v2, v1)
+    assert main(["rollback", "--complete-pending"]) == 0
+    assert env.aliases() == (v1, None)
+    assert env.actions()[-1] == ROLLBACK_COMPLETED
+
+
+# --------------------------------------------------------------------------------- (g)
+
+
+def test_refused_registry_update_stays_pending_and_a_failed_deploy_restores_what_triton_serves(
+    env, artifacts, monkeypatch
+):
+    """An operator whose MLflow login may read the model but not change it rolls back by hand:
+    Triton switches to v1, the registry update is PENDING because MLflow refused it (its
+    PERMISSION_DENIED and the login named, not "unreachable"), and no message claims a breach.
+    The registry now lags (champion v2) while v1 serves; a broken v3 then fails to deploy and
+    the deploy restores v1, what Triton served, not the alias's v2."""
+    model, uri = env.settings.model_name, env.settings.mlflow_tracking_uri
+    admin = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"])
+    v1 = env.deploy(artifacts("v1"))
+    v2 = env.deploy(artifacts("v2"))
+    v3_dir = artifacts("v3", {"mode": "raise", "after_requests": 0})
+    v3 = env.register(v3_dir)
+    reader = create_mlflow_user(uri, {model: "READ"})
+    log_in_as(monkeypatch, reader)
+
+    with pytest.raises(
+        RollbackRegistryPendingError, match="MLflow refused the registry update"
+    ) as failure:
+        rollback(env.settings, "manual rollback (recsys rollback)", smoke_query=QUERY)
+    message = str(failure.value)
+    assert "PERMISSION_DENIED" in message and reader[0] in message
+    assert "unreachable" not in message and "breach" not in message
+    assert read_records(env.settings.alerts_log)[-1]["title"] == message
+    last = read_records(env.settings.audit_log)[-1]
+    assert env.control.loaded_versions(model) == [v1]
+    assert last["action"] == ROLLBACK_PENDING and last["planned_from"] == "registry"
+    assert (last["from_version"], last["to_version"]) == (v2, v1)
+    assert "refused" in last["registry_failure"]
+    assert env.aliases() == (v2, v1)  # the reader may read: the registry lags what serves
+
+    with pytest.raises(DeployFailedError, match="injected fault") as failed:
+        deploy_model(env.settings, v3, str(v3_dir), QUERY, 5)
+    assert f"restored v{v1} (v{v1} served before the attempt)" in str(failed.value)
+    assert f"Triton serves v{v1} of {model} now" in str(failed.value)
+    assert env.control.loaded_versions(model) == [v1]
+    failed_record, restored_record = read_records(env.settings.audit_log)[-2:]
+    assert failed_record["action"] == "deploy_failed" and failed_record["version"] == v3
+    assert failed_record["served_before"] == [v1] and failed_record["restoring"] == v1
+    assert restored_record["action"] == "deploy_restored"
+    assert restored_record["restored"] == v1 and restored_record["serving_now"] == [v1]
+
+    log_in_as(monkeypatch, admin)
+    assert [r["to_version"] for r in complete_pending_rollback(env.settings)] == [v1]
+    assert env.aliases() == (v1, None)
+
+
+# --------------------------------------------------------------------------------- (h)
+
+
+def _pending(metrics_url: str, model: str, version: int) -> float:
+    """Triton's gauge of requests queued on one version (waiting, not yet executing)."""
+    import requests
+
+    text = requests.get(metrics_url, timeout=5).text
+    for labels, value in re.findall(
+        r"^nv_inference_pending_request_count\{([^}]*)\}\s+(\S+)$", text, re.MULTILINE
+    ):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if found.get("model") == model and found.get("version") == str(version):
+            return float(value)
+    return 0.0
+
+
+def _successes(control: TritonControl, model: str, version: int) -> int:
+    """Requests one version answered successfully, from Triton's own statistics."""
+    stats = control.client.get_inference_statistics(model, str(version), as_json=True)
+    return sum(
+        int(entry.get("inference_stats", {}).get("success", {}).get("count", 0))
+        for entry in stats.get("model_stats", [])
+    )
+
+
+def _wait_for(condition: Any, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_version_still_draining_after_a_rollback_is_named_while_v1_serves(
+    env, artifacts, monkeypatch
+):
+    """A rollback from a version whose requests take 6 s, with requests in flight. Triton makes
+    v1 READY and v2 UNLOADING at once (v2 finishes what it accepted). Past the retire timeout the
+    rollback does not carry on silently: it completes (v1 smoke-tested, registry and audit log
+    updated, alert sent) and raises VersionsNotRetiredError naming v2 (UNLOADING) and saying v1
+    serves. New requests go to v1 meanwhile, every in-flight request completes, then v2 leaves."""
+    model = env.settings.model_name
+    v1 = env.deploy(artifacts("v1"))
+    v2 = env.deploy(artifacts("slow", {"mode": "sleep", "sleep_ms": 6000, "after_requests": 1}))
+    url = env.settings.triton_metrics_url
+    results: list[str] = []
+
+    def query(i: int) -> None:
+        try:
+            TritonControl(env.settings.triton_grpc_url).search(model, f"{QUERY} {i}", top_k=3)
+            results.append("ok")
+        except Exception as exc:
+            results.append(repr(exc))
+
+    # One request running on v2 and at least one queued behind it: v2 is busy for >= 6 s more.
+    threads: list[threading.Thread] = []
+    while not _wait_for(lambda: _pending(url, model, v2) >= 1, 0.3):
+        assert len(threads) < 10, "no request ever queued on the slow version"
+        threads.append(threading.Thread(target=query, args=(len(threads),), daemon=True))
+        threads[-1].start()
+
+    monkeypatch.setenv("RECSYS_TRITON_RETIRE_TIMEOUT_S", "0.5")
+    with pytest.raises(VersionsNotRetiredError) as leftover:
+        rollback(env.settings, "p99 latency 6000 ms > 200 ms", smoke_query=QUERY)
+    error = leftover.value
+    assert (error.version, error.still_loaded) == (v1, {v2: "UNLOADING"})
+    text = str(error)
+    assert f"{model} v{v1} is READY" in text and f"v{v2} (UNLOADING) still loaded" in text
+    assert f"rolled back from v{v2}: v{v1} passed its smoke query" in text
+    assert env.control.loaded_versions(model) == [v1]
+    record = read_records(env.settings.audit_log)[-1]
+    assert record["action"] == "rollback" and record["registry_updated"] is True
+    assert record["not_retired"] == {str(v2): "UNLOADING"}
+    assert env.aliases() == (v1, None)
+    alert = read_records(env.settings.alerts_log)[-1]
+    assert (
+        alert["title"]
+        == f"{model} rolled back from v{v2} to v{v1}; still loaded: v{v2} (UNLOADING)"
+    )
+
+    before = _successes(env.control, model, v1)
+    assert len(env.control.search(model, QUERY, top_k=5)) == 5  # no version asked for
+    assert settled_value(lambda: _successes(env.control, model, v1), before + 1) == before + 1
+
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == ["ok"] * len(threads)  # nothing v2 had accepted was lost
+    assert _wait_for(lambda: env.control.version_states(model).get(v2) == "UNAVAILABLE", 60)

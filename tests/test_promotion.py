@@ -3,6 +3,8 @@ through their real ONNX serving artifacts."""
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,9 @@ from recsys.data import product_catalog, read_relevance_csv, split_by_query
 from recsys.export import build_serving_artifacts
 from recsys.pipeline import compare_with_champion
 from recsys.promotion import should_promote
+from recsys.registry import RegistryAuthError
 from recsys.training import TrainingParams, fine_tune
+from tests.test_registry_errors import create_mlflow_user, log_in_as
 
 
 def test_should_promote_a_clear_gain_and_keep_the_champion_otherwise() -> None:
@@ -78,3 +82,26 @@ def test_compare_with_champion_rescores_both_on_the_same_queries(run: dict) -> N
         settings, run["split"], str(run["champion"]), champion_dir=str(run["champion"])
     )
     assert not same["promote"] and "gain +0.0000" in same["reason"]
+
+
+def test_champion_gate_fails_when_the_registry_refuses_instead_of_promoting(
+    run: dict, mlflow_server: str, monkeypatch
+) -> None:
+    """ "No champion" promotes only when the registry says the model has none; a registry that
+    refuses the lookup (a login without permission) fails the gate, never promotes unseen."""
+    settings = dataclasses.replace(
+        load_settings(), mlflow_tracking_uri=mlflow_server, model_name=f"gate_{uuid.uuid4().hex}"
+    )
+    # The challenger's metrics, as the export hands them over.
+    metrics = {"ndcg_at_10": 0.3, "mrr": 0.4, "recall_at_10": 0.5, "recall_at_100": 0.9}
+    first = compare_with_champion(
+        settings, run["split"], str(run["challenger"]), challenger_metrics=metrics
+    )
+    assert first["promote"] and first["champion_source"] == "none"
+    assert "no champion" in first["reason"]
+
+    log_in_as(monkeypatch, create_mlflow_user(mlflow_server))
+    with pytest.raises(RegistryAuthError, match="PERMISSION_DENIED"):
+        compare_with_champion(
+            settings, run["split"], str(run["challenger"]), challenger_metrics=metrics
+        )

@@ -74,3 +74,41 @@ def test_unreachable_tracking_server_fails_fast_and_clearly():
     with pytest.raises(registry.RegistryUnavailableError, match="unreachable"):
         registry.alias_version(uri, "product_search", registry.CHAMPION)
     assert time.monotonic() - started < 10
+
+
+def test_training_tasks_starting_at_once_share_one_new_experiment(mlflow_server):
+    """The pipeline's two training tasks start their runs at the same moment; on a fresh
+    server both find the experiment missing and both create it. The loser must use the
+    winner's experiment, not fail with RESOURCE_ALREADY_EXISTS (as a training task once did)."""
+    import threading
+    import uuid
+
+    from mlflow import MlflowClient
+
+    from recsys.registry import start_training_run
+
+    def start_at_once(experiment: str, callers: int) -> list[str | BaseException]:
+        barrier = threading.Barrier(callers)
+        results: list[str | BaseException] = []
+
+        def start() -> None:
+            barrier.wait()
+            try:
+                results.append(start_training_run(mlflow_server, experiment, "t", {}, {}))
+            except BaseException as exc:  # reported below with the others
+                results.append(exc)
+
+        threads = [threading.Thread(target=start) for _ in range(callers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        return results
+
+    client = MlflowClient(mlflow_server)
+    for _ in range(3):
+        experiment = f"race-{uuid.uuid4().hex[:8]}"
+        results = start_at_once(experiment, 4)
+        assert len(results) == 4 and all(isinstance(r, str) for r in results), results
+        experiments = {client.get_run(run_id).info.experiment_id for run_id in results}
+        assert experiments == {client.get_experiment_by_name(experiment).experiment_id}

@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +36,15 @@ log = logging.getLogger(__name__)
 _UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"}
 _INT32_MAX = 2**31 - 1
 
+RETIRE_TIMEOUT_ENV = "RECSYS_TRITON_RETIRE_TIMEOUT_S"
+DEFAULT_RETIRE_TIMEOUT_S = 30.0
+"""How long a load waits for the versions it replaced to leave memory (see :meth:`load_version`)."""
+STILL_LOADED_STATES = ("READY", "UNLOADING")
+"""Repository-index states of a version Triton has not let go of. Measured on Triton 2.51: after
+a load with a new version policy, the old version turns UNLOADING the moment the new one is
+READY and stays UNLOADING while requests it already accepted are still running (new requests go
+to the new version); it then turns UNAVAILABLE with reason "unloaded"."""
+
 
 class TritonUnavailableError(RuntimeError):
     """Triton cannot be reached (connection refused, not running, deadline exceeded)."""
@@ -48,6 +58,59 @@ class ModelLoadError(RuntimeError):
     """A version did not load, did not become ready, or answered its smoke test wrongly."""
 
 
+class VersionsNotRetiredError(ModelLoadError):
+    """The new version is READY and Triton's version policy lists only it, but versions it
+    replaced are still loaded after the retire timeout (UNLOADING: requests still in flight or a
+    hung model instance hold them; READY: Triton did not retire them).
+
+    The switch itself happened, so callers must not report the old version as serving; they
+    finish their bookkeeping and then raise this (with ``done`` saying what they completed) so
+    the leftover is seen. ``still_loaded`` maps each version to its state."""
+
+    def __init__(
+        self,
+        model_name: str,
+        version: int,
+        still_loaded: dict[int, str],
+        timeout_s: float,
+        url: str,
+        done: str | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.version = version
+        self.still_loaded = dict(still_loaded)
+        self.timeout_s = timeout_s
+        self.url = url
+        listed = ", ".join(f"v{v} ({state})" for v, state in sorted(self.still_loaded.items()))
+        super().__init__(
+            f"{model_name} v{version} is READY on {url} and is the only version in Triton's "
+            f"version policy{f' ({done})' if done else ''}, but {listed} still loaded "
+            f"{timeout_s:g}s later (UNLOADING: requests still in flight or a hung model "
+            f"instance keep it in memory; READY: Triton did not retire it); see the Triton log "
+            f"(wait longer with {RETIRE_TIMEOUT_ENV})"
+        )
+
+    def with_done(self, done: str) -> VersionsNotRetiredError:
+        """The same error, its message also saying what the caller completed."""
+        return VersionsNotRetiredError(
+            self.model_name, self.version, self.still_loaded, self.timeout_s, self.url, done
+        )
+
+
+def retire_timeout_from_env() -> float:
+    """``$RECSYS_TRITON_RETIRE_TIMEOUT_S`` (seconds, >= 0), or the default when unset."""
+    raw = os.environ.get(RETIRE_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RETIRE_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{RETIRE_TIMEOUT_ENV} must be a number of seconds >= 0, got {raw!r}")
+    return value
+
+
 class SearchError(RuntimeError):
     """Triton answered a query with an error (bad input, model failure); message from server."""
 
@@ -56,7 +119,9 @@ class TritonControl:
     """gRPC client for model control and search against one Triton server.
 
     ``timeout_s`` bounds every call, loads included (``load_timeout_s`` overrides it for loads,
-    which start a python stub and read the artifacts, and so take longest).
+    which start a python stub and read the artifacts, and so take longest). ``retire_timeout_s``
+    (default ``$RECSYS_TRITON_RETIRE_TIMEOUT_S`` or 30 s) bounds the wait after a load for the
+    replaced versions to leave memory.
 
     ``admin_key`` authorises model control; by default it is the platform's key
     (``$RECSYS_TRITON_ADMIN_KEY`` or the stack's secret file), looked up on the first
@@ -70,15 +135,27 @@ class TritonControl:
         timeout_s: float = 60.0,
         load_timeout_s: float | None = None,
         admin_key: str | None = None,
+        retire_timeout_s: float | None = None,
     ) -> None:
         self.url = grpc_url.split("://", 1)[-1].rstrip("/")
         self.timeout_s = float(timeout_s)
         self.load_timeout_s = float(load_timeout_s or timeout_s)
+        if retire_timeout_s is not None and not 0 <= retire_timeout_s < math.inf:
+            raise ValueError(f"retire_timeout_s must be >= 0 seconds, got {retire_timeout_s!r}")
+        self._retire_timeout_s = retire_timeout_s
         self._admin_key = admin_key
         self._client: Any = None
 
     def __repr__(self) -> str:  # never show the admin key
         return f"TritonControl({self.url!r})"
+
+    @property
+    def retire_timeout_s(self) -> float:
+        """Seconds a load waits for replaced versions to leave memory; the environment is read
+        on first use, so search-only clients never fail on a bad value they do not use."""
+        if self._retire_timeout_s is None:
+            self._retire_timeout_s = retire_timeout_from_env()
+        return float(self._retire_timeout_s)
 
     def _admin_headers(self) -> dict[str, str] | None:
         """gRPC metadata for model-control calls (None when no key is configured anywhere)."""
@@ -173,6 +250,11 @@ class TritonControl:
         The version folder is verified first (sealed and complete), so a half-written folder is
         never handed to Triton. ``config`` overrides the default serving config; its version
         policy is always forced to ``[version]``.
+
+        Returns once ``version`` is READY and every other version has left memory. Raises
+        :class:`VersionsNotRetiredError` when ``version`` is READY (and the only one new
+        requests go to) but others are still loaded after ``retire_timeout_s``: the switch
+        happened, the cleanup did not.
         """
         from tritonclient.utils import InferenceServerException
 
@@ -219,31 +301,42 @@ class TritonControl:
                     f"{self.load_timeout_s:.0f}s"
                 )
             time.sleep(0.2)
-        # Triton retires the versions outside the new policy right after the swap.
-        settle = time.monotonic() + 10.0
-        while (ready := self.loaded_versions(model_name)) != [version]:
-            if time.monotonic() > settle:
-                log.warning("%s: versions %s still ready besides v%d", model_name, ready, version)
-                break
-            time.sleep(0.1)
         log.info("%s v%d is ready on %s", model_name, version, self.url)
+        # Triton retires the versions outside the new policy after the swap; one that still
+        # runs requests stays UNLOADING until they finish (STILL_LOADED_STATES).
+        deadline = time.monotonic() + self.retire_timeout_s
+        while True:
+            others = {
+                v: state
+                for v, state in self.version_states(model_name).items()
+                if v != version and state in STILL_LOADED_STATES
+            }
+            if not others:
+                return
+            if time.monotonic() > deadline:
+                raise VersionsNotRetiredError(
+                    model_name, version, others, self.retire_timeout_s, self.url
+                )
+            time.sleep(0.1)
 
-    def loaded_versions(self, model_name: str) -> list[int]:
-        """Versions of ``model_name`` that are READY now, ascending."""
+    def version_states(self, model_name: str) -> dict[int, str]:
+        """Every version of ``model_name`` in Triton's repository index and its state (READY,
+        LOADING, UNLOADING, UNAVAILABLE, ...)."""
         index = self._call(
             "repository index",
             "get_model_repository_index",
             headers=self._admin_headers(),
             as_json=True,
         )
-        versions = {
-            int(entry["version"])
+        return {
+            int(entry["version"]): str(entry.get("state", ""))
             for entry in index.get("models", [])
-            if entry.get("name") == model_name
-            and entry.get("state") == "READY"
-            and str(entry.get("version", "")).isdigit()
+            if entry.get("name") == model_name and str(entry.get("version", "")).isdigit()
         }
-        return sorted(versions)
+
+    def loaded_versions(self, model_name: str) -> list[int]:
+        """Versions of ``model_name`` that are READY now, ascending."""
+        return sorted(v for v, state in self.version_states(model_name).items() if state == "READY")
 
     def unload(self, model_name: str) -> None:
         """Unload every version of ``model_name`` and wait until none is ready."""
@@ -272,6 +365,21 @@ class TritonControl:
         ``query`` may be raw bytes (sent as-is; the model rejects invalid UTF-8). Errors the
         model reports (empty query, TOP_K out of range, failures) raise :class:`SearchError`.
         """
+        return self.search_answered(model_name, query, top_k, version=version)[0]
+
+    def search_answered(
+        self,
+        model_name: str,
+        query: str | bytes,
+        top_k: int = 10,
+        *,
+        version: int | None = None,
+    ) -> tuple[list[tuple[str, float]], int | None]:
+        """:meth:`search`, and the version that answered (``None`` if Triton does not say).
+
+        Triton picks the version per request, and during a deploy or rollback two can be
+        loaded: whatever goes with the hits (e.g. product titles from the version folder) must
+        come from the version that ranked them, which only the response names."""
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
@@ -301,10 +409,12 @@ class TritonControl:
         scores = result.as_numpy("SCORES")
         if ids is None or scores is None:
             raise SearchError(f"{model_name} on {self.url} returned no PRODUCT_IDS/SCORES")
-        return [
+        hits = [
             (pid.decode("utf-8") if isinstance(pid, bytes) else str(pid), float(score))
             for pid, score in zip(ids.reshape(-1), scores.reshape(-1), strict=True)
         ]
+        answered = str(result.get_response().model_version)
+        return hits, int(answered) if answered.isdigit() else None
 
     def smoke_test(
         self, model_name: str, query: str, top_k: int = 5, version: int | None = None
