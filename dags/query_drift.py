@@ -1,5 +1,5 @@
 """Airflow DAG: compare a sample of served queries with the training queries; on drift, alert and
-ask for retraining through an Asset.
+ask for retraining through an Asset; when the check cannot see the served queries, alert once.
 
 Thin wiring only: the check, the alert/audit and the retraining request are functions of
 ``recsys.monitoring.drift``.
@@ -13,6 +13,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 from recsys.alerts import task_failure_alert
 from recsys.assets import RETRAINING_REQUEST
+from recsys.scheduling import DEFAULT_POOL, DRIFT_PRIORITY, WEIGHT_RULE
 
 DOC = """
 ### Query drift
@@ -26,6 +27,19 @@ param set for this run. Too few sampled queries is no judgement; they are kept f
 On drift: an alert goes to `RECSYS_ALERT_WEBHOOK` and a `query_drift` record to the audit log,
 and, with `retrain_on_drift` (default) and outside the retraining cooldown, an event on the
 Asset `recsys://product_search/retraining-request`, which schedules `search_model_pipeline`.
+The cooldown is read from the audit log's `retraining_requested` records, so a lost or corrupt
+drift state file (reported in the verdict) never causes a second request.
+
+Blind check: when Triton served enough queries of the version (its own `nv_inference_count`)
+that samples were due and none arrived (the sample folder gone, not writable or full, or
+tritonserver and Airflow disagreeing on `RECSYS_QUERY_SAMPLE_DIR`/`_RATE`), the verdict is
+*blind* (not "too few queries") and names what is wrong with the folder when it can see it:
+`alert_blind` posts one alert and a `query_drift_blind` audit record per outage,
+hourly runs during the outage stay quiet, and the first run that sees samples again writes
+`query_drift_seeing_again`. Sampling off on purpose (`RECSYS_QUERY_SAMPLE_RATE=0`) is no outage.
+
+Unpaused on creation: a monitor must run on a fresh stack, and it does nothing until samples
+arrive. Tasks run in the `default_pool` at priority 100 (absolute), below the metrics monitor.
 """
 
 
@@ -37,12 +51,15 @@ Asset `recsys://product_search/retraining-request`, which schedules `search_mode
     max_active_runs=1,
     tags=["search", "monitoring", "drift"],
     doc_md=DOC,
+    is_paused_upon_creation=False,
     default_args={
         "retries": 1,
         "retry_delay": timedelta(minutes=2),
         "on_failure_callback": task_failure_alert,
+        "pool": DEFAULT_POOL,
+        "priority_weight": DRIFT_PRIORITY,
+        "weight_rule": WEIGHT_RULE,
     },
-    on_failure_callback=task_failure_alert,
     params={
         "retrain_on_drift": Param(True, type="boolean"),
         "min_queries": Param(None, type=["null", "integer"], minimum=1),
@@ -94,6 +111,28 @@ def query_drift():
             "reason": record["reason"],
         }
 
+    @task.short_circuit
+    def newly_blind(verdict: dict) -> bool:
+        return bool(verdict["blind_alert_due"])
+
+    @task
+    def alert_blind(verdict: dict) -> None:
+        from recsys.config import load_settings
+        from recsys.monitoring.drift import record_blind
+
+        record_blind(load_settings(), verdict)
+
+    @task.short_circuit
+    def seeing_again(verdict: dict) -> bool:
+        return bool(verdict["outage_over"])
+
+    @task
+    def audit_seeing_again(verdict: dict) -> None:
+        from recsys.config import load_settings
+        from recsys.monitoring.drift import record_seeing_again
+
+        record_seeing_again(load_settings(), verdict)
+
     verdict = check_drift()
     (
         drifted(verdict)
@@ -101,6 +140,8 @@ def query_drift():
         >> retraining_wanted(verdict)
         >> request_retraining(verdict)
     )
+    newly_blind(verdict) >> alert_blind(verdict)
+    seeing_again(verdict) >> audit_seeing_again(verdict)
 
 
 query_drift()

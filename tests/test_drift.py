@@ -4,16 +4,21 @@ it serves, the reference written by the exporter's encoder and tokenizer, the ch
 event into Airflow's database, and ``recsys drift``.
 
 Traffic is real gRPC queries; "in distribution" means short queries made of the catalogue's
-words like the test model's training queries, "shifted" means long queries in a script the
-tiny WordPiece vocabulary cannot spell.
+words like the test model's training queries, and the "no drift" traffic is the held-out third
+of them that the reference never saw; "shifted" means long queries in a script the tiny
+WordPiece vocabulary cannot spell. The blind-check tests break the sampler for real (its
+folder replaced by a file while traffic flows) and read its health from Triton's metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import shutil
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +26,7 @@ import pytest
 
 from recsys.config import Settings
 from recsys.monitoring.config import MonitorConfigError, load_drift_thresholds
-from recsys.monitoring.drift import check_query_drift
+from recsys.monitoring.drift import MIN_EXPECTED_SAMPLES, check_query_drift
 from recsys.monitoring.drift_policy import DriftThresholds, psi
 from recsys.monitoring.drift_reference import (
     QUERY_REFERENCE_FILE,
@@ -30,10 +35,15 @@ from recsys.monitoring.drift_reference import (
     quantile_histogram,
     write_query_reference,
 )
-from recsys.monitoring.query_samples import read_new_samples
+from recsys.monitoring.query_samples import (
+    SamplerHealth,
+    parse_sampler_metrics,
+    read_new_samples,
+)
 from tests.triton_testing import (
     TritonHarness,
     build_test_serving_artifacts,
+    held_out_queries,
     training_queries,
 )
 from tests.webhook_receiver import Receiver
@@ -42,8 +52,38 @@ SHIFTED_WORDS = ["дрель", "аккумуляторная", "краска", "
 
 
 def in_distribution_queries(n: int = 80, seed: int = 0) -> list[str]:
-    """Queries drawn from the test model's training queries (what in distribution means)."""
+    """Queries drawn from the test model's training queries (traffic whose content does not
+    matter to a test, e.g. the sampler's file rotation)."""
     return random.Random(seed).choices(training_queries(), k=n)
+
+
+def new_ordinary_queries(seed: int = 0) -> list[str]:
+    """Each held-out query once, in a seeded order: new traffic from the training distribution
+    that the reference never saw. Once each, because drawing repeatedly from a small held-out
+    set would judge that set's own quirks, not the distribution's."""
+    queries = held_out_queries()
+    random.Random(seed).shuffle(queries)
+    return queries
+
+
+def wait_for(read: Callable[[], SamplerHealth], done: Callable[[SamplerHealth], bool]):
+    """``read()`` once ``done`` says so; fails with the last value after 20 s. Triton updates
+    its metrics as the model reports them, so a scrape may trail the request it follows."""
+    deadline = time.monotonic() + 20.0
+    value = read()
+    while not done(value):
+        assert time.monotonic() < deadline, f"condition not met; last value {value}"
+        time.sleep(0.05)
+        value = read()
+    return value
+
+
+def health_of(settings: Settings, model: str | None = None, version: int = 1) -> SamplerHealth:
+    """The sampler health of ``model`` ``version`` as the drift check reads it."""
+    import requests
+
+    text = requests.get(settings.triton_metrics_url, timeout=5).text
+    return parse_sampler_metrics(text, model or settings.model_name, version)
 
 
 def shifted_queries(n: int, seed: int = 1) -> list[str]:
@@ -142,10 +182,15 @@ class SamplingPlatform:
                 assert control.search(self.settings.model_name, query, top_k=3)
 
 
-@pytest.fixture
-def sampling_platform(monkeypatch, tmp_path, artifacts) -> Iterator[SamplingPlatform]:
-    """A platform whose Triton samples every served query (rate 1.0) into the settings' sample
-    folder, serving the test model as v1 (published and loaded as a deploy does)."""
+@contextlib.contextmanager
+def serving_with_sampling(
+    monkeypatch, tmp_path: Path, artifacts: Path, served_rate: float | None
+) -> Iterator[SamplingPlatform]:
+    """A platform serving the test model as v1 (published and loaded as a deploy does) on a
+    Triton whose model samples ``served_rate`` of the queries into the settings' sample folder
+    (``None``: tritonserver gets no ``RECSYS_QUERY_SAMPLE_*`` at all). The drift side expects
+    rate 1.0. A failed sample write is retried after 50 ms (doubling), so a test sees the
+    sampler recover within seconds."""
     from recsys.config import load_settings
     from recsys.triton.control import TritonControl
     from recsys.triton.repository import publish_version, version_serving_config
@@ -153,9 +198,13 @@ def sampling_platform(monkeypatch, tmp_path, artifacts) -> Iterator[SamplingPlat
 
     home = tmp_path / "home"
     samples = home / "query_samples"
-    with running_triton(
-        tmp_path / "triton", query_sample_dir=samples, query_sample_rate=1.0
-    ) as triton:
+    monkeypatch.setenv("RECSYS_QUERY_SAMPLE_RETRY_S", "0.05")
+    for name in ("RECSYS_QUERY_SAMPLE_DIR", "RECSYS_QUERY_SAMPLE_RATE"):
+        monkeypatch.delenv(name, raising=False)  # the server gets only what it is told
+    sampling = {} if served_rate is None else {"query_sample_dir": samples}
+    if served_rate is not None:
+        sampling["query_sample_rate"] = served_rate
+    with running_triton(tmp_path / "triton", **sampling) as triton:
         server = triton.server
         monkeypatch.setenv("RECSYS_HOME", str(home))
         monkeypatch.setenv("RECSYS_TRITON_REPO", str(triton.repo))
@@ -164,6 +213,7 @@ def sampling_platform(monkeypatch, tmp_path, artifacts) -> Iterator[SamplingPlat
         monkeypatch.setenv("RECSYS_TRITON_METRICS_PORT", str(server.metrics_port))
         monkeypatch.setenv("RECSYS_MODEL_NAME", f"product_search_{uuid.uuid4().hex[:8]}")
         monkeypatch.setenv("RECSYS_QUERY_SAMPLE_DIR", str(samples))
+        monkeypatch.setenv("RECSYS_QUERY_SAMPLE_RATE", "1.0")
         monkeypatch.delenv("RECSYS_ALERT_WEBHOOK", raising=False)
         monkeypatch.delenv("RECSYS_MONITOR_CONFIG", raising=False)
         settings = load_settings()
@@ -177,12 +227,19 @@ def sampling_platform(monkeypatch, tmp_path, artifacts) -> Iterator[SamplingPlat
         yield SamplingPlatform(settings=settings, triton=triton)
 
 
+@pytest.fixture
+def sampling_platform(monkeypatch, tmp_path, artifacts) -> Iterator[SamplingPlatform]:
+    """:func:`serving_with_sampling` with every served query sampled (rate 1.0)."""
+    with serving_with_sampling(monkeypatch, tmp_path, artifacts, 1.0) as platform:
+        yield platform
+
+
 def test_sampler_rotates_its_files_and_never_fails_a_request(
     monkeypatch, tmp_path, artifacts
 ) -> None:
     """With 1 KiB segments, a busy instance keeps only its newest segments (every one a set of
     whole JSON lines); where the sample folder cannot be created, queries are answered anyway
-    and the model logs that sampling is off."""
+    and the failure is in Triton's log, once, with its error name and the retry."""
     from recsys.triton.control import TritonControl
     from recsys.triton.repository import publish_version, serving_config
     from tests.triton_testing import running_triton
@@ -191,6 +248,7 @@ def test_sampler_rotates_its_files_and_never_fails_a_request(
     samples.mkdir()
     (samples / "unwritable").write_text("a file where the model's sample folder would go")
     monkeypatch.setenv("RECSYS_QUERY_SAMPLE_MAX_BYTES", "1024")
+    monkeypatch.setenv("RECSYS_QUERY_SAMPLE_RETRY_S", "0.05")
     with running_triton(tmp_path / "triton", query_sample_dir=samples, query_sample_rate=1) as t:
         with TritonControl(t.grpc_url) as control:
             for name in ("sampled", "unwritable"):
@@ -201,7 +259,9 @@ def test_sampler_rotates_its_files_and_never_fails_a_request(
                 assert control.search("sampled", query, top_k=3)
                 assert control.search("unwritable", query, top_k=3)
         log_text = Path(t.server.log_path).read_text(errors="replace")
-    assert "query sampling to" in log_text and "turned off" in log_text
+    failures = [line for line in log_text.splitlines() if "query sampling to" in line]
+    assert len(failures) == 1, failures  # one line per error, not one per batch
+    assert "(ENOTDIR: " in failures[0] and "retrying" in failures[0]
 
     files = sorted((samples / "sampled" / "1").glob("queries-*.jsonl"))
     assert 1 < len(files) <= 4  # SAMPLE_SEGMENTS_KEPT: the oldest segments were removed
@@ -211,17 +271,76 @@ def test_sampler_rotates_its_files_and_never_fails_a_request(
     assert read.queries == queries[-len(read.queries) :]  # the newest, in order
 
 
+def test_a_sampling_version_retires_promptly_when_another_replaces_it(tmp_path, artifacts) -> None:
+    """Deploy/rollback swaps under traffic with query sampling on: every replaced version
+    leaves Triton within seconds. (With Triton custom metrics in the sampler, the replaced
+    version's stub hung in UNLOADING for good on the second swap, and every rollback after it
+    failed; the model now exports none.)"""
+    import threading
+
+    from recsys.triton.control import TritonControl
+    from recsys.triton.repository import publish_version, serving_config
+    from tests.triton_testing import copy_artifacts, running_triton
+
+    samples = tmp_path / "samples"
+    with running_triton(tmp_path / "triton", query_sample_dir=samples, query_sample_rate=1) as t:
+        control = TritonControl(t.grpc_url, retire_timeout_s=20)
+        stop = threading.Event()
+
+        def traffic() -> None:
+            with TritonControl(t.grpc_url) as client:
+                for query in in_distribution_queries(100000):
+                    if stop.is_set():
+                        return
+                    with contextlib.suppress(Exception):  # the failing versions fail on purpose
+                        client.search("swapped", query, top_k=3)
+
+        publish_version(t.repo, "swapped", 1, artifacts)
+        control.load_version("swapped", 1, t.repo, config=serving_config("swapped"))
+        thread = threading.Thread(target=traffic, daemon=True)
+        thread.start()
+        try:
+            for version in (2, 3, 4):
+                faulty = copy_artifacts(
+                    artifacts,
+                    tmp_path / f"v{version}",
+                    fault_injection={"mode": "raise", "after_requests": 20},
+                )
+                publish_version(t.repo, "swapped", version, faulty)
+                control.load_version("swapped", version, t.repo, config=serving_config("swapped"))
+                wait_for(  # sampled, then failing, as a bad deploy under traffic does
+                    lambda v=version: list((samples / "swapped" / str(v)).glob("*.jsonl")),
+                    bool,
+                )
+                # The rollback: raises VersionsNotRetiredError if the faulty one hangs.
+                control.load_version("swapped", 1, t.repo, config=serving_config("swapped"))
+                states = control.version_states("swapped")
+                assert {v: s for v, s in states.items() if s != "UNAVAILABLE"} == {1: "READY"}
+        finally:
+            stop.set()
+            thread.join(10)
+
+
 THRESHOLDS = DriftThresholds(min_queries=30)
 
 
-def test_served_queries_are_sampled_and_judged(sampling_platform: SamplingPlatform) -> None:
+def test_served_queries_are_sampled_and_judged(
+    sampling_platform: SamplingPlatform, monkeypatch, tmp_path
+) -> None:
+    """New ordinary queries (held out from the reference) are sampled and judged no drift;
+    shifted ones drift; and a check reading another folder than the one Triton writes is
+    blind, which Triton's own inference count reveals, rather than "too few" forever."""
+    from recsys.config import load_settings
+
     platform, settings = sampling_platform, sampling_platform.settings
     model = settings.model_name
 
     quiet = check_query_drift(settings, thresholds=THRESHOLDS)
     assert not quiet["judged"] and quiet["version"] == 1 and "too few" in quiet["reasons"][0]
+    assert quiet["sampling"]["status"] == "quiet" and not quiet["blind"]
 
-    normal = in_distribution_queries()
+    normal = new_ordinary_queries()
+    assert not set(normal) & set(training_queries())  # the reference never saw them
     platform.send(normal)
     files = sorted((settings.query_sample_dir / model / "1").glob("queries-*.jsonl"))
     assert files, "the model sampled nothing"
@@ -233,7 +352,8 @@ def test_served_queries_are_sampled_and_judged(sampling_platform: SamplingPlatfo
     verdict = check_query_drift(settings, thresholds=THRESHOLDS)
     assert peek["stats"] == verdict["stats"]  # looking did not consume
     assert verdict["judged"] and not verdict["drift"], verdict["reasons"]
-    assert verdict["queries"] == 80 and verdict["stats"]["unk_rate"] == 0.0
+    assert verdict["queries"] == len(normal) and verdict["stats"]["unk_rate"] == 0.0
+    assert verdict["sampling"]["status"] == "ok"
     assert not check_query_drift(settings, thresholds=THRESHOLDS)["judged"]  # consumed
 
     platform.send(shifted_queries(40))
@@ -243,6 +363,21 @@ def test_served_queries_are_sampled_and_judged(sampling_platform: SamplingPlatfo
     assert "[UNK] token rate" in reasons and "OOV rate" in reasons
     assert "token-length PSI" in reasons
     assert drifted["stats"]["unk_rate"] > 0.5
+
+    # Airflow reading another folder than Triton writes: queries are written, none arrive.
+    monkeypatch.setenv("RECSYS_QUERY_SAMPLE_DIR", str(tmp_path / "elsewhere"))
+    elsewhere = load_settings()
+    platform.send(new_ordinary_queries(seed=1)[:MIN_EXPECTED_SAMPLES])
+    served = len(normal) + 40 + MIN_EXPECTED_SAMPLES
+    wait_for(lambda: health_of(settings), lambda h: h.inference_count >= served)
+    blind = check_query_drift(elsewhere, thresholds=THRESHOLDS, commit=False)
+    assert blind["blind"] and blind["blind_alert_due"] and not blind["judged"]
+    assert blind["reasons"][0].startswith(
+        f"drift check blind: Triton ran {MIN_EXPECTED_SAMPLES} inferences of {model} v1"
+    )
+    assert f"none arrived in {elsewhere.query_sample_dir / model / '1'}" in blind["reasons"][0]
+    assert "agree on RECSYS_QUERY_SAMPLE_DIR" in blind["reasons"][0]
+    assert not any("too few" in reason for reason in blind["reasons"])
 
 
 def _asset_events(run_id: str) -> list:
@@ -289,7 +424,9 @@ def test_drift_dag_alerts_audits_and_requests_retraining(
 ) -> None:
     """In-distribution traffic: the DAG judges and stops. Shifted traffic: alert on the webhook,
     audit record, an event on the retraining Asset that queues ``search_model_pipeline``. More
-    shifted traffic within the cooldown: alerted again, but no second retraining request."""
+    shifted traffic within the cooldown, after the drift state file got corrupted: alerted
+    again, saying the state was corrupt, but no second retraining request (the cooldown comes
+    from the audit log, which the corruption did not touch)."""
     from recsys.audit import read_records
     from recsys.cli import main
 
@@ -308,7 +445,7 @@ def test_drift_dag_alerts_audits_and_requests_retraining(
         return run.run_id, states
 
     try:
-        platform.send(in_distribution_queries(seed=3))
+        platform.send(new_ordinary_queries(seed=3))
         run_id, states = run_dag()
         assert states["check_drift"] == "success", states
         assert states["alert_and_audit"] == "skipped", states
@@ -337,16 +474,122 @@ def test_drift_dag_alerts_audits_and_requests_retraining(
         assert _pipeline_queued()  # the retraining request schedules the training pipeline
 
         platform.send(shifted_queries(40, seed=6))
+        settings.drift_state.write_text('{"format": 1, "models": {"' + settings.model_name)
         run_id, states = run_dag()
         assert states["alert_and_audit"] == "success", states
         assert states["request_retraining"] == "skipped", states  # within the cooldown
-        assert "cooldown" in receiver.next()["reason"]
+        reason = receiver.next()["reason"]
+        assert "cooldown 24 h, from the audit log" in reason
+        assert f"drift state {settings.drift_state} was corrupt (JSONDecodeError" in reason
         assert _asset_events(run_id) == []
+        assert json.loads(settings.drift_state.read_text())["format"] == 1  # whole again
     finally:
         _set_paused("search_model_pipeline", True)
 
     actions = [r["action"] for r in read_records(settings.audit_log, settings.model_name)]
     assert actions.count("query_drift") == 2 and actions.count("retraining_requested") == 1
+
+
+def test_a_blind_check_alerts_once_and_audits_when_it_sees_again(
+    sampling_platform: SamplingPlatform, webhook: Receiver, dagbag
+) -> None:
+    """The sample folder of the served version is deleted and a file takes its place while
+    traffic flows: queries are still answered, no sample arrives although Triton served, and
+    the DAG alerts once that the check is blind, naming the model and what is wrong with the
+    folder (not "too few queries"). The next hourly run, the outage still on, stays quiet.
+    Once the folder can be made again the sampler recovers by itself, and the next run records
+    that the check sees again, without another alert."""
+    from recsys.audit import read_records
+
+    platform, settings = sampling_platform, sampling_platform.settings
+    model = settings.model_name
+    dag = dagbag.get_dag("query_drift")
+    folder = settings.query_sample_dir / model / "1"
+    traffic = iter(new_ordinary_queries(seed=7) * 20)
+    verdicts: list[dict] = []
+
+    def run_dag() -> dict[str, str]:
+        run = dag.test(run_conf={"min_queries": 30})
+        states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+        assert run.state == "success", states
+        verdicts.append(run.get_task_instance("check_drift").xcom_pull(task_ids="check_drift"))
+        return states
+
+    platform.send([next(traffic) for _ in range(10)])
+    assert list(folder.glob("queries-*.jsonl"))  # sampling works before the fault
+    states = run_dag()  # too few to judge; remembers what it saw and what Triton served
+    assert states["alert_blind"] == "skipped" and verdicts[-1]["sampling"]["status"] == "ok"
+    shutil.rmtree(folder)
+    folder.write_text("not a folder: the sampler cannot recreate its version folder")
+    platform.send([next(traffic) for _ in range(30)])  # every query still answered
+    wait_for(lambda: health_of(settings), lambda h: h.inference_count >= 40)
+
+    states = run_dag()
+    assert states["alert_blind"] == "success", states
+    assert states["alert_and_audit"] == "skipped", states  # blind is not drift
+    assert states["audit_seeing_again"] == "skipped", states
+    alert = webhook.next()
+    assert alert["model"] == model and alert["kind"] == "query_drift_blind"
+    assert alert["version"] == 1 and alert["title"].startswith(f"{model} v1: query drift check")
+    assert f"none arrived in {folder}: {folder} is not a folder" in alert["reason"]
+    assert "Triton ran 30 inferences" in alert["reason"] and "too few" not in alert["reason"]
+    assert alert["sampling"]["status"] == "blind"
+
+    platform.send([next(traffic) for _ in range(30)])
+    states = run_dag()  # an hour later, still blind: no second alert
+    assert states["check_drift"] == "success" and states["alert_blind"] == "skipped", states
+    assert verdicts[-1]["blind"] and not verdicts[-1]["blind_alert_due"], verdicts[-1]
+    assert "(alerted then): no new alert" in verdicts[-1]["reasons"][1]
+    assert webhook.all() == []
+
+    folder.unlink()  # fixed: the sampler may make its folder again
+    deadline = time.monotonic() + 30.0
+    while not list(folder.glob("queries-*.jsonl")):  # it retries after its backoff
+        assert time.monotonic() < deadline, "the sampler never wrote again"
+        platform.send([next(traffic)])
+
+    states = run_dag()
+    assert states["audit_seeing_again"] == "success", states
+    assert states["alert_blind"] == "skipped", states
+    assert verdicts[-1]["sampling"]["status"] == "ok" and verdicts[-1]["outage_over"]
+    assert webhook.all() == []  # its end is recorded, not paged
+    records = read_records(settings.audit_log, model)
+    blind = [r for r in records if r["action"] == "query_drift_blind"]
+    seeing = [r for r in records if r["action"] == "query_drift_seeing_again"]
+    assert len(blind) == 1 and len(seeing) == 1, [r["action"] for r in records]
+    assert seeing[0]["blind_since"] == blind[0]["ts"] and seeing[0]["version"] == 1
+    assert "no longer blind" in seeing[0]["reason"]
+
+
+@pytest.mark.parametrize("served_rate", [0.0, None], ids=["server-rate-0", "server-no-sampler"])
+def test_sampling_off_on_purpose_is_no_outage_but_a_server_that_samples_nothing_is(
+    monkeypatch, tmp_path, artifacts, served_rate: float | None
+) -> None:
+    """A drift side that expects samples (rate 1.0) from a server that writes none (rate 0
+    there, or no sampling configured at all) cannot see: Triton's own inference count against
+    the expected rate shows it, and the check says the two sides disagree. A drift side
+    configured with rate 0, sampling off on purpose, is never blind."""
+    from recsys.config import load_settings
+
+    with serving_with_sampling(monkeypatch, tmp_path, artifacts, served_rate) as platform:
+        settings = platform.settings
+        first = check_query_drift(settings, thresholds=THRESHOLDS)
+        assert not first["blind"] and not first["judged"]
+        platform.send(new_ordinary_queries()[: MIN_EXPECTED_SAMPLES + 10])
+        served = MIN_EXPECTED_SAMPLES + 10
+        wait_for(lambda: health_of(settings), lambda h: h.inference_count >= served)
+        verdict = check_query_drift(settings, thresholds=THRESHOLDS)
+        assert not (settings.query_sample_dir / settings.model_name).exists()  # nothing sampled
+        monkeypatch.setenv("RECSYS_QUERY_SAMPLE_RATE", "0")
+        off = check_query_drift(load_settings(), version=1, thresholds=THRESHOLDS)
+    assert not verdict["judged"]
+    assert verdict["blind"] and verdict["blind_alert_due"], verdict["reasons"]
+    assert verdict["reasons"][0].startswith(
+        f"drift check blind: Triton ran {served} inferences of {settings.model_name} v1"
+    )
+    assert "agree on RECSYS_QUERY_SAMPLE_DIR and RECSYS_QUERY_SAMPLE_RATE" in verdict["reasons"][0]
+    assert off["sampling"]["status"] == "off" and not off["blind"]
+    assert not off["blind_alert_due"] and "RECSYS_QUERY_SAMPLE_RATE=0" in off["reasons"][0]
 
 
 # -- the Asset between the drift DAG and the pipeline -------------------------------------------
@@ -359,6 +602,23 @@ def test_drift_dag_feeds_the_pipeline_through_the_retraining_asset(dagbag) -> No
     assert drift.get_task("request_retraining").outlets == [RETRAINING_REQUEST]
     assert not [t.task_id for t in drift.tasks if t.outlets and t.task_id != "request_retraining"]
     assert dagbag.get_dag("search_model_pipeline").timetable.asset_condition == RETRAINING_REQUEST
+
+
+def test_drift_dag_runs_unpaused_in_its_pool_and_alerts_once_per_failure(dagbag) -> None:
+    """The drift DAG's tasks share the default pool at the drift priority (absolute weights, so
+    a long pipeline never outranks it), only tasks alert on failure (a DAG-level callback would
+    repeat each task failure as an ``error: null`` alert), and it starts unpaused: on a fresh
+    stack nobody unpauses a monitor, and it does nothing until samples arrive anyway."""
+    from recsys.alerts import task_failure_alert
+    from recsys.scheduling import DEFAULT_POOL, DRIFT_PRIORITY, WEIGHT_RULE
+
+    dag = dagbag.get_dag("query_drift")
+    assert dag.is_paused_upon_creation is False and dag.catchup is False
+    assert not dag.on_failure_callback
+    for task in dag.tasks:
+        assert (task.pool, task.priority_weight) == (DEFAULT_POOL, DRIFT_PRIORITY), task.task_id
+        assert task.weight_rule == WEIGHT_RULE, task.task_id
+        assert task.retries == 1 and task_failure_alert in task.on_failure_callback
 
 
 def test_pipeline_schedule_is_time_or_retraining_request(monkeypatch) -> None:

@@ -4,9 +4,13 @@ Four signals, each with its own limit (:class:`DriftThresholds`), any one of whi
 
 * **length** -- PSI (population stability index) of the token-length and word-length
   distributions over the reference's bins. Counts are smoothed (+0.5 per bin) so an empty bin
-  is finite. PSI has a floor from sampling noise alone, about ``(bins - 1) / n`` for ``n``
-  sampled queries; the limit applies on top of that floor, so a small sample of perfectly
-  ordinary queries is not called drifted;
+  is finite. PSI has a floor from sampling noise alone: both sides are samples of the same
+  population (``n`` served queries, and the ``N`` training queries the reference counted), so
+  even with no drift it is about ``(bins - 1) * (1/n + 1/N)``; the limit applies on top of
+  that floor, so a small sample of perfectly ordinary queries is not called drifted. (The
+  ``1/N`` half is the reference's own noise: invisible when the sample is drawn from the
+  reference queries themselves, as large as the sample's when new queries meet a reference of
+  a similar size);
 * **OOV rate** -- share of the sample's words not in the training vocabulary, compared with
   the rate expected of new in-distribution queries (the reference's hold-out estimate);
 * **[UNK] rate** -- share of tokens the tokenizer cannot spell at all (another script, emoji,
@@ -14,7 +18,8 @@ Four signals, each with its own limit (:class:`DriftThresholds`), any one of whi
 * **centroid shift** -- cosine distance between the sample's embedding centroid and the
   training centroid, in units of the training spread (the mean cosine distance of a training
   query to its centroid), again on top of the distance sampling noise alone would give
-  (about ``(1 - r^2) / (2 n r^2)``, ``r`` being the length of the training mean embedding).
+  (about ``(1 - r^2) / (2 r^2) * (1/n + 1/N)``, ``r`` being the length of the training mean
+  embedding and ``N`` the number of training queries its centroid was measured on).
 
 Too few sampled queries means no judgement at all, like the metrics monitor's no-traffic rule:
 a quiet hour is neither drift nor its absence.
@@ -28,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.monitoring.drift_reference import LengthHistogram, QueryReference
+from recsys.monitoring.drift_reference import MAX_EMBEDDED_QUERIES, LengthHistogram, QueryReference
 from recsys.monitoring.drift_thresholds import DriftThresholds
 from recsys.monitoring.query_features import QueryFeatures, normalised_centroid
 
@@ -43,9 +48,10 @@ def psi(reference_counts: Sequence[int], sample_counts: Sequence[int]) -> float:
 
 def _length_stats(name: str, histogram: LengthHistogram, lengths: list[int]) -> dict[str, Any]:
     counts = histogram.bin_counts(lengths)
+    both_samples = 1 / max(len(lengths), 1) + 1 / max(sum(histogram.counts), 1)
     return {
         f"{name}_psi": psi(histogram.counts, counts),
-        f"{name}_psi_noise": (len(counts) - 1) / max(len(lengths), 1),
+        f"{name}_psi_noise": (len(counts) - 1) * both_samples,
         f"mean_{name}": float(np.mean(lengths)) if lengths else None,
     }
 
@@ -61,7 +67,8 @@ def drift_stats(
     centroid, _ = normalised_centroid(embeddings)
     distance = float(1.0 - np.clip(centroid @ reference.centroid, -1.0, 1.0))
     r = max(reference.centroid_norm, 1e-6)
-    noise = (1.0 - r * r) / (2.0 * max(n, 1) * r * r)
+    embedded = min(reference.queries, MAX_EMBEDDED_QUERIES)  # what its centroid averaged
+    noise = (1.0 - r * r) / (2.0 * r * r) * (1 / max(n, 1) + 1 / max(embedded, 1))
     return {
         "queries": n,
         **_length_stats("token_length", reference.token_length, features.token_lengths),

@@ -6,13 +6,20 @@ rewriting a byte. So "since the last check" is a byte offset per file: everythin
 new, and a line without its newline yet is left for the next read (the writer may be
 mid-write). A file that is gone (rotated out) or shorter than its offset (replaced) is read
 from the start or dropped; a malformed line is skipped and counted, never fatal.
+
+Files cannot say that the writer has stopped writing them, so the drift check compares them with
+Triton's own inference count of the version (:func:`parse_sampler_metrics`, from the
+``:8002/metrics`` text): many inferences and no samples means the sampler cannot write. (The
+writer exports no custom metrics: see :mod:`recsys.serving.triton_model`.)
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SAMPLE_GLOB = "queries-*.jsonl"
 
@@ -77,3 +84,52 @@ def read_new_samples(folder: Path, offsets: dict[str, int]) -> SampleRead:
             result.queries.append(query)
             result._seen(float(ts) if isinstance(ts, int | float) else None)
     return result
+
+
+INFERENCE_COUNT_METRIC = "nv_inference_count"
+"""Triton's count of inferences a version ran (cache hits excluded, as they never reach the
+model and so are never sampled)."""
+
+
+@dataclass
+class SamplerHealth:
+    """What Triton's metrics say about one served version, for telling "no samples because no
+    traffic" from "no samples although Triton served": ``inference_count`` is Triton's own
+    cumulative count for the version since it was loaded, ``None`` when Triton exports none."""
+
+    inference_count: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inference_count": self.inference_count}
+
+
+def _family_name(name: str) -> str:
+    """A metric's family name: ``prometheus_client`` drops a counter's ``_total`` from the
+    family and adds it to every sample (``nv_inference_count`` samples come out as
+    ``nv_inference_count_total``), so names are compared without it."""
+    return name.removesuffix("_total")
+
+
+def parse_sampler_metrics(text: str, model: str, version: int | str) -> SamplerHealth:
+    """The :class:`SamplerHealth` of ``model`` ``version`` in Prometheus text from Triton.
+
+    Raises ``ValueError`` on text that does not parse, or that holds no ``nv_`` metric at all
+    (not Triton's endpoint): an unreadable endpoint must never read as "sampler healthy".
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    health = SamplerHealth()
+    wanted = {"model": model, "version": str(version)}
+    saw_triton = False
+    for family in text_string_to_metric_families(text):
+        saw_triton = saw_triton or family.name.startswith("nv_")
+        if _family_name(family.name) != _family_name(INFERENCE_COUNT_METRIC):
+            continue
+        for sample in family.samples:
+            if any(sample.labels.get(key) != value for key, value in wanted.items()):
+                continue
+            if not math.isnan(sample.value):
+                health.inference_count = (health.inference_count or 0.0) + float(sample.value)
+    if not saw_triton:
+        raise ValueError("no Triton (nv_*) metrics in the text")
+    return health

@@ -13,7 +13,12 @@ gets its own error response, so one bad client never fails the other requests of
 valid queries of a batch are embedded with a single ONNX call.
 
 With ``RECSYS_QUERY_SAMPLE_DIR`` set, a share of the valid queries is also appended to files
-there for the online drift check (:class:`QuerySampler`).
+there for the online drift check (:class:`QuerySampler`). The sampler exports no Triton custom
+metrics on purpose: with python-backend custom metrics (Triton 2.51), the version a deploy or
+rollback replaces can hang in UNLOADING for good (the stub never finishes), which is what a
+rollback must never wait for. The drift check sees a sampler that cannot write from outside
+instead: Triton's own inference count of the version against the samples that arrived, and the
+state of the sample folder.
 
 A manifest with a ``reranker`` section (see :func:`reranker_config`) makes this a two-stage
 model: the bi-encoder retrieves the ``max(candidates, TOP_K)`` best products by dot product, a
@@ -26,6 +31,7 @@ is the predicted relevance probability; >= 0 means "relevant"), not cosines.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -181,10 +187,19 @@ def _error_response(message: str) -> Any:
 SAMPLE_DIR_ENV = "RECSYS_QUERY_SAMPLE_DIR"
 SAMPLE_RATE_ENV = "RECSYS_QUERY_SAMPLE_RATE"
 SAMPLE_MAX_BYTES_ENV = "RECSYS_QUERY_SAMPLE_MAX_BYTES"
+SAMPLE_RETRY_ENV = "RECSYS_QUERY_SAMPLE_RETRY_S"
 DEFAULT_SAMPLE_RATE = 0.1
 DEFAULT_SAMPLE_MAX_BYTES = 8 * 1024 * 1024
+DEFAULT_SAMPLE_RETRY_S = 30.0
+MAX_SAMPLE_RETRY_S = 900.0
 SAMPLE_SEGMENTS_KEPT = 4
 MAX_SAMPLED_QUERY_CHARS = 2000
+
+
+def _error_key(exc: OSError) -> str:
+    """A short name for an ``OSError`` in log lines: its errno name (``EACCES``, ``ENOSPC``,
+    ``EEXIST``, ...), else its class name."""
+    return errno.errorcode.get(exc.errno or 0) or type(exc).__name__
 
 
 class QuerySampler:
@@ -195,16 +210,38 @@ class QuerySampler:
     process), append-only, so the reader can keep a byte offset per file. A file that reaches
     ``max_bytes`` is closed and the next segment started; only the newest
     :data:`SAMPLE_SEGMENTS_KEPT` segments of a process are kept, which caps the disk a busy
-    server can fill. Sampling is best effort: it must never fail or slow down a request, so an
-    ``OSError`` (disk full, folder gone) logs once and turns the sampler off for this instance.
-    The files hold raw query text: they stay on the serving host, under the platform's home.
+    server can fill. The files hold raw query text: they stay on the serving host, under the
+    platform's home.
+
+    Sampling must never fail or slow down a request, so a write error (disk full, folder gone
+    or not writable) is not raised. It is not hidden either: it is logged once per error (and
+    once when writes work again, with the queries dropped meanwhile), the drift check notices
+    the missing samples (see the module docstring), and the sampler retries after a backoff
+    (``retry_s``, doubling up to :data:`MAX_SAMPLE_RETRY_S`) instead of staying off until a
+    restart; the first good write clears the failure. An open file whose name was removed (the
+    folder deleted under it) is noticed before each write and reopened, since writing on would
+    lose every query silently.
     """
 
-    def __init__(self, directory: Path, rate: float, max_bytes: int, log: Any = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        rate: float,
+        max_bytes: int,
+        log: Any = None,
+        retry_s: float = DEFAULT_SAMPLE_RETRY_S,
+    ) -> None:
         self.directory = directory
         self.rate = min(max(rate, 0.0), 1.0)
         self.max_bytes = max(int(max_bytes), 1024)
         self.enabled = self.rate > 0
+        self.retry_s = max(float(retry_s), 0.0)
+        self.failure: str | None = None
+        """Error label of the failing write (``None`` while writes succeed)."""
+        self._failures = 0
+        self._retry_at = 0.0
+        self.dropped = 0
+        """Sampled queries lost to write errors since the last good write (for the log)."""
         self._log = log
         self._random = random.Random()
         self._handle: Any = None
@@ -212,10 +249,16 @@ class QuerySampler:
 
     @classmethod
     def from_environment(
-        cls, model_name: str, version: str, environ: Any = None, log: Any = None
+        cls,
+        model_name: str,
+        version: str,
+        environ: Any = None,
+        log: Any = None,
     ) -> QuerySampler | None:
-        """The sampler ``RECSYS_QUERY_SAMPLE_*`` ask for, or ``None`` when no folder is set or
-        the rate is 0. A malformed rate or size disables sampling rather than the model."""
+        """The sampler ``RECSYS_QUERY_SAMPLE_*`` ask for, or ``None`` when no folder is set (a
+        rate of 0 gives one that writes nothing). A malformed rate, size or retry delay disables
+        sampling (logged) rather than the model; the drift check then sees a served version
+        whose samples never arrive."""
         environ = os.environ if environ is None else environ
         root = environ.get(SAMPLE_DIR_ENV)
         if not root:
@@ -223,13 +266,16 @@ class QuerySampler:
         try:
             rate = float(environ.get(SAMPLE_RATE_ENV) or DEFAULT_SAMPLE_RATE)
             max_bytes = int(environ.get(SAMPLE_MAX_BYTES_ENV) or DEFAULT_SAMPLE_MAX_BYTES)
+            retry_s = float(environ.get(SAMPLE_RETRY_ENV) or DEFAULT_SAMPLE_RETRY_S)
         except ValueError as exc:
             if log is not None:
-                log(f"query sampling off: bad {SAMPLE_RATE_ENV}/{SAMPLE_MAX_BYTES_ENV}: {exc}")
+                log(
+                    f"query sampling off: bad {SAMPLE_RATE_ENV}/{SAMPLE_MAX_BYTES_ENV}/"
+                    f"{SAMPLE_RETRY_ENV}: {exc}"
+                )
             return None
-        if not rate > 0:
-            return None
-        return cls(Path(root) / model_name / str(version), rate, max_bytes, log)
+        directory = Path(root) / model_name / str(version)
+        return cls(directory, rate, max_bytes, log, retry_s=retry_s)
 
     def _segment_path(self, segment: int) -> Path:
         return self.directory / f"queries-{os.getpid()}-{segment:06d}.jsonl"
@@ -244,11 +290,16 @@ class QuerySampler:
         return sorted(found)
 
     def _writable(self, size: int) -> Any:
-        """The open segment, rotated first when ``size`` more bytes would pass ``max_bytes``."""
+        """The open segment, rotated first when ``size`` more bytes would pass ``max_bytes``,
+        reopened when its file was removed from under it."""
+        if self._handle is not None and os.fstat(self._handle.fileno()).st_nlink == 0:
+            self.close()  # deleted (the folder with it?): writes would go nowhere
         if self._handle is None:
             self.directory.mkdir(parents=True, exist_ok=True)
             existing = self._segments()
-            self._segment = existing[-1] if existing else 0
+            # Never reuse a number this process wrote before: the reader's offset for that
+            # name would skip the start of a new file that grew past it.
+            self._segment = max(existing[-1] if existing else 0, self._segment + 1)
             self._handle = open(self._segment_path(self._segment), "ab")  # noqa: SIM115
         if self._handle.tell() and self._handle.tell() + size > self.max_bytes:
             self._handle.close()
@@ -259,12 +310,16 @@ class QuerySampler:
         return self._handle
 
     def sample(self, texts: list[str]) -> None:
-        """Write a random ``rate`` share of ``texts``. An ``OSError`` turns sampling off for
-        this instance instead of raising."""
+        """Write a random ``rate`` share of ``texts``. A write error is recorded (log, backoff;
+        see the class docstring), never raised; while backing off, the chosen queries are
+        counted as dropped without touching the disk."""
         if not self.enabled or not texts:
             return
         chosen = [text for text in texts if self._random.random() < self.rate]
         if not chosen:
+            return
+        if self.failure is not None and time.monotonic() < self._retry_at:
+            self._count_dropped(self.failure, len(chosen))
             return
         now = round(time.time(), 3)
         data = "".join(
@@ -277,16 +332,50 @@ class QuerySampler:
             handle.write(data)  # one write per batch: a reader never sees half a line for long
             handle.flush()
         except OSError as exc:
-            self.enabled = False
             self.close()
-            if self._log is not None:
-                self._log(f"query sampling to {self.directory} turned off: {exc}")
+            self._failed(exc)
+            self._count_dropped(self.failure or _error_key(exc), len(chosen))
+            return
+        if self.failure is not None:
+            self._recovered()
+
+    def _failed(self, exc: OSError) -> None:
+        """Enter (or stay in) the failing state: the log changes only when the error does, so
+        a lasting outage is one log line, not one per batch."""
+        error = _error_key(exc)
+        self._failures += 1
+        delay = min(self.retry_s * 2 ** (self._failures - 1), max(self.retry_s, MAX_SAMPLE_RETRY_S))
+        self._retry_at = time.monotonic() + delay
+        if error == self.failure:
+            return
+        self.failure = error
+        if self._log is not None:
+            self._log(
+                f"query sampling to {self.directory} failed ({error}: {exc}); sampled queries "
+                f"are dropped, retrying in {delay:g} s with backoff"
+            )
+
+    def _recovered(self) -> None:
+        if self._log is not None:
+            self._log(
+                f"query sampling to {self.directory} works again after {self._failures} failed "
+                f"attempt(s) ({self.failure}); {self.dropped} sampled queries were dropped"
+            )
+        self.failure, self._failures, self._retry_at, self.dropped = None, 0, 0.0, 0
+
+    def _count_dropped(self, error: str, count: int) -> None:
+        self.dropped += count
 
     def close(self) -> None:
+        """Close the open segment (the next write opens one again)."""
         handle, self._handle = self._handle, None
         if handle is not None:
             with contextlib.suppress(OSError):
                 handle.close()
+
+    def shutdown(self) -> None:
+        """Close for good (the instance unloads)."""
+        self.close()
 
 
 class TritonPythonModel:
@@ -506,4 +595,4 @@ class TritonPythonModel:
         self.product_embeddings = None
         self.reranker = None
         if self.query_sampler is not None:
-            self.query_sampler.close()
+            self.query_sampler.shutdown()
