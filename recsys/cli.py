@@ -35,6 +35,39 @@ EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
 
 
+# -- argument types ---------------------------------------------------------------------------
+# Checked by argparse, so bad values exit 2 with a message naming them before anything is
+# contacted (an empty query would otherwise reach Triton and come back as a model error, exit 1).
+
+
+def _query_text(value: str) -> str:
+    """A query with at least one non-blank character."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"the query must contain a word, got {value!r}")
+    return value
+
+
+def _whole_number(value: str, minimum: int, too_small: str) -> int:
+    """``value`` as an int of at least ``minimum``; ``too_small`` says why the bound exists."""
+    try:
+        number = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from exc
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"{too_small}, got {number}")
+    return number
+
+
+def _version_number(value: str) -> int:
+    """A registry version number: MLflow numbers versions from 1."""
+    return _whole_number(value, 1, "versions are numbered from 1")
+
+
+def _positive_int(value: str) -> int:
+    """A count of at least 1 (e.g. how many hits to return)."""
+    return _whole_number(value, 1, "must be at least 1")
+
+
 # -- stack ------------------------------------------------------------------------------------
 
 
@@ -111,6 +144,7 @@ def _print_quality(path: Path, report: Any) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from recsys import operations
+    from recsys.airflow_client import task_progress_line
     from recsys.progress import progress_bar
 
     conf = operations.build_train_conf(
@@ -124,6 +158,7 @@ def _train(args: argparse.Namespace) -> int:
     client = operations.airflow_client(settings)
     run_id, paused = operations.trigger_training(client, conf, unpause=args.unpause)
     print(f"triggered {operations.PIPELINE_DAG} run {run_id} with conf {json.dumps(conf)}")
+    print(f"  watch it in the Airflow UI: {client.ui_run_url(operations.PIPELINE_DAG, run_id)}")
     if paused:
         print(
             f"note: {operations.PIPELINE_DAG} is paused; the run waits until it is unpaused "
@@ -141,8 +176,15 @@ def _train(args: argparse.Namespace) -> int:
         bar.set_postfix_str(",".join(running) or "-", refresh=False)
         bar.refresh()
 
+    def on_task_finished(task: Any, elapsed_s: float | None) -> None:
+        # Without a terminal the bar is off: one line per finished task is the progress then.
+        if bar.disable:
+            print(task_progress_line(task, elapsed_s), flush=True)
+
     try:
-        outcome = operations.follow_run(client, run_id, on_progress=on_progress)
+        outcome = operations.follow_run(
+            client, run_id, on_progress=on_progress, on_task_finished=on_task_finished
+        )
     finally:
         bar.close()
     print(f"run {run_id}: {outcome.state} ({len(outcome.tasks)} tasks)")
@@ -329,15 +371,42 @@ def _drift(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version_titles(settings: Settings, version: int | None) -> tuple[dict[str, str], str]:
+    """``({product_id: title}, "")`` from the served version's folder, or ``({}, why not)``.
+
+    Every export writes the catalogue titles into ``products.npz``; folders exported before
+    that have ids and embeddings only, and a query must still answer with ids then.
+    """
+    import numpy as np
+
+    if version is None:
+        return {}, "Triton did not say which version answered"
+    path = settings.triton_repo / settings.model_name / str(version) / "products.npz"
+    if not path.is_file():
+        return {}, f"{path} is not on this machine"
+    with np.load(path, allow_pickle=False) as products:
+        if "titles" not in products.files:
+            return {}, f"v{version} was exported without titles ({path} has none)"
+        ids, titles = products["ids"], products["titles"]
+    return dict(zip((str(i) for i in ids), (str(t) for t in titles), strict=True)), ""
+
+
 def _query(args: argparse.Namespace) -> int:
+    """Search the served model and show each hit with the title from the folder of the
+    version that answered (titles of another version could name other products)."""
     from recsys.triton.control import TritonControl
 
     settings = _settings_for(args)
-    hits = TritonControl(settings.triton_grpc_url).search(
-        settings.model_name, args.text, args.top_k
-    )
+    with TritonControl(settings.triton_grpc_url) as control:
+        hits, version = control.search_answered(settings.model_name, args.text, args.top_k)
+    titles, missing = _version_titles(settings, version)
+    answered = f"v{version}" if version is not None else "version unknown"
+    print(f"{settings.model_name} {answered}: {args.text!r}")
+    if missing:
+        print(f"product titles unavailable: {missing}; showing ids", file=sys.stderr)
     for rank, (product_id, score) in enumerate(hits, 1):
-        print(f"{rank:>3}. {product_id:<10} {score:.4f}")
+        title = titles.get(product_id, "")
+        print(f"{rank:>3}. {product_id:<10} {score:.4f}  {title}".rstrip())
     return 0
 
 
@@ -385,15 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     deploy = sub.add_parser("deploy", help="serve an already-registered version")
-    deploy.add_argument("--version", type=int, required=True)
-    deploy.add_argument("--smoke-query", default="angle bracket")
-    deploy.add_argument("--top-k", type=int, default=5, help="hits the smoke query must return")
+    deploy.add_argument("--version", type=_version_number, required=True)
+    deploy.add_argument("--smoke-query", type=_query_text, default="angle bracket")
+    deploy.add_argument(
+        "--top-k", type=_positive_int, default=5, help="hits the smoke query must return"
+    )
     deploy.add_argument("--model", default=None, help=MODEL_HELP)
     deploy.set_defaults(func=_deploy)
 
     rollback = sub.add_parser("rollback", help="return to the previous known-good version")
     target = rollback.add_mutually_exclusive_group()
-    target.add_argument("--to", type=int, default=None, help="version to return to")
+    target.add_argument("--to", type=_version_number, default=None, help="version to return to")
     target.add_argument(
         "--complete-pending",
         action="store_true",
@@ -415,13 +486,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     drift = sub.add_parser("drift", help="judge the sampled served queries against training")
     drift.add_argument("--model", default=None, help="model (default: RECSYS_MODEL_NAME)")
-    drift.add_argument("--version", type=int, default=None, help="default: the serving one")
+    drift.add_argument(
+        "--version", type=_version_number, default=None, help="default: the serving one"
+    )
     drift.add_argument("--json", action="store_true", help="print the verdict as JSON")
     drift.set_defaults(func=_drift)
 
     query = sub.add_parser("query", help="search the served model")
-    query.add_argument("text")
-    query.add_argument("--top-k", type=int, default=10)
+    query.add_argument("text", type=_query_text, help="what a shopper would type")
+    query.add_argument("--top-k", type=_positive_int, default=10)
     query.add_argument("--model", default=None, help=MODEL_HELP)
     query.set_defaults(func=_query)
 

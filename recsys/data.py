@@ -8,6 +8,7 @@ lenient about encoding: the Kaggle file is latin-1, a shop's export is usually U
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,43 @@ class DataFormatError(ValueError):
     """The input file cannot be read as relevance data; the message says why and where."""
 
 
+EXPECTED_FORMAT = f"expected a comma-separated CSV with the columns {', '.join(REQUIRED_COLUMNS)}"
+
+
+def _first_line(path: Path, limit: int = 80) -> str:
+    """The file's first line as text, shortened, for an error message about its format."""
+    with path.open("rb") as handle:
+        head = handle.readline(4096)
+    text = head.decode("latin-1").rstrip("\r\n")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _not_text(path: Path) -> str | None:
+    """ "found an empty file" / "found binary data ..." when ``path`` is not text at all (pandas
+    happily parses some binaries into garbled columns), else None."""
+    with path.open("rb") as handle:
+        sample = handle.read(8192)
+    if not sample.strip():
+        return "found an empty file"
+    if b"\0" in sample:
+        return "found binary data (NUL bytes), not text"
+    return None
+
+
+def _what_was_found(path: Path, exc: Exception) -> str:
+    """Say what ``path`` holds instead of relevance CSV, in a person's words, from the file
+    itself and from the parser's complaint (pandas' own text is kept as the cause)."""
+    not_text = _not_text(path)
+    if not_text:
+        return not_text
+    found = f"found a first line of {_first_line(path)!r}"
+    fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+    if fields:
+        header, line, saw = fields.groups()
+        return f"{found}, and line {line} has {saw} fields where that header has {header}"
+    return f"{found}, which does not parse as CSV ({exc})"
+
+
 def read_relevance_csv(path: Path | str) -> pd.DataFrame:
     """Read a relevance CSV as strings/floats without dropping or repairing any row.
 
@@ -28,6 +66,8 @@ def read_relevance_csv(path: Path | str) -> pd.DataFrame:
     loader that silently coerced or dropped them would make impossible.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataFormatError(f"{path} is a directory; {EXPECTED_FORMAT}")
     if not path.is_file():
         raise DataFormatError(f"relevance data not found at {path} (set RECSYS_DATA_PATH)")
     frame = None
@@ -40,13 +80,20 @@ def read_relevance_csv(path: Path | str) -> pd.DataFrame:
         except UnicodeDecodeError:
             continue
         except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-            raise DataFormatError(f"{path} is not a readable CSV: {exc}") from exc
+            raise DataFormatError(
+                f"{path} is not a relevance CSV: {EXPECTED_FORMAT}; {_what_was_found(path, exc)}"
+            ) from exc
+        except OSError as exc:  # unreadable (permissions, I/O error): bad input, not a crash
+            raise DataFormatError(f"cannot read {path}: {exc.strerror or exc}") from exc
     if frame is None:  # pragma: no cover - latin-1 decodes any byte sequence
         raise DataFormatError(f"{path} has an unknown text encoding")
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
+        found = _not_text(path) or f"found the column(s) {[str(c) for c in frame.columns]}"
+        if len(frame.columns) == 1 and re.search(r"[;\t|:]", str(frame.columns[0])):
+            found += " (one column: is the file separated by something other than commas?)"
         raise DataFormatError(
-            f"{path} lacks required column(s) {missing}; found {list(frame.columns)}"
+            f"{path} lacks required column(s) {missing}: {EXPECTED_FORMAT}; {found}"
         )
     # A blank or garbled id becomes a missing value (nullable Int64) for the quality gate to
     # report, instead of silently turning the whole column into floats or strings.

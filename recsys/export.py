@@ -1,7 +1,8 @@
 """Export a fine-tuned bi-encoder into the self-contained folder the Triton model serves.
 
 The folder holds the ONNX encoder (pooling and normalisation inside the graph), the fast
-tokenizer's ``tokenizer.json``, the product catalogue's embeddings and a manifest. Product
+tokenizer's ``tokenizer.json``, the product catalogue's ids, titles and embeddings and a
+manifest. Product
 embeddings are computed here once, at export time, so a served query costs one encoder call and
 one matrix product. The export is checked against PyTorch before anyone can deploy it.
 The manifest's ``onnx_file`` names the encoder Triton loads (``encoder.onnx`` here;
@@ -10,6 +11,8 @@ The manifest's ``onnx_file`` names the encoder Triton loads (``encoder.onnx`` he
 With a cross-encoder (:mod:`recsys.reranker`) the folder also holds ``reranker.onnx``, its
 ``reranker_tokenizer.json`` and the product titles (``titles`` in ``products.npz``), and the
 manifest a ``reranker`` section; Triton then reranks the bi-encoder's top candidates with it.
+Every folder carries the titles (``titles`` in ``products.npz``, aligned with ``ids``): the
+reranker reads them, and ``recsys query`` shows them beside the ids of the version that answered.
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ def build_serving_artifacts(
     rerank_candidates: int = 20,
     rerank_max_length: int = 96,
 ) -> Path:
-    """Write encoder.onnx, tokenizer.json, products.npz and manifest.json into ``output_dir``.
+    """Write encoder.onnx, tokenizer.json, products.npz (ids, embeddings, titles) and
+    manifest.json into ``output_dir``.
 
     ``fault_injection`` (``"raise"`` or ``{"sleep_ms": n}``) is recorded in the manifest for
     rehearsing rollbacks: the served model then fails or slows down on purpose.
@@ -119,7 +123,13 @@ def build_serving_artifacts(
         .astype(np.float32)
     )
     ids = np.array(catalog["product_uid"].astype(str).tolist(), dtype=np.str_)
-    np.savez(output_dir / PRODUCTS_FILE, ids=ids, embeddings=embeddings)
+    # Titles travel with the version, so what it answers can be shown as products, not ids.
+    np.savez(
+        output_dir / PRODUCTS_FILE,
+        ids=ids,
+        embeddings=embeddings,
+        titles=np.array(titles, dtype=np.str_),
+    )
     manifest = {
         "model_name": model_name,
         "version": None,

@@ -33,6 +33,10 @@ EVENT_STYLES: dict[str, tuple[str, str]] = {
 """Audit actions drawn as markers -> (colour, line style); other actions (alerts) are left out
 because they duplicate the rollback they announce."""
 
+FOCUS_MARGIN_S = 30.0
+"""Seconds of context drawn before the faulty deploy and after the rollback (see
+:func:`fault_window`)."""
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -173,18 +177,74 @@ def _event_label(record: dict[str, Any]) -> str:
     return action
 
 
+def _recorded_events(
+    samples: list[Sample], audit_records: list[dict[str, Any]]
+) -> list[tuple[float, dict[str, Any]]]:
+    """``(unix time, record)`` of the drawable audit records within the recording (plus one
+    interval either side), oldest first."""
+    pad = max((s.seconds for s in samples), default=0.0)
+    start_ts, end_ts = samples[0].ts - samples[0].seconds - pad, samples[-1].ts + pad
+    events = []
+    for record in audit_records:
+        when = _event_time(record)
+        if (
+            when is not None
+            and record.get("action") in EVENT_STYLES
+            and start_ts <= when.timestamp() <= end_ts
+        ):
+            events.append((when.timestamp(), record))
+    return sorted(events, key=lambda event: event[0])
+
+
+def fault_window(
+    samples: list[Sample],
+    audit_records: list[dict[str, Any]],
+    margin_s: float = FOCUS_MARGIN_S,
+) -> tuple[float, float]:
+    """The part of a recording worth drawing, as unix ``(start, end)``.
+
+    A demo records from before a pipeline run, so most of its samples are idle training
+    minutes; drawn whole, the fault is a sliver at the right edge. The window runs from
+    ``margin_s`` before the deploy that preceded the first failed request (or before that
+    failure, when the deploy was not recorded) to ``margin_s`` after the first rollback that
+    followed it (or after the last failure), clipped to the recording. Without failures it spans
+    the recorded deploys and rollbacks, and without those the whole recording.
+    """
+    if not samples:
+        raise ValueError("no samples to plot (was the recorder started and stopped?)")
+    first_ts, last_ts = samples[0].ts - samples[0].seconds, samples[-1].ts
+    events = _recorded_events(samples, audit_records)
+    failing = [s for s in samples if s.failures > 0]
+    if failing:
+        fault_start = failing[0].ts - failing[0].seconds
+        deploys = [ts for ts, r in events if r["action"] == "deploy" and ts <= failing[0].ts]
+        start = deploys[-1] if deploys else fault_start
+        rollbacks = [ts for ts, r in events if r["action"] == "rollback" and ts >= fault_start]
+        end = rollbacks[0] if rollbacks else failing[-1].ts
+    elif events:
+        start, end = events[0][0], events[-1][0]
+    else:
+        return first_ts, last_ts
+    return max(first_ts, start - margin_s), min(last_ts, end + margin_s)
+
+
 def render_dashboard_png(
     samples: list[Sample],
     audit_records: list[dict[str, Any]],
     path: Path | str,
     title: str = "recsys serving",
+    margin_s: float | None = FOCUS_MARGIN_S,
 ) -> Path:
     """Draw ``samples`` as the Grafana dashboard's panels over time and save a PNG at ``path``.
 
     Panels: request rate (with failures), error rate, mean and p99 latency, queue time, served
     version. Audit records whose action is in :data:`EVENT_STYLES` and whose time falls within
-    the recording (plus one interval either side) become labelled vertical markers on every
-    panel, so a reader sees the error rate climb after the deploy and drop after the rollback.
+    the drawn window become labelled vertical markers on every panel, so a reader sees the
+    error rate climb after the deploy and drop after the rollback.
+
+    Only :func:`fault_window` is drawn (``margin_s`` of context either side); ``margin_s=None``
+    draws the whole recording. The window is also written into the PNG's text metadata
+    (``Window``: ISO start/end), so a reader or a test can tell what the picture covers.
     Raises ``ValueError`` without samples: an empty chart would look like "no traffic".
     """
     import matplotlib
@@ -196,19 +256,18 @@ def render_dashboard_png(
     if not samples:
         raise ValueError("no samples to plot (was the recorder started and stopped?)")
     path = Path(path)
+    if margin_s is None:
+        window = (samples[0].ts - samples[0].seconds, samples[-1].ts)
+    else:
+        window = fault_window(samples, audit_records, margin_s)
+    # A sample covers (ts - seconds, ts]: keep every one that overlaps the window.
+    samples = [s for s in samples if s.ts >= window[0] and s.ts - s.seconds <= window[1]]
     path.parent.mkdir(parents=True, exist_ok=True)
     times = [datetime.fromtimestamp(s.ts).astimezone() for s in samples]
-    pad = max((s.seconds for s in samples), default=0.0)
-    start_ts, end_ts = samples[0].ts - samples[0].seconds - pad, samples[-1].ts + pad
-    events = []
-    for record in audit_records:
-        when = _event_time(record)
-        if (
-            when is not None
-            and record.get("action") in EVENT_STYLES
-            and start_ts <= when.timestamp() <= end_ts
-        ):
-            events.append((when, record))
+    events = [
+        (datetime.fromtimestamp(ts).astimezone(), record)
+        for ts, record in _recorded_events(samples, audit_records)
+    ]
 
     def series(name: str) -> list[float]:
         return [float("nan") if getattr(s, name) is None else getattr(s, name) for s in samples]
@@ -289,6 +348,10 @@ def render_dashboard_png(
         f"{title}: {total:.0f} requests, {failed:.0f} failed, {len(events)} deploy/rollback "
         f"events ({times[0]:%Y-%m-%d %H:%M:%S} - {times[-1]:%H:%M:%S})"
     )
-    fig.savefig(path, dpi=100)
+    start, end = (datetime.fromtimestamp(ts).astimezone() for ts in window)
+    if end > start:  # a zero-width window (one instant) keeps matplotlib's own limits
+        for ax in axes.flat:
+            ax.set_xlim(start, end)
+    fig.savefig(path, dpi=100, metadata={"Window": f"{start.isoformat()}/{end.isoformat()}"})
     plt.close(fig)
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -14,7 +15,12 @@ from recsys.cli import main
 from recsys.operations import build_train_conf
 from recsys.pipeline import register_model
 from recsys.triton.control import TritonControl
-from tests.triton_testing import free_port
+from tests.triton_testing import (
+    CATALOG,
+    build_test_serving_artifacts,
+    copy_artifacts,
+    free_port,
+)
 
 
 @pytest.fixture
@@ -74,6 +80,26 @@ def test_data_validate_on_a_missing_file_is_bad_input(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_data_validate_on_a_file_that_is_not_relevance_csv_says_what_it_expected(tmp_path, capsys):
+    passwd = tmp_path / "passwd"
+    passwd.write_text(
+        "root:x:0:0:root:/root:/bin/bash\n"
+        "daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+        "odd,line,with,commas\n"
+    )
+    assert main(["data", "validate", str(passwd)]) == 2
+    err = capsys.readouterr().err
+    assert "id, product_uid, product_title, search_term, relevance" in err
+    assert "found a first line of 'root:x:0:0:root:/root:/bin/bash'" in err
+    assert "line 3 has 4 fields where that header has 1" in err
+    assert "C error" not in err and "Traceback" not in err
+
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00,\x00\n\x00,,\n")
+    assert main(["data", "validate", str(binary)]) == 2
+    assert "found binary data" in capsys.readouterr().err
+
+
 def test_data_validate_runs_only_the_named_suites(homedepot_sample, tmp_path, capsys):
     args = ["data", "validate", str(homedepot_sample), "--suite", "queries", "--out", str(tmp_path)]
     assert main(args) == 0
@@ -110,6 +136,33 @@ def test_train_without_a_running_airflow_says_so(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("RECSYS_AIRFLOW_PORT", str(free_port()))
     assert main(["train", "--max-steps", "3", "--wait"]) == 3
     assert "Airflow api-server at http://127.0.0.1:" in capsys.readouterr().err
+
+
+# -- bad arguments: exit 2 before any service is asked ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["query", ""], "got ''"),
+        (["query", "   "], "got '   '"),
+        (["query", "drill", "--top-k", "0"], "got 0"),
+        (["rollback", "--to", "0"], "got 0"),
+        (["rollback", "--to", "-3"], "got -3"),
+        (["rollback", "--to", "v2"], "got 'v2'"),
+        (["deploy", "--version", "0"], "got 0"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_value(argv, named, monkeypatch, capsys):
+    # Nothing listens here: a value that slipped through would fail with exit 3, not 2.
+    monkeypatch.setenv("RECSYS_TRITON_GRPC_PORT", str(free_port()))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(SystemExit) as parse_error:
+        main(argv)
+    assert parse_error.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err
+    assert "breached" not in err
 
 
 # -- deploy / rollback / status / audit against real Triton + MLflow --------------------------
@@ -160,10 +213,63 @@ def test_deploy_rebuilds_a_deleted_version_from_mlflow_and_rollback_moves_back(
     # --model aims deploy/rollback/query at another served model (e.g. the reranker model).
     monkeypatch.setenv("RECSYS_MODEL_NAME", f"{platform.model_name}_other")
     assert main(["query", "angle bracket", "--top-k", "3", "--model", platform.model_name]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 3
+    header, *hits = capsys.readouterr().out.splitlines()
+    assert header == f"{platform.model_name} v{v1}: 'angle bracket'"
+    assert len(hits) == 3
+    assert all(len(line.split(maxsplit=3)) == 4 for line in hits)  # rank, id, score, title
     assert main(["rollback", "--model", platform.model_name, "--to", str(v2)]) == 0
     assert f"{platform.model_name} rolled back from v{v1} to v{v2}" in capsys.readouterr().out
     assert control.loaded_versions(platform.model_name) == [v2]
+
+
+def test_query_shows_the_titles_of_the_version_that_answered(platform_and_triton, tmp_path, capsys):
+    """Titles come from the answering version's folder: v2 carries other titles than v1 for
+    the same products, and v3 was exported before titles existed (ids only, said so)."""
+    from recsys.triton.repository import publish_version
+
+    settings, triton = platform_and_triton
+    model = settings.model_name
+    v1 = build_test_serving_artifacts(tmp_path / "v1")
+    with np.load(v1 / "products.npz", allow_pickle=False) as products:
+        stored = {name: products[name] for name in products.files}
+    assert dict(zip(stored["ids"], stored["titles"], strict=True)) == CATALOG  # the export
+
+    v2 = copy_artifacts(v1, tmp_path / "v2")
+    np.savez(v2 / "products.npz", **{**stored, "titles": np.char.upper(stored["titles"])})
+    v3 = copy_artifacts(v1, tmp_path / "v3")
+    np.savez(v3 / "products.npz", ids=stored["ids"], embeddings=stored["embeddings"])
+    control = TritonControl(triton.grpc_url)
+    for version, artifacts in ((1, v1), (2, v2), (3, v3)):
+        publish_version(triton.repo, model, version, artifacts)
+
+    query = CATALOG["100003"]  # an exact title ranks its own product first
+    control.load_version(model, 1, triton.repo)
+    capsys.readouterr()  # the export's own output
+    assert main(["query", query, "--top-k", "3"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == f"{model} v1: {query!r}"
+    rank, product_id, score, title = lines[1].split(maxsplit=3)
+    assert (rank, product_id, title) == ("1.", "100003", CATALOG["100003"])
+    assert float(score) > 0.99
+    assert len(lines) == 4 and all(len(line.split(maxsplit=3)) == 4 for line in lines[1:])
+    assert captured.err == ""
+
+    control.load_version(model, 2, triton.repo)
+    assert main(["query", query, "--top-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{model} v2: {query!r}"
+    assert lines[1].endswith(CATALOG["100003"].upper())
+
+    control.load_version(model, 3, triton.repo)
+    assert main(["query", query, "--top-k", "3"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == f"{model} v3: {query!r}"
+    rank, product_id, score = lines[1].split()  # rank, id, score: no title
+    assert (rank, product_id) == ("1.", "100003")
+    assert len(lines) == 4
+    assert "product titles unavailable: v3 was exported without titles" in captured.err
 
 
 def test_rollback_complete_pending_with_nothing_pending(monkeypatch, tmp_path, capsys):

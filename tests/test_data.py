@@ -69,3 +69,55 @@ def test_blank_or_garbled_ids_become_missing_not_a_float_column(tmp_path):
     assert len(frame) == 3
     assert str(frame["id"].dtype) == "Int64" and frame["id"].isna().tolist() == [False, True, False]
     assert frame["product_uid"].isna().tolist() == [False, False, True]
+
+
+def test_a_file_that_is_not_relevance_csv_says_what_was_expected_and_found(tmp_path):
+    """Not the expected CSV at all: the error names the expected columns and what the file
+    holds instead, never the parser's raw text alone."""
+    expected = "expected a comma-separated CSV with the columns id, product_uid, product_title"
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\nbin:x:1:1\nsync,x,4,65534,sync\n")
+    with pytest.raises(DataFormatError) as info:
+        read_relevance_csv(passwd)
+    assert expected in str(info.value)
+    assert "found a first line of 'root:x:0:0:root:/root:/bin/bash'" in str(info.value)
+    assert "line 3 has 5 fields where that header has 1" in str(info.value)
+    assert isinstance(info.value.__cause__, pd.errors.ParserError)  # pandas' text is kept
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("\n")
+    with pytest.raises(DataFormatError, match=f"{expected}.*found an empty file"):
+        read_relevance_csv(empty)
+
+    with pytest.raises(DataFormatError, match=f"is a directory; {expected}"):
+        read_relevance_csv(tmp_path)
+
+    semicolons = tmp_path / "export.csv"
+    semicolons.write_text("id;product_uid;product_title;search_term;relevance\n1;2;a;b;3\n")
+    with pytest.raises(DataFormatError, match=r"separated by something other than commas"):
+        read_relevance_csv(semicolons)
+
+
+def test_a_test_session_removes_its_state_folder(tmp_path):
+    """conftest's SESSION_DIR (Airflow DB, MLflow store, tiny models) is gone after a session:
+    run one quick test in a child pytest whose temp folder is ``tmp_path``."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("RECSYS_KEEP_TEST_DIR", None)
+    test = "tests/test_data.py::test_split_rejects_nonsense_fraction"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+    assert not list(tmp_path.glob("recsys-tests-*")), list(tmp_path.iterdir())

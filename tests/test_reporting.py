@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import struct
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from recsys.audit import append_record, read_records
 from recsys.monitoring.metrics import parse_metrics
-from recsys.reporting import MetricsRecorder, Sample, render_dashboard_png, sample_between
+from recsys.reporting import (
+    FOCUS_MARGIN_S,
+    MetricsRecorder,
+    Sample,
+    fault_window,
+    render_dashboard_png,
+    sample_between,
+)
 from recsys.triton.control import SearchError, TritonControl
 from recsys.triton.repository import publish_version
 from tests.triton_testing import build_test_serving_artifacts, copy_artifacts, running_triton
@@ -33,6 +41,26 @@ def _png_size(path: Path) -> tuple[int, int]:
     assert data[12:16] == b"IHDR", "PNG without IHDR chunk first"
     width, height = struct.unpack(">II", data[16:24])
     return width, height
+
+
+def _png_window(path: Path) -> tuple[float, float]:
+    """The time window the dashboard says it drew (its ``Window`` PNG text chunk)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        start, end = image.text["Window"].split("/")
+    return datetime.fromisoformat(start).timestamp(), datetime.fromisoformat(end).timestamp()
+
+
+def _idle_minutes(before: Sample, minutes: int, interval_s: float = 5.0) -> list[Sample]:
+    """What a recorder started before a pipeline run holds for the training minutes: scrapes
+    with no request at all, ending where ``before``'s window starts."""
+    end = before.ts - before.seconds
+    n = int(minutes * 60 / interval_s)
+    return [
+        Sample(end - (n - i) * interval_s, interval_s, 0.0, 0.0, 0.0, 0.0, None, None, None)
+        for i in range(1, n + 1)
+    ]
 
 
 def _await_scrapes(recorder: MetricsRecorder, n: int = 2, timeout_s: float = 20.0) -> None:
@@ -133,3 +161,21 @@ def test_record_faulty_deploy_and_rollback_then_render(tmp_path: Path) -> None:
     pixels = matplotlib.image.imread(png)
     assert pixels.shape[:2] == (height, width)
     assert pixels.std() > 0.05  # something was drawn
+
+    # The demo's recorder also holds the idle training minutes before the faulty deploy: the
+    # picture must show the fault (deploy v2 -> failures -> rollback -> recovery), not them.
+    idle = _idle_minutes(samples[0], minutes=10)
+    recording = idle + samples
+    when = {(r["action"], r.get("version")): datetime.fromisoformat(r["ts"]) for r in records}
+    deploy_v2, rollback = when[("deploy", 2)].timestamp(), when[("rollback", None)].timestamp()
+    start, end = fault_window(recording, records)
+    assert start == pytest.approx(deploy_v2 - FOCUS_MARGIN_S)  # shortly before the deploy
+    assert rollback < end <= recording[-1].ts  # past the rollback, within the recording
+    assert start > idle[0].ts + 9 * 60  # at most the margin's worth of idle time
+    failing = [s for s in recording if s.failures > 0]
+    assert start <= failing[0].ts - failing[0].seconds and failing[-1].ts <= end
+
+    focused = render_dashboard_png(recording, records, tmp_path / "reports" / "focused.png")
+    assert _png_window(focused) == pytest.approx((start, end), abs=1e-3)
+    whole = render_dashboard_png(recording, records, tmp_path / "whole.png", margin_s=None)
+    assert _png_window(whole) == pytest.approx((idle[0].ts - 5.0, recording[-1].ts), abs=1e-3)

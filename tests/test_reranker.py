@@ -233,7 +233,7 @@ def test_bi_encoder_only_artifacts_are_unchanged(tiny_bert_dir, frames, tmp_path
     )
     assert "reranker" not in json.loads((out / "manifest.json").read_text())
     with np.load(out / "products.npz") as products:
-        assert set(products.files) == {"ids", "embeddings"}
+        assert set(products.files) == {"ids", "embeddings", "titles"}
     assert not (out / "reranker.onnx").exists()
 
 
