@@ -11,6 +11,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 from recsys.alerts import task_failure_alert
 from recsys.config import SERVED_MODEL_SUFFIXES, pipeline_schedule
+from recsys.scheduling import TRAINING_POOL, TRAINING_PRIORITY, TRAINING_QUEUE, WEIGHT_RULE
 
 DOC = """
 ### Search model pipeline
@@ -35,6 +36,11 @@ bi-encoder alone.
 Trigger with params to point it at other data (`data_path`), another base model or
 hyperparameters. `fault_injection` (with `force_deploy`, which skips the champion gate) deploys a
 deliberately faulty version to rehearse rollbacks.
+
+Every task runs in the `training` pool at the lowest priority and lowers its own CPU priority
+(`RECSYS_TRAINING_NICE`): training can never take the executor slots or the CPU that the
+monitor and its rollback need. The schedule is manual and drift-triggered unless
+`RECSYS_PIPELINE_SCHEDULE` names a cron.
 """
 
 
@@ -49,9 +55,12 @@ deliberately faulty version to rehearse rollbacks.
     default_args={
         "retries": 1,
         "retry_delay": timedelta(minutes=1),
+        "pool": TRAINING_POOL,
+        "priority_weight": TRAINING_PRIORITY,
+        "weight_rule": WEIGHT_RULE,
+        "queue": TRAINING_QUEUE,
         "on_failure_callback": task_failure_alert,
     },
-    on_failure_callback=task_failure_alert,
     params={
         "data_path": Param(
             "", type="string", description="Relevance CSV; empty = RECSYS_DATA_PATH"
@@ -114,7 +123,9 @@ def search_model_pipeline():
     def settings_and_dir():
         from recsys.config import load_settings
         from recsys.pipeline import run_dir_for
+        from recsys.scheduling import lower_cpu_priority
 
+        lower_cpu_priority()  # batch work: serving, monitoring and rollback get the CPU first
         settings = load_settings()
         context = get_current_context()
         return settings, run_dir_for(settings, context["run_id"]), context["params"]

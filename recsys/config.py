@@ -117,25 +117,25 @@ def _sample_rate(value: str) -> float:
 
 
 def pipeline_schedule() -> Any:
-    """Schedule of the training pipeline DAG: a time schedule OR a retraining request.
+    """Schedule of the training pipeline DAG: retraining requests, and a cron only when asked.
 
-    ``RECSYS_PIPELINE_SCHEDULE`` is a cron expression or preset (``@weekly`` by default). The
-    pipeline then runs on that schedule *and* whenever the ``query_drift`` DAG emits the
-    retraining-request Asset (:data:`recsys.assets.RETRAINING_REQUEST`), whichever comes first
-    (an ``AssetOrTimeSchedule``). ``none`` (or ``manual``, or empty) drops the time part only:
-    the pipeline then runs on manual triggers and retraining requests, because a drift alert
-    that asks for retraining must not be silently ignored by a deployment without a cron. To
-    stop drift from starting runs, set the drift DAG's ``retrain_on_drift`` param to false.
+    The pipeline always runs when the ``query_drift`` DAG emits the retraining-request Asset
+    (:data:`recsys.assets.RETRAINING_REQUEST`), and on manual triggers. A time schedule is added
+    only when ``RECSYS_PIPELINE_SCHEDULE`` names one (a cron expression or preset such as
+    ``@weekly``), giving an ``AssetOrTimeSchedule``: whichever comes first. It is off by default
+    because an unpaused pipeline with a cron starts its latest interval at once: starting the
+    stack would then start an hour of full-data CPU training nobody asked for. (A drift alert
+    that asks for retraining is never ignored; to stop drift from starting runs, set the drift
+    DAG's ``retrain_on_drift`` param to false.)
 
     The cron part is a ``CronTriggerTimetable`` in UTC, which is what Airflow 3 makes of a plain
-    cron string, so the time-based runs are the same as before the Asset was added. ``@once``
-    and ``@continuous`` cannot be combined with an Asset and are refused.
+    cron string. ``@once`` and ``@continuous`` cannot be combined with an Asset and are refused.
     """
     from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
 
     from recsys.assets import RETRAINING_REQUEST
 
-    value = os.environ.get("RECSYS_PIPELINE_SCHEDULE", "@weekly").strip()
+    value = os.environ.get("RECSYS_PIPELINE_SCHEDULE", "").strip()
     if value.lower() in {"", "none", "manual"}:
         return RETRAINING_REQUEST
     if value in {"@once", "@continuous"}:

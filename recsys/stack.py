@@ -39,6 +39,7 @@ from recsys.credentials import (
     stored_secret,
     triton_admin_key,
 )
+from recsys.scheduling import POOLS_FILE, executor_parallelism
 
 AIRFLOW_USER = "admin"
 TRITON_CACHE_BYTES_ENV = "RECSYS_TRITON_CACHE_BYTES"
@@ -139,7 +140,8 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "2",
+        # Capped pools + reserved monitoring slots (recsys.scheduling, deploy/airflow/pools.json).
+        "AIRFLOW__CORE__PARALLELISM": str(executor_parallelism()),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{AIRFLOW_USER}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
@@ -312,21 +314,38 @@ def _log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def migrate_airflow_db(settings: Settings) -> None:
-    """Create or upgrade Airflow's SQLite metadata database before its services start."""
+def _airflow_command(settings: Settings, args: list[str], log_name: str, timeout_s: float) -> None:
+    """Run ``airflow ARGS`` once with the stack's configuration, output appended to
+    ``logs/<log_name>.log``; :class:`StackError` with the log's tail if it fails."""
     env = {**os.environ, **recsys_env(settings), **airflow_env(settings)}
-    log_path = stack_dir(settings) / "logs" / "airflow-db-migrate.log"
+    log_path = stack_dir(settings) / "logs" / f"{log_name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         result = subprocess.run(
-            [_bin("airflow"), "db", "migrate"],
+            [_bin("airflow"), *args],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            timeout=600,
+            timeout=timeout_s,
         )
     if result.returncode != 0:
-        raise StackError(f"airflow db migrate failed; see {log_path}:\n{_log_tail(log_path)}")
+        raise StackError(
+            f"airflow {' '.join(args[:2])} failed; see {log_path}:\n{_log_tail(log_path)}"
+        )
+
+
+def migrate_airflow_db(settings: Settings) -> None:
+    """Create or upgrade Airflow's SQLite metadata database, then its pools, before its
+    services start."""
+    _airflow_command(settings, ["db", "migrate"], "airflow-db-migrate", 600)
+    import_pools(settings)
+
+
+def import_pools(settings: Settings) -> None:
+    """Create or update the Airflow pools of ``deploy/airflow/pools.json`` (training, monitoring,
+    the capped default pool) in the metadata DB. Runs at every ``up``, so a changed file takes
+    effect on the next start; without the pools the platform's tasks would never be queued."""
+    _airflow_command(settings, ["pools", "import", str(POOLS_FILE)], "airflow-pools", 300)
 
 
 def spawn(service: Service, log_path: Path, cwd: Path) -> subprocess.Popen:
@@ -381,31 +400,45 @@ def running_mlflow_server(home: Path, port: int, timeout_s: float = 120.0) -> It
 
 
 def up(settings: Settings, timeout_s: float = 180.0, echo=print) -> list[Service]:
-    """Start every service that is not already running and wait until each is healthy."""
+    """Start every service that is not already running and wait until each is healthy.
+
+    Two phases: the servers (Triton, MLflow, Airflow's api-server) start together and are
+    waited for, and only then the scheduler, dag-processor and triggerer. The scheduler starts
+    tasks at once, and a task whose worker cannot reach the api-server's execution API fails
+    (the first monitor runs of a fresh stack did, and each alerted)."""
     settings.triton_repo.mkdir(parents=True, exist_ok=True)
     migrate_airflow_db(settings)
-    started = []
-    for service in services(settings):
-        if _running_pid(settings, service.name):
-            echo(f"  {service.name}: already running")
-            continue
-        log_path = stack_dir(settings) / "logs" / f"{service.name}.log"
-        process = spawn(service, log_path, settings.home)
-        path = _pid_file(settings, service.name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "pid": process.pid,
-            "create_time": psutil.Process(process.pid).create_time(),
-            # The Triton argv holds the admin key; a PID file is no place for it.
-            "command": redact_command(service.command),
-        }
-        path.write_text(json.dumps(record))
-        started.append((service, process, log_path))
-        echo(f"  {service.name}: started (pid {process.pid}, log {log_path})")
     deadline = time.monotonic() + timeout_s
-    for service, process, log_path in started:
-        wait_healthy(service, process, log_path, deadline)
-    return services(settings)
+    all_services = services(settings)
+    servers = [s for s in all_services if s.health_url is not None]
+    workers = [s for s in all_services if s.health_url is None]
+    for phase in (servers, workers):
+        started = [_start(settings, service, echo) for service in phase]
+        for service, process, log_path in filter(None, started):
+            wait_healthy(service, process, log_path, deadline)
+    return all_services
+
+
+def _start(
+    settings: Settings, service: Service, echo
+) -> tuple[Service, subprocess.Popen, Path] | None:
+    """Spawn ``service`` unless this launcher's process for it still runs; record its PID."""
+    if _running_pid(settings, service.name):
+        echo(f"  {service.name}: already running")
+        return None
+    log_path = stack_dir(settings) / "logs" / f"{service.name}.log"
+    process = spawn(service, log_path, settings.home)
+    path = _pid_file(settings, service.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "pid": process.pid,
+        "create_time": psutil.Process(process.pid).create_time(),
+        # The Triton argv holds the admin key; a PID file is no place for it.
+        "command": redact_command(service.command),
+    }
+    path.write_text(json.dumps(record))
+    echo(f"  {service.name}: started (pid {process.pid}, log {log_path})")
+    return service, process, log_path
 
 
 def _terminate_tree(pid: int, timeout_s: float) -> None:

@@ -43,6 +43,28 @@ os.environ.update(
 HOMEDEPOT_SAMPLE = FIXTURES / "homedepot_sample.csv"
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove SESSION_DIR (Airflow DB, MLflow server store, tiny models: hundreds of MB per run).
+
+    This hook runs after the last test's teardown, when every session fixture (the MLflow
+    server) and module fixture (Triton servers) has stopped, so nothing writes there any more.
+    ``RECSYS_KEEP_TEST_DIR=1`` keeps it for a post-mortem. A failed removal is reported, not
+    raised: the tests' verdict stands either way.
+    """
+    import shutil
+    import sys
+
+    if os.environ.get("RECSYS_KEEP_TEST_DIR", "").strip() in {"1", "true", "yes"}:
+        print(f"\nkept the test session's state in {SESSION_DIR}", file=sys.stderr)
+        return
+    try:
+        shutil.rmtree(SESSION_DIR)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        print(f"\ncould not remove {SESSION_DIR}: {exc}", file=sys.stderr)
+
+
 @pytest.fixture(scope="session")
 def homedepot_sample() -> Path:
     return HOMEDEPOT_SAMPLE
@@ -172,3 +194,21 @@ def webhook(monkeypatch):
     finally:
         receiver.server.shutdown()
         receiver.server.server_close()
+
+
+@pytest.fixture
+def flaky_triton(tmp_path: Path):
+    """A throwaway tritonserver (free ports, always stopped) with the python model ``flaky``
+    (raises on negative input) in its repository, not loaded; yields the harness and a gRPC
+    client."""
+    import tritonclient.grpc as grpcclient
+
+    from tests.triton_testing import install_flaky_model, running_triton
+
+    with running_triton(tmp_path / "triton") as harness:
+        install_flaky_model(harness.repo)
+        client = grpcclient.InferenceServerClient(harness.grpc_url)
+        try:
+            yield harness, client
+        finally:
+            client.close()

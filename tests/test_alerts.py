@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import pytest
 
-from recsys.alerts import task_failure_alert
-
 
 def test_rollback_alert_carries_model_versions_reason_and_metrics(
     platform, webhook, tiny_bert_dir, homedepot_sample, tmp_path
@@ -58,36 +56,83 @@ def test_rollback_alert_carries_model_versions_reason_and_metrics(
     assert webhook.all() == []  # exactly one alert per rollback
 
 
-def test_every_dag_alerts_on_failure(dagbag):
+def test_every_task_alerts_and_names_the_model_its_dag_is_about(dagbag):
+    from recsys.alerts import FailureAlert
+
     expected = {"search_model_pipeline", "triton_monitor", "triton_monitor_reranker", "query_drift"}
     assert expected <= set(dagbag.dags)
+    suffix = {"triton_monitor_reranker": "_reranker"}
     for dag_id, dag in dagbag.dags.items():
-        assert dag.default_args["on_failure_callback"] is task_failure_alert, dag_id
+        assert not dag.has_on_failure_callback, dag_id  # a run failure would repeat a task's
         for task in dag.tasks:
             callbacks = task.on_failure_callback
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-            assert task_failure_alert in callbacks, (dag_id, task.task_id)
+            assert FailureAlert(suffix.get(dag_id, "")) in callbacks, (dag_id, task.task_id)
 
 
-def test_monitor_task_failure_posts_an_alert(dagbag, webhook, monkeypatch, tmp_path, caplog):
-    """Run the monitor DAG against a metrics port where nothing listens: ``check_metrics``
-    fails for good and its ``on_failure_callback`` posts which DAG, task and error."""
+def test_unreadable_metrics_alert_once_per_outage_naming_model_and_dag(
+    dagbag, webhook, monkeypatch, tmp_path, caplog
+):
+    """The reranker's monitor DAG against a metrics port where nothing listens: its watch (run
+    inline by dag.test()) alerts once the grace period is over, naming the reranker model and
+    its DAG, nothing is judged or rolled back, and the next run, same outage, stays quiet."""
+    from recsys.audit import read_records
+    from recsys.config import load_settings
     from tests.triton_testing import free_port
 
     monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RECSYS_TRITON_METRICS_PORT", str(free_port()))
-    monitor = dagbag.get_dag("triton_monitor")
-    monkeypatch.setattr(monitor.get_task("check_metrics"), "retries", 0)  # fail at once
-    run = monitor.test()
-    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    assert states["check_metrics"] == "failed", states
+    monitor = dagbag.get_dag("triton_monitor_reranker")
+    conf = {"check_interval_s": 1, "metrics_grace_s": 2, "watch_minutes": 0.1}
+    for _ in range(2):
+        run = monitor.test(run_conf=conf)
+        states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+        assert states == {"watch_metrics": "success", "rollback": "skipped"}, states
     # dag.test() runs a deferred task's trigger inline: the check really went to a trigger.
     assert "running trigger in line" in caplog.text
 
-    alerts = [webhook.next(), *webhook.all()]
-    task_alerts = [a for a in alerts if a.get("task_id") == "check_metrics"]
-    assert task_alerts, alerts
-    alert = task_alerts[0]
-    assert alert["dag_id"] == "triton_monitor"
-    assert alert["error_type"] == "MetricsUnavailableError"
-    assert "unreachable" in alert["error"]
+    model = load_settings().model_name + "_reranker"
+    received = [webhook.next(), *webhook.all()]
+    assert len(received) == 1, received
+    alert = received[0]
+    assert (alert["model"], alert["dag_id"], alert["task_id"]) == (
+        model,
+        "triton_monitor_reranker",
+        "watch_metrics",
+    )
+    assert alert["kind"] == "monitor_metrics_unavailable" and "unreachable" in alert["error"]
+    settings = load_settings()
+    assert [r["action"] for r in read_records(settings.alerts_log)] == ["alert"]
+    assert [r["action"] for r in read_records(settings.audit_log, model)] == [
+        "monitor_metrics_unavailable"
+    ]
+
+
+def test_a_task_failure_alerts_once_and_its_repeats_are_recorded_not_sent(
+    dagbag, webhook, monkeypatch, tmp_path
+):
+    """A monitor whose thresholds file is broken fails at once, every run. The first failure is
+    an alert naming the reranker model, DAG, task and error; the same failure of the next run
+    is recorded as ``alert_suppressed`` and not paged again."""
+    from recsys.audit import read_records
+    from recsys.config import load_settings
+
+    config = tmp_path / "monitor.yaml"
+    config.write_text("defaults: {max_error_rte: 0.1}\n")  # a typo: unknown key
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RECSYS_MONITOR_CONFIG", str(config))
+    monitor = dagbag.get_dag("triton_monitor_reranker")
+    for _ in range(2):
+        run = monitor.test()
+        assert {ti.task_id: ti.state for ti in run.get_task_instances()}["watch_metrics"] == (
+            "failed"
+        )
+
+    received = [webhook.next(), *webhook.all()]
+    assert len(received) == 1, received
+    alert = received[0]
+    assert alert["model"] == load_settings().model_name + "_reranker"
+    assert (alert["dag_id"], alert["task_id"]) == ("triton_monitor_reranker", "watch_metrics")
+    assert alert["error_type"] == "MonitorConfigError" and "max_error_rte" in alert["error"]
+    actions = [r["action"] for r in read_records(load_settings().alerts_log)]
+    assert actions == ["alert", "alert_suppressed"]

@@ -366,3 +366,18 @@ def test_triton_samples_queries_where_the_drift_dag_reads_them(
     assert sample_dir == f"{home}/query_samples"
     assert f"recsys-state:{home}" in triton["volumes"]
     assert f"recsys-state:{home}" in scheduler["volumes"]
+
+
+def test_airflow_isolates_monitoring_as_the_embedded_stack_does(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Same pools file, same executor size: the capped pools leave the monitoring slots free."""
+    from recsys.scheduling import POOLS_FILE, executor_parallelism
+
+    env = services["airflow-scheduler"]["environment"]
+    assert int(env["AIRFLOW__CORE__PARALLELISM"]) == executor_parallelism()
+    init = " ".join(services["airflow-init"]["command"])
+    mounted = "/opt/recsys/" + str(POOLS_FILE.relative_to(ROOT))
+    assert f"airflow pools import {mounted}" in init
+    assert init.index("db migrate") < init.index("pools import")
+    assert env["RECSYS_PIPELINE_SCHEDULE"] == "${RECSYS_PIPELINE_SCHEDULE:-none}"

@@ -9,15 +9,58 @@ import pytest
 
 
 def test_every_dag_follows_the_conventions(dagbag):
+    from recsys.alerts import FailureAlert
+    from recsys.scheduling import pool_slots
+
+    pools = set(pool_slots())
     assert dagbag.dags, "no DAG imported"
     for dag_id, dag in dagbag.dags.items():
         assert dag.catchup is False, dag_id
         assert dag.max_active_runs == 1, dag_id
         assert dag.tags, dag_id
         assert dag.doc_md and len(dag.doc_md) > 100, dag_id
+        # One failure, one alert: tasks alert, the DAG run does not repeat it.
+        assert not dag.has_on_failure_callback, dag_id
         for task in dag.tasks:
             assert task.retries is not None, (dag_id, task.task_id)
-        assert any(task.retries >= 1 for task in dag.tasks), dag_id
+            assert task.pool in pools, (dag_id, task.task_id, task.pool)
+            assert task.weight_rule == "absolute", (dag_id, task.task_id)
+            callbacks = task.on_failure_callback
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            assert any(isinstance(c, FailureAlert) for c in callbacks), (dag_id, task.task_id)
+        if dag_id.startswith("triton_monitor"):
+            # Never retried: the next scheduled watch (seconds later) is the watch's retry,
+            # and a second rollback attempt after a partial one would plan from the wrong
+            # serving version.
+            assert all(task.retries == 0 for task in dag.tasks), dag_id
+        else:
+            assert any(task.retries >= 1 for task in dag.tasks), dag_id
+
+
+def test_monitoring_outranks_everything_and_training_cannot_fill_the_executor(dagbag):
+    """The isolation rules, statically: monitor tasks are the only ones in the monitoring pool
+    and have the highest priority; the other pools together leave the reserved slots free."""
+    from recsys.scheduling import (
+        MONITORING_POOL,
+        RESERVED_MONITORING_SLOTS,
+        TRAINING_POOL,
+        executor_parallelism,
+        pool_slots,
+    )
+
+    monitoring, others = [], []
+    for dag in dagbag.dags.values():
+        for task in dag.tasks:
+            (monitoring if task.pool == MONITORING_POOL else others).append(task)
+    assert {t.dag_id for t in monitoring} == {"triton_monitor", "triton_monitor_reranker"}
+    assert min(t.priority_weight for t in monitoring) > max(t.priority_weight for t in others)
+    pipeline = dagbag.get_dag("search_model_pipeline")
+    assert {t.pool for t in pipeline.tasks} == {TRAINING_POOL}
+    capped = sum(n for pool, n in pool_slots().items() if pool != MONITORING_POOL)
+    assert executor_parallelism() - capped == RESERVED_MONITORING_SLOTS >= 2
+    # The monitors watch from a fresh stack on; the pipeline waits to be asked.
+    for dag_id in ("triton_monitor", "triton_monitor_reranker", "query_drift"):
+        assert dagbag.get_dag(dag_id).is_paused_upon_creation is False, dag_id
 
 
 @pytest.mark.parametrize(

@@ -76,8 +76,16 @@ def test_deploy_breach_rollback(platform, dagbag, tiny_bert_dir, homedepot_sampl
     assert registry.alias_version(uri, model, registry.PREVIOUS) == 1
     assert control.loaded_versions(model) == [3]
 
-    monitor_conf = {"min_requests": 5, "max_error_rate": 0.05, "consecutive_windows": 1}
-    state, tasks = _run(monitor, monitor_conf)  # first scrape after a deploy: the baseline
+    # The monitor's watch (run inline by dag.test(), as the triggerer runs it) checks every
+    # second; a watch without traffic ends after its period with nothing to roll back.
+    monitor_conf = {
+        "min_requests": 5,
+        "max_error_rate": 0.05,
+        "consecutive_windows": 1,
+        "check_interval_s": 1,
+        "watch_minutes": 0.05,
+    }
+    state, tasks = _run(monitor, monitor_conf)
     assert state == "success" and tasks["rollback"] == "skipped", tasks
 
     failures = 0
@@ -88,7 +96,9 @@ def test_deploy_breach_rollback(platform, dagbag, tiny_bert_dir, homedepot_sampl
             failures += 1
     assert failures >= 25
 
-    state, tasks = _run(monitor, monitor_conf)
+    # The deploy stored a fresh baseline, so the first check of the next watch judges v3's
+    # failures and ends the watch at once with a rollback due.
+    state, tasks = _run(monitor, {**monitor_conf, "watch_minutes": 5})
     assert state == "success" and tasks["rollback"] == "success", tasks
 
     assert control.loaded_versions(model) == [1]

@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from recsys.monitoring.metrics import (
@@ -451,6 +450,49 @@ def test_check_once_hysteresis_and_reset_across_runs(
     assert not after_reset.breached and after_reset.stats is None  # re-baselined
 
 
+def test_a_quiet_window_grows_until_it_holds_min_requests_or_max_window_s(
+    tmp_path: Path, metrics_endpoint: MetricsEndpoint
+) -> None:
+    """Checks come every few seconds: a window of a quiet model keeps its baseline and grows
+    instead of being thrown away as "too little traffic" at every check."""
+    path = tmp_path / "state.json"
+    metrics_endpoint.body = fixture_text("before")
+    check_once(metrics_endpoint.url, "echo", path, Thresholds())  # baseline
+
+    metrics_endpoint.body = fixture_text("after")  # 9 requests since the baseline
+    growing = check_once(metrics_endpoint.url, "echo", path, Thresholds(min_requests=12))
+    assert not growing.judged and not growing.breached and "window growing" in growing.reasons[0]
+    assert growing.stats is not None and growing.stats.requests == 9
+
+    # Same counters, a lower bar: the window still starts at the kept baseline (9, not 0).
+    judged = check_once(metrics_endpoint.url, "echo", path, Thresholds(min_requests=9))
+    assert judged.judged and judged.stats is not None and judged.stats.requests == 9
+    assert judged.breached  # 3 of 9 failed
+
+    # A window older than max_window_s with too few requests is "too little traffic" and the
+    # baseline moves on, so a quiet model is still judged over at most max_window_s.
+    old = check_once(
+        metrics_endpoint.url, "echo", path, Thresholds(min_requests=5, max_window_s=1e-6)
+    )
+    assert not old.judged and "too little traffic" in old.reasons[0]
+    state = MonitorState.load(path)
+    assert state.last_verdicts["echo"]["reasons"] == old.reasons
+    assert state.consecutive["echo"] == 1  # no traffic is no recovery
+
+
+def test_an_outage_is_due_for_its_alert_once_after_the_grace_period(tmp_path: Path) -> None:
+    from recsys.monitoring.policy import note_unavailable
+
+    path = tmp_path / "state.json"
+    assert note_unavailable(path, "echo", "refused", 60, now=1000.0) is None
+    assert note_unavailable(path, "echo", "refused", 60, now=1059.0) is None
+    due = note_unavailable(path, "echo", "timed out", 60, now=1060.0)
+    assert due is not None and due["since"] == 1000.0 and due["error"] == "timed out"
+    assert note_unavailable(path, "echo", "refused", 60, now=5000.0) is None  # alerted once
+    assert note_unavailable(path, "other", "refused", 0, now=5000.0) is not None  # per model
+    assert MonitorState.load(path).outages["echo"]["alerted_at"] == 1060.0
+
+
 def test_check_once_judges_host_cpu_at_the_end_of_the_window(
     tmp_path: Path, metrics_endpoint: MetricsEndpoint
 ) -> None:
@@ -488,56 +530,9 @@ def test_check_once_leaves_state_alone_when_triton_is_down(tmp_path: Path) -> No
 
 # --------------------------------------------------------------------------- real Triton
 
-FLAKY_CONFIG = """
-name: "flaky"
-backend: "python"
-max_batch_size: 0
-input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-"""
-
-FLAKY_MODEL = """
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
-            if (data < 0).any():
-                raise ValueError("negative input: injected failure")
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", data)]))
-        return responses
-"""
-
-
-@pytest.fixture
-def flaky_triton(tmp_path: Path):
-    """A throwaway tritonserver (free ports, always stopped) with a python model ``flaky`` that
-    raises on negative input."""
-    import tritonclient.grpc as grpcclient
-
-    from tests.triton_testing import running_triton
-
-    with running_triton(tmp_path / "triton") as harness:
-        model_dir = harness.repo / "flaky"
-        (model_dir / "1").mkdir(parents=True)
-        (model_dir / "config.pbtxt").write_text(FLAKY_CONFIG)
-        (model_dir / "1" / "model.py").write_text(FLAKY_MODEL)
-        client = grpcclient.InferenceServerClient(harness.grpc_url)
-        try:
-            yield harness, client
-        finally:
-            client.close()
-
 
 def test_check_once_detects_breach_on_real_triton(flaky_triton, tmp_path: Path) -> None:
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
-
-    from tests.triton_testing import metric_value, settled_value
+    from tests.triton_testing import infer_flaky, metric_value, settled_value
 
     harness, client = flaky_triton
     counted = ("success", "failure")
@@ -546,13 +541,7 @@ def test_check_once_detects_breach_on_real_triton(flaky_triton, tmp_path: Path) 
     client.load_model("flaky", headers=harness.admin_headers, client_timeout=60)
 
     def infer(value: float) -> bool:
-        tensor = grpcclient.InferInput("INPUT0", [2], "FP32")
-        tensor.set_data_from_numpy(np.full(2, value, dtype=np.float32))
-        try:
-            client.infer("flaky", [tensor], client_timeout=30)
-            return True
-        except InferenceServerException:
-            return False
+        return infer_flaky(client, value)
 
     state = tmp_path / "state.json"
     thresholds = Thresholds(max_error_rate=0.05, min_requests=5, consecutive_windows=1)

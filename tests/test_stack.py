@@ -12,26 +12,14 @@ import psutil
 import pytest
 import requests
 
-from tests.triton_testing import free_port
+from tests.stack_testing import apply_environment, isolated_stack_environment
 
 
 @pytest.fixture
 def stack_settings(monkeypatch, tmp_path):
-    ports = {
-        "RECSYS_TRITON_HTTP_PORT": free_port(),
-        "RECSYS_TRITON_GRPC_PORT": free_port(),
-        "RECSYS_TRITON_METRICS_PORT": free_port(),
-        "RECSYS_MLFLOW_PORT": free_port(),
-        "RECSYS_AIRFLOW_PORT": free_port(),
-    }
-    for key, value in ports.items():
-        monkeypatch.setenv(key, str(value))
-    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("RECSYS_TRITON_REPO", str(tmp_path / "repo"))
-    monkeypatch.setenv("RECSYS_PIPELINE_SCHEDULE", "none")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from recsys.config import load_settings
 
+    apply_environment(isolated_stack_environment(tmp_path), monkeypatch)
     return load_settings()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import shutil
 import socket
 import tempfile
@@ -61,14 +62,36 @@ CATALOG: dict[str, str] = {
 }
 
 
-def training_queries() -> list[str]:
-    """The queries the test model counts as trained on (its drift reference): every title and
-    its first and last two words, i.e. short shop queries made of the catalogue's words."""
+def _shop_queries() -> list[str]:
+    """Every in-distribution query of the test shop: each title and each run of two or three
+    consecutive words of it, i.e. short queries made of the catalogue's words (243)."""
     queries = []
     for title in CATALOG.values():
         words = title.split()
-        queries += [title, " ".join(words[:2]), " ".join(words[-2:])]
-    return queries
+        for size in (2, 3):
+            queries += [" ".join(words[i : i + size]) for i in range(len(words) - size + 1)]
+        queries.append(title)
+    return list(dict.fromkeys(queries))
+
+
+def _split_shop_queries() -> tuple[list[str], list[str]]:
+    """A seeded random two-thirds / one-third split of :func:`_shop_queries`, by query like the
+    pipeline's train/test split, so both parts come from the same distribution."""
+    queries = _shop_queries()
+    held_out = set(random.Random(11).sample(queries, len(queries) // 3))
+    return [q for q in queries if q not in held_out], [q for q in queries if q in held_out]
+
+
+def training_queries() -> list[str]:
+    """The queries the test model counts as trained on (its drift reference, 162): two thirds
+    of the shop's queries."""
+    return _split_shop_queries()[0]
+
+
+def held_out_queries() -> list[str]:
+    """The other third (81): in-distribution queries the reference never saw, what new
+    ordinary traffic looks like to the drift check."""
+    return _split_shop_queries()[1]
 
 
 def build_test_serving_artifacts(tmp_dir: Path | str, fault_injection: Any = None) -> Path:
@@ -238,3 +261,52 @@ def build_test_reranker_artifacts(tmp_dir: Path | str, candidates: int = RERANK_
         rerank_candidates=candidates,
         rerank_max_length=params.max_length,
     )
+
+
+FLAKY_CONFIG = """
+name: "flaky"
+backend: "python"
+max_batch_size: 0
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+
+FLAKY_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            if (data < 0).any():
+                raise ValueError("negative input: injected failure")
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", data)]))
+        return responses
+"""
+
+
+def install_flaky_model(repo: Path) -> None:
+    """Write the python model ``flaky`` (echoes its input, raises on a negative value) into a
+    Triton repository: the smallest real model whose failures Triton counts as BACKEND."""
+    model_dir = Path(repo) / "flaky"
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.pbtxt").write_text(FLAKY_CONFIG)
+    (model_dir / "1" / "model.py").write_text(FLAKY_MODEL)
+
+
+def infer_flaky(client: Any, value: float) -> bool:
+    """One request to ``flaky``; True when it succeeded (it fails for a negative ``value``)."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    tensor = grpcclient.InferInput("INPUT0", [2], "FP32")
+    tensor.set_data_from_numpy(np.full(2, value, dtype=np.float32))
+    try:
+        client.infer("flaky", [tensor], client_timeout=30)
+        return True
+    except InferenceServerException:
+        return False

@@ -1,17 +1,22 @@
 """Turn a metrics window into a rollback decision, with hysteresis that survives between runs.
 
-The monitor runs as a short Airflow task every minute, so everything it must remember between
-runs (the previous snapshot to diff against and how many windows in a row have breached) lives in
-a small JSON file. Writes are atomic (temp file + ``os.replace``) so a killed task never leaves a
-half-written file, reads and writes are serialised with ``flock`` because a rollback or deploy
-resets the same file from another process, and a file that is corrupt anyway is reported and
-replaced rather than crashing the monitor forever.
+The monitor's watch (:mod:`recsys.monitoring.trigger`) checks every few seconds from Airflow's
+triggerer, and a watch ends (a rollback, a new DAG run) while the service goes on, so everything
+it must remember between checks and runs (the snapshot to diff against, how many windows in a
+row have breached, the last verdict, an open metrics outage) lives in a small JSON file. Writes
+are atomic (temp file + ``os.replace``) so a killed process never leaves a half-written file,
+reads and writes are serialised with ``flock`` because a rollback or deploy resets the same file
+from another process, and a file that is corrupt anyway is reported and replaced rather than
+crashing the monitor forever.
 
 Decision rules, in order:
 
 * no baseline yet (first run, or first after :func:`reset_model`): store one, decide nothing;
-* fewer than ``min_requests`` in the window: decide nothing, because no traffic is neither an
-  outage nor a recovery, and the consecutive-breach count is left as it was;
+* fewer than ``min_requests`` in the window and the window younger than ``max_window_s``: keep
+  the baseline and let the window grow (checks every few seconds would otherwise never see
+  enough requests of a quiet model); once the window is ``max_window_s`` old and still has fewer
+  than ``min_requests``, decide nothing, because no traffic is neither an outage nor a recovery,
+  and leave the consecutive-breach count as it was;
 * otherwise the window breaches when its error rate, mean latency or (when a limit is set) p99
   latency, host CPU utilisation or host memory utilisation is over the limit; a breach
   adds one to the count, a healthy window sets it to zero, and a rollback is due once the count
@@ -59,6 +64,10 @@ class Thresholds:
     """Host CPU utilisation (0-1) at the end of the window; ``None`` disables the check."""
     max_memory_utilization: float | None = None
     """Share of host memory in use at the end of the window; ``None`` disables the check."""
+    max_window_s: float = 60.0
+    """A window is judged as soon as it holds ``min_requests`` requests, or once it is this old
+    (then as too little traffic). Busy models are judged every check (seconds), quiet ones over
+    at most this long."""
 
     def __post_init__(self) -> None:
         # Fail at construction: a bad limit would otherwise surface as a silent non-decision
@@ -71,6 +80,8 @@ class Thresholds:
             raise ValueError(f"min_requests must be >= 1, got {self.min_requests}")
         if self.consecutive_windows < 1:
             raise ValueError(f"consecutive_windows must be >= 1, got {self.consecutive_windows}")
+        if not self.max_window_s > 0:
+            raise ValueError(f"max_window_s must be > 0, got {self.max_window_s}")
         if self.max_p99_latency_ms is not None and not self.max_p99_latency_ms > 0:
             raise ValueError(f"max_p99_latency_ms must be > 0, got {self.max_p99_latency_ms}")
         for name in ("max_cpu_utilization", "max_memory_utilization"):
@@ -94,6 +105,11 @@ class Verdict:
     reasons: list[str]
     stats: WindowStats | None
     consecutive: int
+    closed_outage: dict[str, Any] | None = None
+    """The metrics outage this check ended (``since``, ``error``, ``alerted_at``), if any."""
+    judged: bool = False
+    """Whether the window was compared with the thresholds at all (False: no baseline yet, a
+    growing window, too little traffic, no metrics for the model)."""
 
     @property
     def success_rate(self) -> float | None:
@@ -119,6 +135,8 @@ class Verdict:
             "consecutive": self.consecutive,
             "success_rate": self.success_rate,
             "p99_latency_ms": self.p99_latency_ms,
+            "closed_outage": self.closed_outage,
+            "judged": self.judged,
         }
 
 
@@ -134,6 +152,12 @@ class MonitorState:
 
     snapshots: dict[str, MetricsSnapshot] = field(default_factory=dict)
     consecutive: dict[str, int] = field(default_factory=dict)
+    last_verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per model, the latest verdict (``Verdict.to_dict()`` plus ``checked_at``): what the watch
+    saw last, for the task that acts on it and for people asking what the monitor thinks."""
+    outages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per model, an open metrics outage (``since``, ``error``, ``alerted_at``): remembered so
+    that one outage gives one alert, however many checks and watch runs it lasts."""
     recovered_from: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,6 +165,8 @@ class MonitorState:
             "format": _STATE_FORMAT,
             "snapshots": {model: snap.to_dict() for model, snap in sorted(self.snapshots.items())},
             "consecutive": dict(sorted(self.consecutive.items())),
+            "last_verdicts": dict(sorted(self.last_verdicts.items())),
+            "outages": dict(sorted(self.outages.items())),
         }
 
     @classmethod
@@ -150,12 +176,18 @@ class MonitorState:
         consecutive = {str(k): int(v) for k, v in data.get("consecutive", {}).items()}
         if any(v < 0 for v in consecutive.values()):
             raise ValueError("negative consecutive-breach count")
+        last_verdicts = data.get("last_verdicts") or {}
+        outages = data.get("outages") or {}
+        if not isinstance(last_verdicts, dict) or not isinstance(outages, dict):
+            raise ValueError("'last_verdicts' and 'outages' must be mappings")
         return cls(
             snapshots={
                 str(model): MetricsSnapshot.from_dict(snap)
                 for model, snap in data.get("snapshots", {}).items()
             },
             consecutive=consecutive,
+            last_verdicts={str(k): dict(v) for k, v in last_verdicts.items()},
+            outages={str(k): dict(v) for k, v in outages.items()},
         )
 
     @classmethod
@@ -271,6 +303,7 @@ def evaluate(
         reasons=reasons,
         stats=stats,
         consecutive=consecutive,
+        judged=True,
     )
 
 
@@ -282,13 +315,16 @@ def check_once(
     *,
     timeout_s: float = 5.0,
 ) -> Verdict:
-    """One monitor run: scrape, judge the window since the stored snapshot, persist the new
-    snapshot and breach count, and return the verdict.
+    """One check: scrape, judge the window since the stored snapshot, persist the new snapshot,
+    breach count and verdict, and return the verdict.
 
-    The first run (or the first after :func:`reset_model`) only stores a baseline. If the scrape
-    fails, :class:`~recsys.monitoring.metrics.MetricsUnavailableError` propagates and the state
-    is left untouched: an unreachable Triton is an incident for a human, not a reason to roll a
-    model back.
+    The first check (or the first after :func:`reset_model`) only stores a baseline. A window
+    with fewer than ``min_requests`` requests that is younger than ``max_window_s`` keeps its
+    baseline and grows until the next check. If the scrape fails,
+    :class:`~recsys.monitoring.metrics.MetricsUnavailableError` propagates and the state is left
+    untouched: an unreachable Triton is an incident for a human (see :func:`note_unavailable`),
+    not a reason to roll a model back. A successful scrape closes an open outage; the verdict's
+    ``closed_outage`` then says since when the metrics had been unreadable.
     """
     thresholds = thresholds or Thresholds()
     state_path = Path(state_path)
@@ -300,6 +336,12 @@ def check_once(
         notes = []
         if state.recovered_from is not None:
             notes.append(f"monitor state was corrupt and has been reset ({state.recovered_from})")
+        closed_outage = state.outages.pop(model, None)
+        if closed_outage is not None:
+            notes.append(
+                f"metrics readable again (unreadable since {_clock(closed_outage.get('since'))})"
+            )
+        keep_baseline = False
         if previous is None or current.taken_at <= previous.taken_at:
             why = "no baseline yet" if previous is None else "clock went backwards"
             verdict = Verdict(
@@ -314,13 +356,38 @@ def check_once(
             stats = with_host_usage(
                 aggregate_model(compute_window(previous, current), model), current
             )
-            verdict = evaluate(stats, thresholds, count)
-            verdict.model = model
-            verdict.reasons = [*notes, *verdict.reasons]
-        state.snapshots[model] = current
+            age = current.taken_at - previous.taken_at
+            if (
+                stats is not None
+                and stats.requests < thresholds.min_requests
+                and age < thresholds.max_window_s
+            ):
+                keep_baseline = True
+                verdict = Verdict(
+                    model=model,
+                    breached=False,
+                    should_rollback=False,
+                    reasons=[
+                        *notes,
+                        f"window growing: {stats.requests:g} requests in {age:.0f}s (judged at "
+                        f"{thresholds.min_requests} requests or after "
+                        f"{thresholds.max_window_s:g}s); no decision yet",
+                    ],
+                    stats=stats,
+                    consecutive=count,
+                )
+            else:
+                verdict = evaluate(stats, thresholds, count)
+                verdict.model = model
+                verdict.reasons = [*notes, *verdict.reasons]
+        verdict.closed_outage = closed_outage
+        if not keep_baseline:
+            state.snapshots[model] = current
         state.consecutive[model] = verdict.consecutive
+        state.last_verdicts[model] = {**verdict.to_dict(), "checked_at": current.taken_at}
         state.save(state_path)
-    log.info(
+    log.log(
+        logging.WARNING if verdict.breached else logging.DEBUG,
         "monitor %s: breached=%s rollback=%s consecutive=%d; %s",
         model,
         verdict.breached,
@@ -329,6 +396,59 @@ def check_once(
         "; ".join(verdict.reasons),
     )
     return verdict
+
+
+def _clock(timestamp: Any) -> str:
+    """A unix time as ``HH:MM:SS`` UTC for messages (``?`` when unknown)."""
+    import datetime as _dt
+
+    try:
+        moment = _dt.datetime.fromtimestamp(float(timestamp), tz=_dt.UTC)
+    except (TypeError, ValueError, OverflowError):
+        return "?"
+    return moment.strftime("%H:%M:%S UTC")
+
+
+def note_unavailable(
+    state_path: Path | str,
+    model: str,
+    error: str,
+    grace_s: float,
+    *,
+    now: float | None = None,
+) -> dict[str, Any] | None:
+    """Remember that ``model``'s metrics could not be read; return the outage record once, when
+    it has lasted ``grace_s`` and has not been alerted yet (the caller alerts), else ``None``.
+
+    One outage, one alert: the record stays open across checks and watch runs until a
+    successful :func:`check_once` closes it, so a Triton that is down for an hour is reported
+    once, not every few seconds. A single failed scrape (a restart, a slow answer under load)
+    shorter than the grace period is never reported."""
+    import time as _time
+
+    now = _time.time() if now is None else now
+    state_path = Path(state_path)
+    with _locked(state_path):
+        state = MonitorState.load(state_path)
+        outage = state.outages.setdefault(model, {"since": now})
+        outage["error"] = error
+        outage["last_failure_at"] = now
+        due = outage.get("alerted_at") is None and now - float(outage["since"]) >= grace_s
+        if due:
+            outage["alerted_at"] = now
+        state.save(state_path)
+    return dict(outage) if due else None
+
+
+def remember_result(state_path: Path | str, model: str, result: dict[str, Any]) -> None:
+    """Store ``result`` (a verdict dict, e.g. a finished watch's) as ``model``'s last verdict."""
+    import time as _time
+
+    state_path = Path(state_path)
+    with _locked(state_path):
+        state = MonitorState.load(state_path)
+        state.last_verdicts[model] = {**result, "checked_at": _time.time()}
+        state.save(state_path)
 
 
 def reset_model(state_path: Path | str, model: str) -> None:

@@ -1,37 +1,122 @@
-"""Deferrable metrics check: the scrape-and-judge step runs in Airflow's triggerer.
+"""The metrics watch: a long-running deferrable check that lives in Airflow's triggerer.
 
-The monitor runs every minute, forever. As a plain task each run holds a worker slot while it
-waits on Triton's metrics endpoint (up to the scrape timeout when Triton is slow or gone); as a
-deferred task it gives the slot back at once and one triggerer process runs the checks of every
-monitored model side by side in its event loop.
+Why a watch and not a DAG run per minute. Detection then waits for nothing but the check
+interval: no scheduler cadence, no worker slot, no task start. Every few seconds
+(``check_interval_s``) :class:`MetricsWatchTrigger` scrapes Triton and judges the window with
+:func:`recsys.monitoring.policy.check_once`. It does that in a thread, because the check does
+blocking HTTP and a file lock that must not stall the triggerer's event loop. The watch ends only
+when a rollback is due or after ``watch_minutes``; the DAG then starts the next watch.
 
-:class:`MetricsCheckOperator` resolves the thresholds (config file + DAG params) on the worker,
-then defers to :class:`MetricsCheckTrigger`, which runs
-:func:`recsys.monitoring.policy.check_once` in a thread (it does blocking HTTP and a file lock,
-which must not stall the triggerer's event loop) and reports the verdict, or the failure, as its
-event. The operator turns a failure event back into :class:`MetricsUnavailableError`, so the task
-fails (and alerts) exactly as the non-deferred check did.
+Why the watch ends in the triggerer. A deferred task that resumes on a worker seconds after it
+deferred races Airflow 3.3's scheduler: the worker's exit on ``defer()`` leaves a stale SUCCESS
+event, and when the scheduler drains it after the resumed attempt is already queued or running,
+it marks that attempt failed ("state mismatch"). The resumed worker is then refused with
+``invalid_state``, the run fails and the failure alerts. That is apache/airflow#72716 and
+#71580, and a scheduler starved by training hits it easily. So the watch never resumes on a
+worker: it yields :class:`~airflow.triggers.base.TaskSuccessEvent`, with the verdict as the
+task's XCom, and the triggerer marks the task done. The ``rollback`` task downstream is an
+ordinary task that never deferred.
 
-A trigger may run more than once if a triggerer dies mid-check; a second run only makes the
-window shorter, since the state file is updated atomically under its lock.
+What the watch does with the other outcomes:
+
+* Metrics it cannot read are not judged and never roll back. When they stay unreadable for
+  ``metrics_grace_s``, the watch sends one alert and writes an audit record for the outage,
+  which the monitor state remembers across checks and watch runs. The next successful check
+  closes it: a ``monitor_metrics_restored`` audit record, no second alert.
+* When the newest audit record of the model is a failed rollback, a breach does not end the
+  watch again for :data:`FAILED_ROLLBACK_QUIET_S`. That failure has already alerted and needs a
+  person; rolling back again every few seconds would alert every few seconds.
+
+When the triggerer restarts, the trigger is rebuilt from :meth:`MetricsWatchTrigger.serialize`.
+The watch's end time is absolute, and the state file holds the baseline, so the watch picks up
+where it was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 
 from recsys.monitoring.metrics import MetricsUnavailableError
 
+log = logging.getLogger(__name__)
 
-class MetricsCheckTrigger(BaseTrigger):
-    """One :func:`check_once` in the triggerer; the event is ``{"status": "ok", "verdict": ...}``
-    or ``{"status": "error", "error_type": ..., "message": ...}``."""
+MONITOR_BLIND = "monitor_metrics_unavailable"
+MONITOR_RESTORED = "monitor_metrics_restored"
+ROLLBACK_FAILED = "rollback_failed"
+FAILED_ROLLBACK_QUIET_S = 15 * 60.0
+"""After a rollback of a model failed (alerted, with the reason), a still-breaching model does
+not trigger another attempt for this long: a person is on it, and a retry loop would only page
+again. A deploy or a successful rollback in between ends the quiet period at once."""
+TRIGGER_TIMEOUT_MARGIN = timedelta(minutes=5)
+"""How long past its planned end a watch may take before Airflow fails it (a dead or starved
+triggerer): that failure alerts, because nothing is watching."""
+_SWITCHING_ACTIONS = {"deploy", "rollback", "rollback_registry_pending", ROLLBACK_FAILED}
+
+
+@dataclass
+class WatchSummary:
+    """What one watch did, returned with its last verdict (the XCom) and in its task log."""
+
+    started_at: float
+    checks: int = 0
+    judged_windows: int = 0
+    breaching_windows: int = 0
+    unavailable_checks: int = 0
+    suppressed_rollbacks: int = 0
+    ended_because: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def failed_rollback_pending(audit_log: Path, model: str, now: float) -> dict[str, Any] | None:
+    """The model's newest deploy/rollback record when it is a failed rollback younger than
+    :data:`FAILED_ROLLBACK_QUIET_S` (someone has been alerted and must act), else ``None``."""
+    from datetime import datetime
+
+    from recsys.audit import read_records
+
+    switches = [r for r in read_records(audit_log, model) if r.get("action") in _SWITCHING_ACTIONS]
+    if not switches or switches[-1].get("action") != ROLLBACK_FAILED:
+        return None
+    try:
+        when = datetime.fromisoformat(str(switches[-1]["ts"])).timestamp()
+    except (KeyError, ValueError):
+        return switches[-1]  # a failed rollback of unknown age: still a person's job
+    return switches[-1] if now - when < FAILED_ROLLBACK_QUIET_S else None
+
+
+def watch_result(value: Any) -> dict[str, Any]:
+    """The watch's XCom as a dict, as downstream tasks receive it.
+
+    An XCom pushed from the triggerer (``TaskSuccessEvent(xcoms=...)``) is stored by Airflow
+    3.3's core ``XComModel.set`` as JSON text, while the Task SDK reads XComs back with its serde
+    deserializer, which returns that text as a plain ``str``. So the value may arrive as a
+    dict (``dag.test()``) or as its JSON (the triggerer); anything else is an error, never "no
+    rollback due"."""
+    import json
+
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, Mapping) or "should_rollback" not in value:
+        raise TypeError(f"not a metrics-watch verdict: {str(value)[:200]!r}")
+    return dict(value)
+
+
+class MetricsWatchTrigger(BaseTrigger):
+    """Watch one served model's Triton metrics until a rollback is due or ``watch_until`` (unix
+    time) passes; ends the task from the triggerer with the verdict as its XCom."""
 
     def __init__(
         self,
@@ -39,14 +124,33 @@ class MetricsCheckTrigger(BaseTrigger):
         model: str,
         state_path: str,
         thresholds: dict[str, Any],
+        *,
+        watch_until: float,
+        audit_log: str,
+        alerts_log: str,
+        check_interval_s: float = 5.0,
+        metrics_grace_s: float = 60.0,
         timeout_s: float = 5.0,
+        dag_id: str = "",
+        run_id: str = "",
+        task_id: str = "",
     ) -> None:
         super().__init__()
         self.metrics_url = metrics_url
         self.model = model
         self.state_path = state_path
         self.thresholds = dict(thresholds)
-        self.timeout_s = timeout_s
+        self.watch_until = float(watch_until)
+        self.audit_log = audit_log
+        self.alerts_log = alerts_log
+        self.check_interval_s = float(check_interval_s)
+        self.metrics_grace_s = float(metrics_grace_s)
+        self.timeout_s = float(timeout_s)
+        self.dag_id = dag_id
+        self.run_id = run_id
+        self.task_id = task_id
+        self.summary = WatchSummary(started_at=time.time())
+        self.last_verdict: dict[str, Any] | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -56,14 +160,27 @@ class MetricsCheckTrigger(BaseTrigger):
                 "model": self.model,
                 "state_path": self.state_path,
                 "thresholds": self.thresholds,
+                "watch_until": self.watch_until,
+                "audit_log": self.audit_log,
+                "alerts_log": self.alerts_log,
+                "check_interval_s": self.check_interval_s,
+                "metrics_grace_s": self.metrics_grace_s,
                 "timeout_s": self.timeout_s,
+                "dag_id": self.dag_id,
+                "run_id": self.run_id,
+                "task_id": self.task_id,
             },
         )
 
-    def check(self) -> dict[str, Any]:
-        """The blocking part, also callable directly (what :meth:`run` runs in a thread)."""
+    # -- one check (blocking; run in a thread by run(), callable directly) ---------------------
+
+    def step(self, now: float | None = None) -> dict[str, Any] | None:
+        """One check. Returns the watch's result when it should end now (a rollback is due, or
+        the watch is over), else ``None``."""
         from recsys.monitoring.policy import Thresholds, check_once
 
+        now = time.time() if now is None else now
+        self.summary.checks += 1
         try:
             verdict = check_once(
                 self.metrics_url,
@@ -73,55 +190,186 @@ class MetricsCheckTrigger(BaseTrigger):
                 timeout_s=self.timeout_s,
             )
         except MetricsUnavailableError as exc:
-            return {"status": "error", "error_type": type(exc).__name__, "message": str(exc)}
-        return {"status": "ok", "verdict": verdict.to_dict()}
+            self.summary.unavailable_checks += 1
+            self._note_unavailable(str(exc), now)
+        else:
+            self.last_verdict = verdict.to_dict()
+            if verdict.closed_outage is not None:
+                self._note_restored(verdict.closed_outage)
+            if verdict.judged:
+                self.summary.judged_windows += 1
+            if verdict.breached:
+                self.summary.breaching_windows += 1
+            if verdict.should_rollback:
+                failed = failed_rollback_pending(Path(self.audit_log), self.model, now)
+                if failed is None:
+                    return self._finish("rollback due")
+                self.summary.suppressed_rollbacks += 1
+                note = (
+                    f"rollback due, not attempted: the rollback of {self.model} at "
+                    f"{failed.get('ts')} failed ({failed.get('error')}) and was alerted; "
+                    "a person must act"
+                )
+                if note not in self.summary.notes:
+                    self.summary.notes.append(note)
+        if now >= self.watch_until:
+            return self._finish("watch period over")
+        return None
+
+    def _finish(self, why: str) -> dict[str, Any]:
+        """The task's XCom: the last verdict plus what the watch did; also kept in the monitor
+        state, where ``execute_complete`` finds it when a test harness resumes the task."""
+        from recsys.monitoring.policy import remember_result
+
+        self.summary.ended_because = why
+        verdict = self.last_verdict or {
+            "model": self.model,
+            "breached": False,
+            "should_rollback": False,
+            "reasons": ["no verdict: the metrics were never readable during this watch"],
+            "stats": None,
+            "consecutive": 0,
+            "success_rate": None,
+            "p99_latency_ms": None,
+            "closed_outage": None,
+            "judged": False,
+        }
+        result = {**verdict, "watch": self.summary.to_dict()}
+        remember_result(self.state_path, self.model, result)
+        return result
+
+    def _where(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "dag_id": self.dag_id,
+            "task_id": self.task_id,
+            "run_id": self.run_id,
+        }
+
+    def _note_unavailable(self, error: str, now: float) -> None:
+        from recsys import audit
+        from recsys.monitoring.policy import note_unavailable
+
+        outage = note_unavailable(self.state_path, self.model, error, self.metrics_grace_s, now=now)
+        if outage is None:
+            return
+        since = float(outage["since"])
+        details = {
+            **self._where(),
+            "kind": MONITOR_BLIND,
+            "error": error,
+            "unavailable_since": since,
+            "unavailable_for_s": round(now - since, 1),
+        }
+        audit.append_record(
+            Path(self.audit_log), MONITOR_BLIND, self.model, actor=self.dag_id or "monitor",
+            reason=f"Triton metrics unreadable for {now - since:.0f}s: {error}",
+        )  # fmt: skip
+        audit.send_alert(
+            Path(self.alerts_log),
+            f"{self.model}: monitor cannot read Triton's metrics ({self.dag_id}); nothing is "
+            "judged or rolled back until they are back",
+            details,
+        )
+
+    def _note_restored(self, outage: dict[str, Any]) -> None:
+        from recsys import audit
+
+        if outage.get("alerted_at") is None:
+            return  # a blip shorter than the grace period: never reported, nothing to close
+        audit.append_record(
+            Path(self.audit_log),
+            MONITOR_RESTORED,
+            self.model,
+            actor=self.dag_id or "monitor",
+            reason=f"Triton metrics readable again; unreadable since {outage.get('since')}",
+        )
+
+    # -- the loop in the triggerer -------------------------------------------------------------
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        yield TriggerEvent(await asyncio.to_thread(self.check))
+        self.log.info(
+            "watching %s at %s every %.1fs until %s",
+            self.model,
+            self.metrics_url,
+            self.check_interval_s,
+            time.strftime("%H:%M:%S", time.gmtime(self.watch_until)),
+        )
+        next_at = time.monotonic()
+        last_report = time.monotonic()
+        while True:
+            result = await asyncio.to_thread(self.step)
+            if result is not None:
+                self.log.info(
+                    "%s: %s; %s", self.model, result["watch"]["ended_because"], result["reasons"]
+                )
+                yield TaskSuccessEvent(xcoms={"return_value": result})
+                return
+            if time.monotonic() - last_report >= 60.0:
+                last_report = time.monotonic()
+                reasons = (self.last_verdict or {}).get("reasons") or ["no verdict yet"]
+                self.log.info("%s: %s; %s", self.model, self.summary.to_dict(), reasons[-1])
+            next_at += self.check_interval_s
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
 
-class MetricsCheckOperator(BaseOperator):
-    """Check the served model's metrics without holding a worker slot; returns the verdict dict
-    (the same XCom the TaskFlow version returned)."""
+class MetricsWatchOperator(BaseOperator):
+    """Watch the served model from the triggerer and hand the verdict to the ``rollback`` task.
 
-    def __init__(
-        self,
-        *,
-        model_suffix: str = "",
-        trigger_timeout: timedelta = timedelta(minutes=2),
-        **kwargs: Any,
-    ):
+    ``execute`` resolves the thresholds (config file + DAG params) and defers at once; the
+    trigger ends the task itself (see the module docstring), so ``execute_complete`` only runs
+    where that end event is not honoured."""
+
+    def __init__(self, *, model_suffix: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model_suffix = model_suffix
         """Watch ``RECSYS_MODEL_NAME + model_suffix`` (see ``recsys.config.SERVED_MODEL_SUFFIXES``);
         the name is resolved when the task runs, so the DAG file needs no settings to parse."""
-        self.trigger_timeout = trigger_timeout
 
     def execute(self, context: Mapping[str, Any]) -> None:
         from recsys.config import load_settings, served_model_settings
         from recsys.monitoring.config import THRESHOLD_FIELDS, load_thresholds
 
         settings = served_model_settings(load_settings(), self.model_suffix)
-        model = settings.model_name
         params = context["params"]
         thresholds = load_thresholds(
-            model, overrides={name: params.get(name) for name in THRESHOLD_FIELDS}
+            settings.model_name, overrides={name: params.get(name) for name in THRESHOLD_FIELDS}
         )
+        watch = timedelta(minutes=float(params["watch_minutes"]))
+        ti = context["ti"]
         self.defer(
-            trigger=MetricsCheckTrigger(
+            trigger=MetricsWatchTrigger(
                 settings.triton_metrics_url,
-                model,
+                settings.model_name,
                 str(settings.monitor_state),
                 thresholds.to_dict(),
+                watch_until=time.time() + watch.total_seconds(),
+                audit_log=str(settings.audit_log),
+                alerts_log=str(settings.alerts_log),
+                check_interval_s=float(params["check_interval_s"]),
+                metrics_grace_s=float(params["metrics_grace_s"]),
+                dag_id=ti.dag_id,
+                run_id=ti.run_id,
+                task_id=ti.task_id,
             ),
             method_name="execute_complete",
-            timeout=self.trigger_timeout,
+            timeout=watch + TRIGGER_TIMEOUT_MARGIN,
         )
 
-    def execute_complete(
-        self, context: Mapping[str, Any], event: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        if not event or event.get("status") != "ok":
-            message = (event or {}).get("message") or f"metrics check failed: {event!r}"
-            raise MetricsUnavailableError(message)
-        return event["verdict"]
+    def execute_complete(self, context: Mapping[str, Any], event: Any = None) -> dict[str, Any]:
+        """Only reached under ``dag.test()``, which resumes a deferred task with the event's
+        payload instead of ending it as the triggerer does: the verdict is then read from the
+        monitor state, where the trigger stored the same result it yields as XCom."""
+        from recsys.config import load_settings, served_model_settings
+        from recsys.monitoring.policy import MonitorState
+
+        if isinstance(event, Mapping) and "should_rollback" in event:
+            return dict(event)
+        settings = served_model_settings(load_settings(), self.model_suffix)
+        result = MonitorState.load(settings.monitor_state).last_verdicts.get(settings.model_name)
+        if result is None or "watch" not in result:
+            raise MetricsUnavailableError(
+                f"the metrics watch of {settings.model_name} ended without a verdict "
+                f"(event {event!r})"
+            )
+        return result
