@@ -32,9 +32,11 @@ soon as that window holds `min_requests` requests (or is `max_window_s` old), ag
 model's thresholds. Those come from `RECSYS_MONITOR_CONFIG` (YAML/JSON, `defaults` plus
 per-model entries), overridden by any threshold param set for this run. Unset params defer to
 the file. A window with too few requests is never judged: no traffic is not an outage, and not
-a recovery either. Host CPU and memory utilisation (Triton's `nv_cpu_*` gauges) breach too when
-their limits are set. The watch ends when `consecutive_windows` windows in a row breach, or
-after `watch_minutes`. Its XCom is the last verdict plus what the watch did.
+a recovery either. Requests the model refuses itself (bad or oversized queries, which Triton
+counts as successes) breach over `max_rejected_rate`. Host CPU and memory utilisation
+(Triton's `nv_cpu_*` gauges) breach too when their limits are set. The watch ends when
+`consecutive_windows` windows in a row breach, or after `watch_minutes`. Its XCom is the last
+verdict plus what the watch did.
 
 **rollback** runs only after a sustained breach (it is skipped otherwise). It loads the
 previous known-good registry version into Triton, verifies it with a smoke query pinned to that
@@ -97,6 +99,7 @@ def monitor_dag(dag_id: str, model_suffix: str):
                 description="Unreadable metrics for this long send one alert",
             ),
             "max_error_rate": Param(None, type=["null", "number"], minimum=0, maximum=1),
+            "max_rejected_rate": Param(None, type=["null", "number"], minimum=0, maximum=1),
             "max_mean_latency_ms": Param(None, type=["null", "number"], exclusiveMinimum=0),
             "max_p99_latency_ms": Param(None, type=["null", "number"], exclusiveMinimum=0),
             "min_requests": Param(None, type=["null", "integer"], minimum=1),

@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from recsys.config import Settings, load_settings
+from recsys.config import Settings, check_model_name, load_settings
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -63,6 +63,16 @@ def _version_number(value: str) -> int:
     return _whole_number(value, 1, "versions are numbered from 1")
 
 
+def _model_name(value: str) -> str:
+    """A model name the platform may turn into paths (:func:`recsys.config.check_model_name`:
+    letters, digits, '_' and '-'): ``../x``, ``a/b``, empty, NUL or newline exit 2 here, before
+    any lock, state file, sample folder or audit record is touched."""
+    try:
+        return check_model_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_int(value: str) -> int:
     """A count of at least 1 (e.g. how many hits to return)."""
     return _whole_number(value, 1, "must be at least 1")
@@ -79,7 +89,8 @@ def _stack(args: argparse.Namespace) -> int:
         print(f"starting the stack (state in {settings.home})")
         stack.up(settings)
         _print_services(stack.status(settings))
-        print(f"\nAirflow login: {stack.AIRFLOW_USER} / {stack.airflow_password(settings)}")
+        # Where the password is, never the password: this output ends up in logs people keep.
+        print(f"\nAirflow login: {stack.airflow_login_hint(settings)}")
     elif args.action == "down":
         stack.down(settings)
     else:
@@ -204,7 +215,9 @@ def _settings_for(args: argparse.Namespace) -> Settings:
 
     settings = load_settings()
     model = getattr(args, "model", None)
-    return dataclasses.replace(settings, model_name=model) if model else settings
+    if model is None:
+        return settings
+    return dataclasses.replace(settings, model_name=check_model_name(model))
 
 
 def _deploy(args: argparse.Namespace) -> int:
@@ -459,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument(
         "--top-k", type=_positive_int, default=5, help="hits the smoke query must return"
     )
-    deploy.add_argument("--model", default=None, help=MODEL_HELP)
+    deploy.add_argument("--model", type=_model_name, default=None, help=MODEL_HELP)
     deploy.set_defaults(func=_deploy)
 
     rollback = sub.add_parser("rollback", help="return to the previous known-good version")
@@ -471,21 +484,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="only replay the registry updates of rollbacks done while MLflow was down",
     )
     rollback.add_argument("--reason", default="manual rollback (recsys rollback)")
-    rollback.add_argument("--model", default=None, help=MODEL_HELP)
+    rollback.add_argument("--model", type=_model_name, default=None, help=MODEL_HELP)
     rollback.set_defaults(func=_rollback)
 
     status = sub.add_parser("status", help="services, served versions, aliases, audit")
     status.set_defaults(func=_status)
 
     audit = sub.add_parser("audit", help="print deploy and rollback records")
-    audit.add_argument("--model", default=None, help="only this model (default: all)")
+    audit.add_argument(
+        "--model", type=_model_name, default=None, help="only this model (default: all)"
+    )
     audit.add_argument("--action", action="append", help="only this action (repeatable)")
     audit.add_argument("--limit", type=int, default=0, help="only the last N records")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
     audit.set_defaults(func=_audit)
 
     drift = sub.add_parser("drift", help="judge the sampled served queries against training")
-    drift.add_argument("--model", default=None, help="model (default: RECSYS_MODEL_NAME)")
+    drift.add_argument(
+        "--model", type=_model_name, default=None, help="model (default: RECSYS_MODEL_NAME)"
+    )
     drift.add_argument(
         "--version", type=_version_number, default=None, help="default: the serving one"
     )
@@ -495,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     query = sub.add_parser("query", help="search the served model")
     query.add_argument("text", type=_query_text, help="what a shopper would type")
     query.add_argument("--top-k", type=_positive_int, default=10)
-    query.add_argument("--model", default=None, help=MODEL_HELP)
+    query.add_argument("--model", type=_model_name, default=None, help=MODEL_HELP)
     query.set_defaults(func=_query)
 
     demo = sub.add_parser("demo", help="end-to-end demo on the running stack")

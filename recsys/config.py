@@ -12,8 +12,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recsys.triton.repository import InvalidModelNameError, validate_model_name
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_NAME = "product_search"
+MAX_MODEL_NAME_LENGTH = 128
+"""Longest model name accepted: it becomes a folder, a ``<name>.lock`` file and, with a suffix
+such as ``_reranker``, another model's name, all of which must fit a 255-byte file name."""
+
+
+def check_model_name(name: Any) -> str:
+    """``name`` if it is a model name the platform may turn into paths, else
+    :class:`~recsys.triton.repository.InvalidModelNameError` (a ``ValueError``) naming it.
+
+    One rule at every boundary (CLI arguments, ``RECSYS_MODEL_NAME``, the functions that build
+    lock, state, sample and repository paths from a name): letters, digits, ``_`` and ``-``
+    only (:func:`recsys.triton.repository.validate_model_name`, so no ``/``, ``..``, NUL or
+    newline can make a path leave its folder), at most :data:`MAX_MODEL_NAME_LENGTH` long.
+    """
+    if isinstance(name, str) and len(name) > MAX_MODEL_NAME_LENGTH:
+        raise InvalidModelNameError(
+            f"invalid model name {name[:32]!r}... ({len(name)} characters): "
+            f"at most {MAX_MODEL_NAME_LENGTH} allowed"
+        )
+    return validate_model_name(name)
+
+
+def check_version_number(version: Any, what: str = "model version") -> int:
+    """``version`` if it is a registry version number (an int >= 1; MLflow numbers from 1),
+    else a ``ValueError`` naming it: a version becomes a folder name too."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{what} must be a version number >= 1, got {version!r}")
+    return version
 
 
 @dataclass(frozen=True)
@@ -42,6 +72,11 @@ class Settings:
     query_sample_rate: float
     """Share of served queries sampled (``RECSYS_QUERY_SAMPLE_RATE``, 0.1 by default; 0 turns
     sampling, and with it the drift check, off)."""
+    triton_instances: int = 2
+    """Model instances a platform deploy publishes a version with (``RECSYS_TRITON_INSTANCES``;
+    default the host's CPU count, at most 4). More than one keeps a slow or oversized request
+    on one instance from holding up every query queued behind it, and lets ONNX Runtime (one
+    thread per instance) use every core."""
 
     @property
     def triton_http_url(self) -> str:
@@ -84,8 +119,21 @@ def _env_path(name: str, default: Path) -> Path:
     return Path(value).expanduser().resolve() if value else default
 
 
+def _model_name_from_env() -> str:
+    """``RECSYS_MODEL_NAME`` (default when unset or empty), checked by :func:`check_model_name`:
+    every process builds paths from it, so a bad value stops them all with the same error."""
+    value = os.environ.get("RECSYS_MODEL_NAME") or DEFAULT_MODEL_NAME
+    try:
+        return check_model_name(value)
+    except InvalidModelNameError as exc:
+        raise InvalidModelNameError(f"RECSYS_MODEL_NAME: {exc}") from None
+
+
 def load_settings() -> Settings:
-    """Build :class:`Settings` from ``RECSYS_*`` / ``MLFLOW_TRACKING_URI`` variables."""
+    """Build :class:`Settings` from ``RECSYS_*`` / ``MLFLOW_TRACKING_URI`` variables.
+
+    Raises ``ValueError`` (:class:`~recsys.triton.repository.InvalidModelNameError`) when
+    ``RECSYS_MODEL_NAME`` is not a valid model name (see :func:`check_model_name`)."""
     home = _env_path("RECSYS_HOME", PROJECT_ROOT / ".recsys")
     mlflow_port = int(os.environ.get("RECSYS_MLFLOW_PORT", "5000"))
     return Settings(
@@ -94,7 +142,7 @@ def load_settings() -> Settings:
         data_path=_env_path(
             "RECSYS_DATA_PATH", PROJECT_ROOT.parent / "shared" / "data" / "homedepot" / "train.csv"
         ),
-        model_name=os.environ.get("RECSYS_MODEL_NAME", DEFAULT_MODEL_NAME),
+        model_name=_model_name_from_env(),
         mlflow_tracking_uri=os.environ.get(
             "MLFLOW_TRACKING_URI", f"http://127.0.0.1:{mlflow_port}"
         ),
@@ -106,7 +154,21 @@ def load_settings() -> Settings:
         airflow_port=int(os.environ.get("RECSYS_AIRFLOW_PORT", "8080")),
         query_sample_dir=_env_path("RECSYS_QUERY_SAMPLE_DIR", home / "query_samples"),
         query_sample_rate=_sample_rate(os.environ.get("RECSYS_QUERY_SAMPLE_RATE", "0.1")),
+        triton_instances=_triton_instances(os.environ.get("RECSYS_TRITON_INSTANCES", "")),
     )
+
+
+def _triton_instances(value: str) -> int:
+    """``RECSYS_TRITON_INSTANCES`` (1-64), or the CPU count capped at 4 when unset."""
+    if not value.strip():
+        return max(1, min(4, os.cpu_count() or 1))
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 64:
+        raise ValueError(f"RECSYS_TRITON_INSTANCES must be a whole number 1-64, got {value!r}")
+    return count
 
 
 def _sample_rate(value: str) -> float:
@@ -155,7 +217,8 @@ its own monitor DAG, thresholds, aliases and rollbacks."""
 
 
 def served_model_settings(settings: Settings, suffix: str) -> Settings:
-    """The same platform pointed at one served model (``settings.model_name + suffix``)."""
+    """The same platform pointed at one served model (``settings.model_name + suffix``); the
+    name is checked like any other (:func:`check_model_name`)."""
     import dataclasses
 
-    return dataclasses.replace(settings, model_name=settings.model_name + suffix)
+    return dataclasses.replace(settings, model_name=check_model_name(settings.model_name + suffix))

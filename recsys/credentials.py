@@ -32,8 +32,25 @@ TRITON_ADMIN_HEADER = "recsys-admin-key"
 """HTTP header Triton checks on restricted APIs (gRPC metadata keys must be lowercase)."""
 TRITON_GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{TRITON_ADMIN_HEADER}"
 """Triton's gRPC frontend prefixes the configured key with ``triton-grpc-protocol-``."""
-TRITON_RESTRICTED = "model-repository"
-"""Only model control is restricted: health, metadata and inference stay open to clients."""
+TRITON_OPEN_APIS = ("health", "metadata")
+"""What anyone who reaches the ports may use over both protocols (plus gRPC inference)."""
+TRITON_GRPC_RESTRICTED = (
+    "model-repository",
+    "model-config",
+    "shared-memory",
+    "statistics",
+    "trace",
+    "logging",
+)
+"""gRPC protocols that need the admin key: everything except health, metadata and inference.
+Model control runs arbitrary python from the repository; logging and trace settings can blind
+the operators; shared-memory registration can map any region (the python backend's own
+included) into the server; statistics and model configs are operator data."""
+TRITON_HTTP_RESTRICTED = ("inference", *TRITON_GRPC_RESTRICTED)
+"""HTTP restricts inference as well. Triton 2.51's JSON handling allocates a tensor from the
+*declared* shape before it checks the data (a 150-byte request declaring ``[1e9, 1]`` costs
+gigabytes) and has no request-size limit; its gRPC path checks sizes first. Clients infer over
+gRPC; HTTP inference is for key holders (who could load arbitrary code anyway)."""
 
 MLFLOW_USER_ENV = "MLFLOW_TRACKING_USERNAME"
 MLFLOW_PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
@@ -85,11 +102,15 @@ def triton_admin_key(settings: Settings, *, create: bool = False) -> str | None:
 
 
 def triton_restriction_flags(admin_key: str) -> list[str]:
-    """tritonserver flags that refuse model-repository calls without the admin header."""
+    """tritonserver flags that refuse every API except health, metadata and (gRPC) inference
+    without the admin header."""
     if not admin_key or any(c in admin_key for c in ",:= \n"):
         raise ValueError("the Triton admin key must be non-empty and free of ',:= ' characters")
-    setting = f"{TRITON_RESTRICTED}:{TRITON_ADMIN_HEADER}={admin_key}"
-    return [f"--grpc-restricted-protocol={setting}", f"--http-restricted-api={setting}"]
+    header = f"{TRITON_ADMIN_HEADER}={admin_key}"
+    return [
+        f"--grpc-restricted-protocol={','.join(TRITON_GRPC_RESTRICTED)}:{header}",
+        f"--http-restricted-api={','.join(TRITON_HTTP_RESTRICTED)}:{header}",
+    ]
 
 
 def mlflow_credentials(settings: Settings, *, create: bool = False) -> tuple[str, str] | None:

@@ -305,7 +305,8 @@ def run_demo(settings: Settings, max_rows: int = 4000, max_steps: int = 40) -> i
     _say("served again by the good version")
     _show_answer(settings, "angle bracket", titles)
     print(
-        f"\nAirflow UI: http://127.0.0.1:{settings.airflow_port}  (login {stack.AIRFLOW_USER} / "
-        f"{stack.airflow_password(settings)}), MLflow UI: http://127.0.0.1:{settings.mlflow_port}"
+        f"\nAirflow UI: http://127.0.0.1:{settings.airflow_port}  "
+        f"({stack.airflow_login_hint(settings)}), "
+        f"MLflow UI: http://127.0.0.1:{settings.mlflow_port}"
     )
     return 0 if aliases["champion"] == good else 1

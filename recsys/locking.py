@@ -47,5 +47,11 @@ def file_lock(path: Path, timeout_s: float, purpose: str) -> Iterator[None]:
 
 
 def model_lock(lock_dir: Path, model_name: str, timeout_s: float = 300.0):
-    """The lock a deploy or rollback of ``model_name`` holds, so the two never interleave."""
+    """The lock a deploy or rollback of ``model_name`` holds, so the two never interleave.
+
+    ``model_name`` must be a valid model name (``InvalidModelNameError``, a ``ValueError``,
+    otherwise), so the lock file stays in ``lock_dir`` whoever calls this."""
+    from recsys.config import check_model_name
+
+    check_model_name(model_name)
     return file_lock(lock_dir / f"{model_name}.lock", timeout_s, f"deploy/rollback of {model_name}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recsys.config import Settings
+from recsys.config import Settings, check_model_name, check_version_number
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,10 @@ def download_serving_artifacts(settings: Settings, version: int, dst: Path) -> P
 
 
 def version_dir(settings: Settings, version: int) -> Path:
-    return settings.triton_repo / settings.model_name / str(int(version))
+    """``<triton_repo>/<model>/<version>``; the name and version are checked first, so the path
+    stays in the repository whoever calls this."""
+    model = check_model_name(settings.model_name)
+    return settings.triton_repo / model / str(check_version_number(version))
 
 
 def deploy_registered_version(
@@ -106,6 +109,7 @@ def deploy_registered_version(
     """
     from recsys.pipeline import deploy_model
 
+    version_dir(settings, version)  # a bad name or version is bad input before anything is asked
     registered_run_id(settings, version)  # fail as bad input before touching Triton
     if version_dir(settings, version).exists():
         result = deploy_model(settings, version, None, smoke_query, top_k)

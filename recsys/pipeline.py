@@ -65,7 +65,12 @@ def split_data(clean_path: str, run_dir: Path, test_fraction: float, seed: int) 
     """Split by query and write train/test/catalogue files for the later stages."""
     from recsys.data import product_catalog, split_by_query
 
-    frame = pd.read_csv(clean_path, dtype={"product_title": str, "search_term": str})
+    frame = pd.read_csv(
+        clean_path,
+        dtype={"product_title": str, "search_term": str},
+        keep_default_na=False,
+        na_values=[""],
+    )
     split = split_by_query(frame, test_fraction=test_fraction, seed=seed)
     paths = {name: run_dir / f"{name}.csv" for name in ("train", "test", "catalog")}
     split.train.to_csv(paths["train"], index=False)
@@ -80,7 +85,12 @@ def split_data(clean_path: str, run_dir: Path, test_fraction: float, seed: int) 
 
 def read_split_frame(path: str) -> pd.DataFrame:
     """A train/test/catalogue file written by :func:`split_data`, with ids and text as str."""
-    return pd.read_csv(path, dtype={"product_title": str, "search_term": str, "product_uid": str})
+    return pd.read_csv(
+        path,
+        dtype={"product_title": str, "search_term": str, "product_uid": str},
+        keep_default_na=False,
+        na_values=[""],
+    )
 
 
 def fine_tune_model(
@@ -449,7 +459,8 @@ def deploy_model(
 
     ``serving`` (``max_batch_size``, ``instance_count``, ``dynamic_batching``,
     ``max_queue_delay_us``, ``response_cache``, ...) is pinned into the published version and
-    every load of a version uses the knobs it was published with. ``reason`` (the promotion
+    every load of a version uses the knobs it was published with; without it a version gets
+    ``settings.triton_instances`` instances. ``reason`` (the promotion
     decision, or why it was forced) goes into the audit record."""
     from recsys import audit, registry
     from recsys.alerts import mark_alerted
@@ -472,7 +483,11 @@ def deploy_model(
         registry.alias_version(settings.mlflow_tracking_uri, model, registry.CHAMPION)
         if artifacts_dir is not None:
             publish_version(
-                settings.triton_repo, model, version, Path(artifacts_dir), serving=serving
+                settings.triton_repo,
+                model,
+                version,
+                Path(artifacts_dir),
+                serving=serving or {"instance_count": settings.triton_instances},
             )
         repo = settings.triton_repo
         served_before: list[int] | None = None

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from recsys.alerts import mark_alerted
-from recsys.config import Settings
+from recsys.config import Settings, check_model_name
 from recsys.registry import RegistryUnavailableError
 from recsys.triton.control import ModelLoadError
 
@@ -229,7 +229,7 @@ def rollback(
     from recsys.triton.repository import version_serving_config
 
     check_to_version(to_version)
-    model = settings.model_name
+    model = check_model_name(settings.model_name)
     metrics = metrics or {}
     control = TritonControl(settings.triton_grpc_url)
     plan_error: RegistryUnavailableError | None = None
@@ -376,6 +376,7 @@ def complete_pending_rollback(settings: Settings) -> list[dict[str, Any]]:
     :class:`RegistryUnavailableError` if MLflow is still down, leaving them pending."""
     from recsys import audit, registry
 
+    check_model_name(settings.model_name)
     completed = []
     for pending in pending_rollbacks(settings):
         registry.record_rollback(

@@ -10,7 +10,14 @@ Security on one machine: besides binding to loopback, Triton's model control nee
 key, MLflow runs its ``basic-auth`` app (admin password generated, never the default) and
 Airflow its SimpleAuthManager with a generated password. Secrets live in
 ``$RECSYS_HOME/stack/secrets`` (mode 0600, see :mod:`recsys.credentials`), reach services and
-Airflow workers through the environment or files, and are masked in what this module records.
+Airflow workers through the environment or files, and are masked in what this module records;
+the Airflow password is never printed, only the file that holds it.
+
+Local users: the state folder (``$RECSYS_HOME``) is private to its owner (0700, tightened on
+``up`` when it is wider), and every service and Airflow command starts with umask
+:data:`SERVICE_UMASK`, so the databases (``mlflow.db``, ``basic_auth.db``, ``airflow.db``),
+artifacts, logs and the sampled customer queries come out 0600/0700. Database files made
+before this rule are tightened on ``up`` too (:func:`prepare_state_dirs`).
 """
 
 from __future__ import annotations
@@ -36,12 +43,19 @@ from recsys.credentials import (
     TRITON_ADMIN_KEY_ENV,
     mlflow_credentials,
     redact_command,
+    secrets_dir,
     stored_secret,
     triton_admin_key,
 )
 from recsys.scheduling import POOLS_FILE, executor_parallelism
 
 AIRFLOW_USER = "admin"
+AIRFLOW_PASSWORD_SECRET = "airflow_admin_password"
+"""Name of the generated Airflow admin password under ``$RECSYS_HOME/stack/secrets``."""
+SERVICE_UMASK = 0o077
+"""umask of every process the stack starts: what they create only their owner can read."""
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 TRITON_CACHE_BYTES_ENV = "RECSYS_TRITON_CACHE_BYTES"
 """Size in bytes of Triton's response cache (default 64 MiB; 0 starts Triton without one)."""
 
@@ -65,10 +79,90 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
+def _private_home(settings: Settings) -> Path:
+    """The state folder, created private (0700) when it does not exist yet."""
+    home = settings.home
+    if not home.is_dir():
+        home.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            home.mkdir(mode=PRIVATE_DIR_MODE)
+            home.chmod(PRIVATE_DIR_MODE)
+    return home
+
+
 def stack_dir(settings: Settings) -> Path:
-    path = settings.home / "stack"
+    path = _private_home(settings) / "stack"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _tighten(path: Path, mode: int, echo, what: str) -> None:
+    """``chmod`` ``path`` to ``mode`` when it is wider, saying so; a path this user cannot
+    change (someone else's) is reported, not fatal."""
+    try:
+        current = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return
+    if not current & ~mode:
+        return
+    try:
+        path.chmod(mode)
+    except PermissionError as exc:
+        echo(f"  WARNING: {what} {path} is mode {current:04o} and cannot be tightened ({exc})")
+        return
+    echo(f"  {what} {path} was mode {current:04o}; now {mode:04o} (owner only)")
+
+
+_DATABASES = (
+    ("mlflow", "mlflow.db"),
+    ("mlflow", "basic_auth.db"),
+    ("airflow", "airflow.db"),
+)
+_SQLITE_SIDE_FILES = ("", "-journal", "-wal", "-shm")
+
+
+def prepare_state_dirs(settings: Settings, echo=print) -> None:
+    """Make the state folder private before any service writes to it: create ``$RECSYS_HOME``
+    0700 (or tighten an existing one, with a log line), and tighten the databases and the
+    sampled customer queries that earlier versions left readable to every local user.
+
+    New files need nothing more: services and Airflow commands start with
+    :data:`SERVICE_UMASK`. A query sample folder outside the state folder
+    (``RECSYS_QUERY_SAMPLE_DIR``) is created 0700 but an existing one is left as it is: it may
+    be shared, and this launcher does not own it."""
+    home = _private_home(settings)
+    _tighten(home, PRIVATE_DIR_MODE, echo, "state folder")
+    for folder, name in _DATABASES:
+        for side in _SQLITE_SIDE_FILES:
+            _tighten(home / folder / f"{name}{side}", PRIVATE_FILE_MODE, echo, "database")
+    samples = settings.query_sample_dir
+    if not samples.exists():
+        samples.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+        samples.chmod(PRIVATE_DIR_MODE)
+    elif samples.resolve().is_relative_to(home.resolve()):
+        _tighten_tree(samples, echo, "query samples")
+
+
+def _tighten_tree(root: Path, echo, what: str) -> None:
+    """Folders 0700 and files 0600 from ``root`` down (symlinks are neither followed nor
+    changed); one log line for the whole tree."""
+    changed = 0
+
+    def tighten(path: Path, mode: int) -> None:
+        nonlocal changed
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if not path.is_symlink() and path.stat().st_mode & 0o777 & ~mode:
+                path.chmod(mode)
+                changed += 1
+
+    tighten(root, PRIVATE_DIR_MODE)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            tighten(Path(folder, name), PRIVATE_DIR_MODE)
+        for name in files:
+            tighten(Path(folder, name), PRIVATE_FILE_MODE)
+    if changed:
+        echo(f"  {what}: {changed} files and folders under {root} tightened to owner only")
 
 
 def _secret(settings: Settings, name: str, nbytes: int = 24) -> str:
@@ -131,7 +225,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
     passwords = home / "simple_auth_manager_passwords.json"
     if not passwords.exists():
         _write_private(
-            passwords, json.dumps({AIRFLOW_USER: _secret(settings, "airflow_admin_password", 12)})
+            passwords, json.dumps({AIRFLOW_USER: _secret(settings, AIRFLOW_PASSWORD_SECRET, 12)})
         )
     api = f"http://127.0.0.1:{settings.airflow_port}"
     return {
@@ -157,7 +251,19 @@ def airflow_env(settings: Settings) -> dict[str, str]:
 
 
 def airflow_password(settings: Settings) -> str:
-    return _secret(settings, "airflow_admin_password", 12)
+    return _secret(settings, AIRFLOW_PASSWORD_SECRET, 12)
+
+
+def airflow_password_file(settings: Settings) -> Path:
+    """Where the Airflow admin password is kept (mode 0600; generated on first use): what the
+    CLI and the demo print, so the password itself never lands in a log someone keeps."""
+    airflow_password(settings)
+    return secrets_dir(settings.home) / AIRFLOW_PASSWORD_SECRET
+
+
+def airflow_login_hint(settings: Settings) -> str:
+    """``user admin, password in <file>``: how to log in, without the password."""
+    return f"user {AIRFLOW_USER}, password in {airflow_password_file(settings)}"
 
 
 def mlflow_auth_config(settings: Settings) -> Path:
@@ -314,19 +420,25 @@ def _log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def _open_log(path: Path):
+    """``path`` opened for appending, created 0600 (with its folder) when it is new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE), "ab")
+
+
 def _airflow_command(settings: Settings, args: list[str], log_name: str, timeout_s: float) -> None:
     """Run ``airflow ARGS`` once with the stack's configuration, output appended to
     ``logs/<log_name>.log``; :class:`StackError` with the log's tail if it fails."""
     env = {**os.environ, **recsys_env(settings), **airflow_env(settings)}
     log_path = stack_dir(settings) / "logs" / f"{log_name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
+    with _open_log(log_path) as log:
         result = subprocess.run(
             [_bin("airflow"), *args],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             timeout=timeout_s,
+            umask=SERVICE_UMASK,  # `db migrate` creates airflow.db
         )
     if result.returncode != 0:
         raise StackError(
@@ -349,9 +461,11 @@ def import_pools(settings: Settings) -> None:
 
 
 def spawn(service: Service, log_path: Path, cwd: Path) -> subprocess.Popen:
-    """Start ``service`` detached in its own session, output appended to ``log_path``."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
+    """Start ``service`` detached in its own session, output appended to ``log_path``, with
+    umask :data:`SERVICE_UMASK`: its databases, artifacts, logs and the query samples it
+    writes (and those of its children: Airflow's task workers, Triton's python backend) are
+    its owner's only."""
+    with _open_log(log_path) as log:
         return subprocess.Popen(
             service.command,
             env=service.env,
@@ -360,6 +474,7 @@ def spawn(service: Service, log_path: Path, cwd: Path) -> subprocess.Popen:
             stdin=subprocess.DEVNULL,
             cwd=str(cwd),
             start_new_session=True,
+            umask=SERVICE_UMASK,
         )
 
 
@@ -406,6 +521,7 @@ def up(settings: Settings, timeout_s: float = 180.0, echo=print) -> list[Service
     waited for, and only then the scheduler, dag-processor and triggerer. The scheduler starts
     tasks at once, and a task whose worker cannot reach the api-server's execution API fails
     (the first monitor runs of a fresh stack did, and each alerted)."""
+    prepare_state_dirs(settings, echo)
     settings.triton_repo.mkdir(parents=True, exist_ok=True)
     migrate_airflow_db(settings)
     deadline = time.monotonic() + timeout_s

@@ -37,6 +37,10 @@ os.environ.update(
         "RECSYS_TRITON_ADMIN_KEY": secrets.token_urlsafe(32),
         "MLFLOW_TRACKING_USERNAME": "admin",
         "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(24),
+        # One model instance per deployed version (the platform's default is the CPU count):
+        # every load starts one python stub instead of two, which keeps the suite's many
+        # deploys and rollbacks fast on 2 cores. test_deploy checks the default itself.
+        "RECSYS_TRITON_INSTANCES": "1",
     }
 )
 

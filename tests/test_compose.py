@@ -2,7 +2,8 @@
 ``up`` would catch, plus the Prometheus and Grafana files it mounts.
 
 There is no Docker engine where the tests run, so the compose file is checked as data: images
-pinned, ports well-formed, every bind mount present in the repository, dependencies and
+pinned, ports well-formed and bound to loopback unless an operator opens them (Triton's HTTP and
+metrics ports not published at all), every bind mount present in the repository, dependencies and
 healthchecks consistent, secrets only from the environment, and every metric the dashboard
 queries present in a real Triton 2.51 scrape (``tests/fixtures/triton_metrics_after.txt``).
 """
@@ -118,17 +119,77 @@ def test_images_pinned(services: dict[str, dict[str, Any]]) -> None:
         assert tag != "latest" and re.search(r"\d", tag), f"{name}: unpinned tag {tag!r}"
 
 
-def test_ports_are_host_container_ints(services: dict[str, dict[str, Any]]) -> None:
-    seen: set[int] = set()
+PUBLISHED_PORT = re.compile(
+    r"(?P<address>\$\{(?P<var>[A-Z_][A-Z0-9_]*):-(?P<default>[^}]+)\}|[0-9.]+|\[[0-9a-f:]+\])"
+    r":(?P<host>\d+):(?P<container>\d+)"
+)
+"""``ADDRESS:HOST:CONTAINER`` where ADDRESS is an IP or ``${VAR:-default IP}``."""
+UI_PORTS = {"mlflow": 5000, "airflow-api-server": 8080, "prometheus": 9090, "grafana": 3000}
+TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT = 8001, 8000, 8002
+
+
+def _published(services: dict[str, dict[str, Any]]) -> dict[str, list[re.Match[str]]]:
+    """Every service's published ports, parsed; a port that does not parse fails the test."""
+    found = {}
     for name, svc in services.items():
+        found[name] = []
         for port in svc.get("ports", []):
             assert isinstance(port, str), f"{name}: port {port!r} must be a quoted string"
-            host, container = port.split(":")
-            assert host.isdigit() and container.isdigit(), f"{name}: {port!r}"
-            assert 0 < int(host) < 65536 and 0 < int(container) < 65536
-            assert int(host) not in seen, f"host port {host} published twice"
-            seen.add(int(host))
-    assert {8000, 8001, 8002, 5000, 8080, 9090, 3000} <= seen
+            match = PUBLISHED_PORT.fullmatch(port)
+            assert match, f"{name}: {port!r} does not name a host address (ADDRESS:HOST:CONTAINER)"
+            found[name].append(match)
+    return found
+
+
+def _default_address(match: re.Match[str]) -> str:
+    """The host address a port binds to when no variable is set."""
+    return match["default"] if match["var"] else match["address"].strip("[]")
+
+
+def test_ports_are_address_host_container(services: dict[str, dict[str, Any]]) -> None:
+    seen: set[int] = set()
+    for name, ports in _published(services).items():
+        for match in ports:
+            host, container = int(match["host"]), int(match["container"])
+            assert 0 < host < 65536 and 0 < container < 65536, f"{name}: {match[0]!r}"
+            assert host not in seen, f"host port {host} published twice"
+            seen.add(host)
+    assert seen == {TRITON_GRPC_PORT, *UI_PORTS.values()}
+
+
+def test_every_published_port_defaults_to_loopback(services: dict[str, dict[str, Any]]) -> None:
+    """No port is published on every interface by default: each names its host address, and
+    with no variable set that address is a loopback one. Opening one takes an explicit
+    ``RECSYS_PUBLISH_ADDRESS`` (inference) or ``RECSYS_UI_ADDRESS`` (UIs)."""
+    import ipaddress
+
+    variables = set()
+    for name, ports in _published(services).items():
+        for match in ports:
+            address = ipaddress.ip_address(_default_address(match))
+            assert address.is_loopback, f"{name}: {match[0]!r} binds {address} by default"
+            if match["var"]:
+                variables.add((name, match["var"]))
+    # Inference and the UIs open separately: serving clients must not expose the UIs.
+    assert ("triton", "RECSYS_PUBLISH_ADDRESS") in variables
+    assert {(name, "RECSYS_UI_ADDRESS") for name in UI_PORTS} <= variables
+    for var in ("RECSYS_PUBLISH_ADDRESS", "RECSYS_UI_ADDRESS"):
+        assert var in COMPOSE.read_text().split("\nname:")[0], f"header comment explains {var}"
+
+
+def test_triton_publishes_only_grpc_inference(services: dict[str, dict[str, Any]]) -> None:
+    """HTTP (8000) and metrics (8002) are reachable inside the compose network only: the
+    healthcheck and Prometheus use them there, and nothing on the host or the network can."""
+    triton = services["triton"]
+    ports = _published(services)["triton"]
+    assert [(int(m["host"]), int(m["container"])) for m in ports] == [
+        (TRITON_GRPC_PORT, TRITON_GRPC_PORT)
+    ]
+    internal = {TRITON_HTTP_PORT, TRITON_METRICS_PORT}
+    for name, published in _published(services).items():
+        for match in published:
+            assert int(match["host"]) not in internal, f"{name} publishes {match[0]!r}"
+    assert f"localhost:{TRITON_HTTP_PORT}" in " ".join(triton["healthcheck"]["test"])
 
 
 def test_bind_mounts_exist_and_named_volumes_declared(compose: dict[str, Any]) -> None:
@@ -224,7 +285,7 @@ def test_prometheus_scrapes_triton_metrics_port(services: dict[str, dict[str, An
     targets = [t for group in triton["static_configs"] for t in group["targets"]]
     assert "triton:8002" in targets
     assert triton.get("metrics_path", "/metrics") == "/metrics"
-    assert "8002:8002" in services["triton"]["ports"]
+    assert not any(port.endswith(":8002") for port in services["triton"]["ports"])
     assert "--metrics-config=summary_latencies=true" in services["triton"]["command"]
     mounts = services["prometheus"]["volumes"]
     assert any(
@@ -381,3 +442,44 @@ def test_airflow_isolates_monitoring_as_the_embedded_stack_does(
     assert f"airflow pools import {mounted}" in init
     assert init.index("db migrate") < init.index("pools import")
     assert env["RECSYS_PIPELINE_SCHEDULE"] == "${RECSYS_PIPELINE_SCHEDULE:-none}"
+
+
+def test_triton_command_restricts_operator_apis_and_keeps_the_key_off_argv(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """Run the Triton service's own shell command, as the container would (``$$`` is compose's
+    escape for ``$``), with the pip step skipped and tritonserver replaced by a probe that
+    reports the argv it parsed and the argv /proc shows other users."""
+    import shlex
+    import subprocess
+    import sys
+
+    command = services["triton"]["command"].replace("$$", "$")
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, sys\n"
+        "shown = open('/proc/self/cmdline', 'rb').read().decode()\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'shown': shown}))\n"
+    )
+    assert "pip install --quiet onnxruntime tokenizers 'numpy<2'" in command
+    assert "/opt/recsys/keyguard.c" in command and "exec tritonserver" in command
+    command = (
+        command.replace("pip install --quiet onnxruntime tokenizers 'numpy<2'", "true")
+        .replace("/opt/recsys/keyguard.c", str(ROOT / "recsys" / "triton" / "keyguard.c"))
+        .replace("/tmp/keyguard.so", str(tmp_path / "keyguard.so"))
+        .replace("exec tritonserver", f"exec {sys.executable} {probe}")
+    )
+    key = "compose-test-key-0123456789"
+    result = subprocess.run(
+        shlex.split(command),  # compose splits the folded string like a shell: bash -c "..."
+        env={"PATH": "/usr/bin:/bin", "RECSYS_TRITON_ADMIN_KEY": key},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    operator = "model-repository,model-config,shared-memory,statistics,trace,logging"
+    assert f"--grpc-restricted-protocol={operator}:recsys-admin-key={key}" in seen["argv"]
+    assert f"--http-restricted-api=inference,{operator}:recsys-admin-key={key}" in seen["argv"]
+    assert key not in seen["shown"] and "@RECSYS_TRITON_ADMIN_KEY@" in seen["shown"]

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from recsys.data import (
+    READ_REJECTS,
     DataFormatError,
     frame_fingerprint,
     product_catalog,
@@ -69,6 +70,8 @@ def test_blank_or_garbled_ids_become_missing_not_a_float_column(tmp_path):
     assert len(frame) == 3
     assert str(frame["id"].dtype) == "Int64" and frame["id"].isna().tolist() == [False, True, False]
     assert frame["product_uid"].isna().tolist() == [False, False, True]
+    # the blank id is simply missing; the garbled one is recorded for the gate to quarantine
+    assert frame.attrs[READ_REJECTS] == {2: {"product_uid": ["not a plain decimal integer", "abc"]}}
 
 
 def test_a_file_that_is_not_relevance_csv_says_what_was_expected_and_found(tmp_path):

@@ -3,6 +3,7 @@ version serving and say why."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -160,3 +161,25 @@ def test_a_bad_retire_timeout_is_named_when_a_load_needs_it(raw, monkeypatch):
         _ = control.retire_timeout_s
     monkeypatch.setenv(RETIRE_TIMEOUT_ENV, "2.5")
     assert TritonControl("127.0.0.1:1").retire_timeout_s == 2.5
+
+
+def test_a_platform_deploy_serves_with_the_configured_instances(platform, artifacts, monkeypatch):
+    """A deploy publishes the version with ``RECSYS_TRITON_INSTANCES`` instances (the CPU count
+    by default): Triton loads that many, and a rollback to it would load the same."""
+    import dataclasses
+
+    from recsys.triton.repository import version_serving_config
+
+    monkeypatch.delenv("RECSYS_TRITON_INSTANCES")
+    assert load_settings().triton_instances == max(1, min(4, os.cpu_count() or 1))
+    settings = dataclasses.replace(platform, triton_instances=2)
+    good = artifacts("good")
+    version = _register(settings, good)
+    deploy_model(settings, version, str(good), "angle bracket", 5)
+    config = version_serving_config(settings.triton_repo, settings.model_name, version)
+    assert config["instance_group"][0]["count"] == 2
+    loaded = TritonControl(settings.triton_grpc_url).model_config(settings.model_name)
+    assert loaded["instance_group"][0]["count"] == 2
+    monkeypatch.setenv("RECSYS_TRITON_INSTANCES", "zero")
+    with pytest.raises(ValueError, match="RECSYS_TRITON_INSTANCES must be a whole number"):
+        load_settings()

@@ -512,7 +512,7 @@ def _pending(metrics_url: str, model: str, version: int) -> float:
 
 def _successes(control: TritonControl, model: str, version: int) -> int:
     """Requests one version answered successfully, from Triton's own statistics."""
-    stats = control.client.get_inference_statistics(model, str(version), as_json=True)
+    stats = control.inference_statistics(model, version)
     return sum(
         int(entry.get("inference_stats", {}).get("success", {}).get("count", 0))
         for entry in stats.get("model_stats", [])

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -320,6 +320,71 @@ def test_aggregate_model_weights_versions_by_traffic() -> None:
     assert aggregate_model(stats, "not_served") is None
 
 
+MODEL_ERROR_HEADER = (
+    "# HELP recsys_request_errors_total Requests the model answered with an error of its own "
+    "(counted as successes by nv_inference_request_success), by reason\n"
+    "# TYPE recsys_request_errors_total counter\n"
+)
+"""The model's own error counter as tritonserver 2.51 exposes it (header and sample lines as in
+a real scrape of the served model, here for two instances of ``echo`` v1)."""
+
+
+def model_error_line(instance: str, reason: str, value: float) -> str:
+    labels = f'instance="{instance}",model="echo",reason="{reason}",version="1"'
+    return f"recsys_request_errors_total{{{labels}}} {value:g}\n"
+
+
+def with_model_errors(name: str, taken_at: float, a: int, b: int, c: int) -> MetricsSnapshot:
+    """A fixture scrape plus the model's error counter (oversized ``a``, invalid_argument ``b``
+    on instance 0 and ``c`` on instance 1)."""
+    lines = (
+        model_error_line("echo_0_0", "oversized", a)
+        + model_error_line("echo_0_0", "invalid_argument", b)
+        + model_error_line("echo_0_1", "invalid_argument", c)
+    )
+    return parse_metrics(fixture_text(name) + MODEL_ERROR_HEADER + lines, taken_at)
+
+
+def test_parse_keeps_the_models_own_errors_apart_from_tritons_counters() -> None:
+    plain = snapshot("after", 0.0).models[ECHO_V1]
+    v1 = with_model_errors("after", 0.0, 1, 2, 3).models[ECHO_V1]
+    # Summed over instances and reasons, split by reason; Triton's counters untouched.
+    assert v1.rejected == 6
+    assert v1.rejected_by_reason == {"oversized": 1, "invalid_argument": 5}
+    assert (v1.success, v1.failure, v1.failure_by_reason) == (
+        plain.success,
+        plain.failure,
+        plain.failure_by_reason,
+    )
+    assert plain.rejected == 0 and plain.rejected_by_reason == {}
+    snap = with_model_errors("after", 5.0, 1, 2, 3)
+    assert MetricsSnapshot.from_dict(json.loads(json.dumps(snap.to_dict()))) == snap
+    # A state file written before the counter was kept still loads, with nothing rejected.
+    old = snap.to_dict()
+    for record in old["models"]:
+        del record["rejected"], record["rejected_by_reason"]
+    assert MetricsSnapshot.from_dict(old).models[ECHO_V1].rejected == 0
+
+
+def test_window_counts_rejected_requests_as_part_of_the_successes() -> None:
+    before = with_model_errors("before", 100.0, 0, 1, 0)
+    after = with_model_errors("after", 130.0, 2, 3, 1)
+    v1 = compute_window(before, after)[ECHO_V1]
+    # 9 requests (6 successes + 3 failures); the model refused 5 of the successes itself.
+    assert (v1.requests, v1.failures, v1.rejected) == (9, 3, 5)
+    assert v1.rejected_rate == pytest.approx(5 / 9)
+    assert v1.rejected_by_reason == {"invalid_argument": 3.0, "oversized": 2.0}
+    assert aggregate_model({ECHO_V1: v1}, "echo").rejected_by_reason == v1.rejected_by_reason
+    # The counter leaves with its version and restarts from zero on a reload.
+    reloaded = compute_window(after, with_model_errors("reloaded", 160.0, 0, 1, 0))[ECHO_V1]
+    assert reloaded.rejected == 1 and reloaded.rejected_by_reason == {"invalid_argument": 1.0}
+    # Triton counts a request just after the model counted its refusal: never above 100%.
+    racing = compute_window(snapshot("after", 100.0), with_model_errors("after", 101.0, 9, 9, 9))
+    assert racing[ECHO_V1].requests == 0 and racing[ECHO_V1].rejected_rate == 0.0
+    early = compute_window(before, with_model_errors("after", 101.0, 9, 9, 9))[ECHO_V1]
+    assert early.rejected > early.requests and early.rejected_rate == 1.0
+
+
 # --------------------------------------------------------------------------- policy
 
 
@@ -330,6 +395,34 @@ def test_thresholds_reject_nonsense() -> None:
         Thresholds(min_requests=0)
     with pytest.raises(ValueError, match="consecutive_windows"):
         Thresholds(consecutive_windows=0)
+    with pytest.raises(ValueError, match="max_rejected_rate"):
+        Thresholds(max_rejected_rate=1.5)
+
+
+def test_a_version_refusing_most_requests_breaches_a_few_bad_requests_do_not() -> None:
+    """Refusals are successes to Triton (error rate 0), so only the rejected rate sees them."""
+    rejecting = replace(
+        window_stats(requests=40, failures=0),
+        rejected=38,
+        rejected_rate=0.95,
+        rejected_by_reason={"invalid_argument": 8.0, "oversized": 30.0},
+    )
+    verdict = evaluate(rejecting, Thresholds(), previous_consecutive=0)
+    assert verdict.breached and verdict.should_rollback
+    assert verdict.reasons[0] == (
+        "rejected rate 95.0% (38 of 40 requests refused by the model in 60s; invalid_argument 8, "
+        "oversized 30; Triton counts them as successes) > max 50.0%"
+    )
+    assert json.loads(json.dumps(verdict.to_dict()))["stats"]["rejected_rate"] == 0.95
+    assert not evaluate(rejecting, Thresholds(max_rejected_rate=None), 0).breached
+
+    clients_mistakes = replace(window_stats(40, 0), rejected=3, rejected_rate=0.075)
+    healthy = evaluate(clients_mistakes, Thresholds(), 0)
+    assert healthy.judged and not healthy.breached
+    assert "rejected rate 7.5%" in healthy.reasons[-1]
+    # Too little traffic is still no decision, whatever it was refused for.
+    few = replace(window_stats(3, 0), rejected=3, rejected_rate=1.0)
+    assert not evaluate(few, Thresholds(), 0).judged
 
 
 def test_error_rate_breach_rolls_back_at_once_by_default() -> None:

@@ -268,6 +268,7 @@ def test_shipped_suites_mark_severity_and_cover_the_required_checks():
         "expect_column_values_to_be_unique",
         "expect_table_row_count_to_be_between",
         "expect_column_value_lengths_to_be_between",
+        "expect_column_values_to_not_match_regex",  # spreadsheet formulas
         KL,
     ):
         assert required in hd, required

@@ -143,7 +143,7 @@ def test_triton_serves_the_int8_encoder_with_configured_knobs(tmp_path: Path) ->
         assert config["max_batch_size"] == 4 and config["instance_group"][0]["count"] == 2
         with TritonControl(triton.grpc_url, timeout_s=30) as control:
             control.load_version("search_int8", 1, triton.repo, config=config)
-            loaded = control.client.get_model_config("search_int8", as_json=True)["config"]
+            loaded = control.model_config("search_int8")
             assert loaded["response_cache"]["enable"] is True
             assert loaded["instance_group"][0]["count"] == 2
             assert "dynamic_batching" in loaded

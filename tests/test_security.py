@@ -5,8 +5,10 @@ outside the model repository, and no secret shows up in what the stack prints or
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +30,13 @@ from recsys.triton.repository import (
     list_versions,
     publish_version,
     verify_version_dir,
+)
+from recsys.triton.server import (
+    ARGV_SECRET_ENV,
+    KEY_PLACEHOLDER,
+    SHM_PREFIX,
+    TritonServer,
+    TritonStartError,
 )
 from tests.triton_testing import (
     CATALOG,
@@ -96,17 +105,22 @@ def test_http_model_control_needs_the_admin_key(triton: TritonHarness) -> None:
     assert index.status_code == 200
     assert {"name": MODEL, "version": "1", "state": "READY"} in index.json()
 
-    # Inference over HTTP is open.
+    # Inference over HTTP is for key holders (Triton's JSON path allocates by declared shape);
+    # clients infer over gRPC, which needs no key.
     body = {
         "inputs": [
             {"name": "QUERY", "shape": [1, 1], "datatype": "BYTES", "data": [QUERY]},
             {"name": "TOP_K", "shape": [1, 1], "datatype": "INT32", "data": [2]},
         ]
     }
-    answer = requests.post(f"{base}/v2/models/{MODEL}/infer", json=body, timeout=30)
+    infer = f"{base}/v2/models/{MODEL}/infer"
+    assert requests.post(infer, json=body, timeout=30).status_code == 403
+    answer = requests.post(infer, json=body, headers=admin, timeout=30)
     assert answer.status_code == 200, answer.text
     ids = next(o for o in answer.json()["outputs"] if o["name"] == "PRODUCT_IDS")["data"]
     assert ids[0] == "100009"
+    assert requests.get(f"{base}/v2/health/ready", timeout=10).status_code == 200
+    assert requests.get(f"{base}/v2/models/{MODEL}", timeout=10).json()["name"] == MODEL
 
 
 def test_authenticated_model_control_works(triton: TritonHarness) -> None:
@@ -130,14 +144,180 @@ def test_authenticated_model_control_works(triton: TritonHarness) -> None:
 def test_admin_key_stays_out_of_logs_and_records(triton: TritonHarness) -> None:
     key = triton.admin_key
     command = triton.server.command()
-    assert any(key in arg for arg in command), "the server must actually be restricted"
-    assert f"--grpc-restricted-protocol=model-repository:{TRITON_ADMIN_HEADER}=" in " ".join(
-        command
+    assert any(KEY_PLACEHOLDER in arg for arg in command), "the server must be restricted"
+    assert (
+        f"model-repository,model-config,shared-memory,statistics,trace,logging:{TRITON_ADMIN_HEADER}="
+        in " ".join(command)
     )
+    assert key not in " ".join(command)
     assert key not in " ".join(redact_command(command))
     assert key not in repr(triton.server)
     assert key not in repr(TritonControl(triton.grpc_url, admin_key=key))
     assert key not in triton.server.log_path.read_text(errors="replace")
+
+
+def _http_operator_calls(base: str) -> list[tuple[str, str, dict | None]]:
+    """(method, url, json body) of every HTTP API besides inference, health and metadata."""
+    region = f"/v2/systemsharedmemory/region/{SHM_PREFIX}x/register"
+    return [
+        ("POST", f"{base}/v2/logging", {"log_info": False}),
+        ("GET", f"{base}/v2/logging", None),
+        ("POST", f"{base}/v2/trace/setting", {"trace_level": ["TIMESTAMPS"]}),
+        ("GET", f"{base}/v2/trace/setting", None),
+        ("POST", f"{base}{region}", {"key": f"/{SHM_PREFIX}x", "offset": 0, "byte_size": 64}),
+        ("GET", f"{base}/v2/systemsharedmemory/status", None),
+        ("POST", f"{base}/v2/cudasharedmemory/region/x/unregister", {}),
+        ("GET", f"{base}/v2/models/stats", None),
+        ("GET", f"{base}/v2/models/{MODEL}/config", None),
+        ("POST", f"{base}/v2/repository/index", {}),
+    ]
+
+
+def test_every_operator_api_needs_the_admin_key(triton: TritonHarness) -> None:
+    """Logging, trace, shared memory, statistics, model config and model control are refused
+    without the key over HTTP and gRPC; with it they work; logging stays on."""
+    import tritonclient.grpc as grpcclient
+
+    for method, url, body in _http_operator_calls(triton.server.http_url):
+        for headers in ({}, {TRITON_ADMIN_HEADER: "wrong-key-0123456789"}):
+            refused = requests.request(method, url, json=body, headers=headers, timeout=30)
+            assert refused.status_code == 403, (method, url, refused.text)
+    admin = {TRITON_ADMIN_HEADER: triton.admin_key}
+    logging_settings = requests.get(f"{triton.server.http_url}/v2/logging", headers=admin)
+    assert logging_settings.status_code == 200 and logging_settings.json()["log_info"] is True
+
+    raw = grpcclient.InferenceServerClient(triton.grpc_url)
+    try:
+        anonymous_calls = [
+            lambda: raw.update_log_settings({"log_info": False}),
+            lambda: raw.get_log_settings(),
+            lambda: raw.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}),
+            lambda: raw.register_system_shared_memory(f"{SHM_PREFIX}x", f"/{SHM_PREFIX}x", 64),
+            lambda: raw.get_system_shared_memory_status(),
+            lambda: raw.get_inference_statistics(MODEL),
+            lambda: raw.get_model_config(MODEL),
+            lambda: raw.get_model_repository_index(),
+        ]
+        for call in anonymous_calls:
+            with pytest.raises(Exception, match="restricted, expecting header"):
+                call()
+        headers = triton.admin_headers
+        assert raw.get_log_settings(headers=headers, as_json=True)["settings"]["log_info"]
+        assert raw.get_model_config(MODEL, headers=headers, as_json=True)["config"]["name"]
+    finally:
+        raw.close()
+    _still_serving_v1(triton)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+class _PeakMemory:
+    """Samples a process's resident memory every few milliseconds while in the block."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_mb, self._stop = pid, _rss_mb(pid), threading.Event()
+        self.before_mb = self.peak_mb
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, _rss_mb(self.pid))
+            self._stop.wait(0.005)
+
+    def __enter__(self) -> _PeakMemory:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_shape_bombs_are_refused_before_any_allocation(triton: TritonHarness) -> None:
+    """A 150-byte request declaring a billion rows: over HTTP Triton would size a tensor from
+    the declared shape (gigabytes); it is refused at the key check. Over gRPC Triton checks
+    the batch size first. Either way the server's memory does not move."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    bomb = {
+        "inputs": [
+            {"name": "QUERY", "shape": [10**9, 1], "datatype": "BYTES", "data": ["x"]},
+            {"name": "TOP_K", "shape": [10**9, 1], "datatype": "INT32", "data": [1]},
+        ]
+    }
+    infer = f"{triton.server.http_url}/v2/models/{MODEL}/infer"
+    request = service_pb2.ModelInferRequest(model_name=MODEL)
+    for name, datatype, content in (
+        ("QUERY", "BYTES", b"\x01\0\0\0x"),
+        ("TOP_K", "INT32", b"\1\0\0\0"),
+    ):
+        tensor = request.inputs.add(name=name, datatype=datatype)
+        tensor.shape.extend([10**9, 1])
+        request.raw_input_contents.append(content)
+    with (
+        grpc.insecure_channel(triton.grpc_url) as channel,
+        _PeakMemory(triton.server.pid) as memory,
+    ):
+        for _ in range(5):
+            refused = requests.post(infer, json=bomb, timeout=30)
+            assert refused.status_code == 403, refused.text
+            with pytest.raises(grpc.RpcError) as error:
+                service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "batch-size must be <= " in error.value.details()
+    assert memory.peak_mb - memory.before_mb < 64, (memory.before_mb, memory.peak_mb)
+    _still_serving_v1(triton)
+
+
+def test_admin_key_is_not_readable_by_other_local_users(triton: TritonHarness) -> None:
+    """What any local user can read of the server (its argv in /proc) holds a placeholder, not
+    the key; the key reached the server (authorised control works) and no python stub, which
+    runs repository code, inherits it or the preload."""
+    pid = triton.server.pid
+    key = triton.admin_key.encode()
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert KEY_PLACEHOLDER.encode() in cmdline and key not in cmdline
+    environ_file = Path(f"/proc/{pid}/environ")
+    assert stat.S_IMODE(environ_file.stat().st_mode) & 0o077 == 0  # owner-only, by the kernel
+    assert key not in environ_file.read_bytes()  # and wiped in place all the same
+    stubs = [
+        entry
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _parent_pid(entry) == pid
+    ]
+    assert stubs, "the loaded model runs in a python stub under the server"
+    for stub in stubs:
+        environ = (stub / "environ").read_bytes()
+        assert key not in environ
+        assert ARGV_SECRET_ENV.encode() not in environ and b"LD_PRELOAD=" not in environ
+    assert TritonControl(triton.grpc_url, timeout_s=30).loaded_versions(MODEL) == [1]
+
+
+def _parent_pid(proc_entry: Path) -> int | None:
+    try:
+        stat_fields = (proc_entry / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(stat_fields[1])
+
+
+def test_server_refuses_a_work_folder_another_user_owns(tmp_path: Path) -> None:
+    """The server loads code from its work folder (backend links, keyguard): a folder planted
+    by someone else (a guessable /tmp name) is refused instead of used."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to plant a folder owned by another user")
+    planted = tmp_path / "planted"
+    planted.mkdir(mode=0o777)
+    os.chown(planted, 65534, 65534)
+    server = TritonServer(tmp_path / "repo", workdir=planted, admin_key="k" * 32)
+    with pytest.raises(TritonStartError, match="not a folder owned by this user"):
+        server.command()
 
 
 # -- repository paths ---------------------------------------------------------------------
@@ -293,8 +473,14 @@ def test_stack_generates_private_secrets_and_never_prints_them(tmp_path, monkeyp
         pid_dir = stack.stack_dir(settings) / "pids"
         pid_records = [path.read_text() for path in pid_dir.glob("*.json")]
         triton_command = json.loads((pid_dir / "triton.json").read_text())["command"]
-        assert f"--http-restricted-api=model-repository:{TRITON_ADMIN_HEADER}=***" in (
+        restricted = "model-repository,model-config,shared-memory,statistics,trace,logging"
+        assert f"--http-restricted-api=inference,{restricted}:{TRITON_ADMIN_HEADER}=***" in (
             triton_command
+        )
+        # The running server's argv, which any local user can read, holds no key either.
+        triton_pid = json.loads((pid_dir / "triton.json").read_text())["pid"]
+        assert values["triton_admin_key"].encode() not in (
+            Path(f"/proc/{triton_pid}/cmdline").read_bytes()
         )
     finally:
         stack.down(settings, echo=printed.append)

@@ -7,6 +7,7 @@ holds defaults and per-model overrides::
 
     defaults:
       max_error_rate: 0.05
+      max_rejected_rate: 0.5    # requests the model refused itself (bad/oversized input)
       max_mean_latency_ms: 1000
       max_p99_latency_ms: 2500
       min_requests: 5

@@ -38,7 +38,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from recsys.config import Settings
+from recsys.config import Settings, check_model_name, check_version_number
 from recsys.monitoring.drift_policy import DriftThresholds, drift_reasons, drift_stats
 from recsys.monitoring.drift_reference import (
     QUERY_REFERENCE_FILE,
@@ -213,7 +213,7 @@ def sampling_status(
     * ``quiet``: nothing arrived and too little was expected to tell (a quiet hour); neither
       opens nor closes an outage, so one outage spanning a quiet night is alerted once.
     """
-    folder = settings.query_sample_dir / model / str(version)
+    folder = settings.query_sample_dir / check_model_name(model) / str(version)
     if settings.query_sample_rate == 0:
         return "off", "query sampling is off (RECSYS_QUERY_SAMPLE_RATE=0): nothing to judge"
     if health is None:
@@ -356,7 +356,10 @@ def check_query_drift(
     from recsys.monitoring.query_features import QueryFeaturizer, query_embeddings
     from recsys.monitoring.query_samples import read_new_samples, version_sample_dir
 
-    model = model or settings.model_name
+    # Both become paths (version folder, sample folder): checked before anything is read.
+    model = check_model_name(model or settings.model_name)
+    if version is not None:
+        check_version_number(version)
     thresholds = thresholds or load_drift_thresholds(model)
     if version is None:
         version = serving_version(settings, model)

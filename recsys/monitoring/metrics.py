@@ -16,6 +16,12 @@ Facts about the real server that shape this module (seen in ``tests/fixtures/tri
 * Unloading a version drops its success and duration counters, but its failure counters survive
   the unload and keep counting after a reload. Each counter therefore has to be treated on its
   own when looking for resets (see :mod:`recsys.monitoring.window`).
+* Errors the model answers itself (an empty or oversized query, TOP_K out of range) are
+  *successes* to Triton. The served model counts them in its own custom counter
+  ``recsys_request_errors_total`` (labels ``model``, ``version``, ``instance``, ``reason``;
+  see :mod:`recsys.serving.triton_model`), kept here as ``rejected``: summed over instances and
+  reasons, split by reason in ``rejected_by_reason``. Like the success counters it disappears
+  when its version unloads and starts from zero on a reload.
 * ``nv_cpu_utilization`` (0-1) and ``nv_cpu_memory_used_bytes`` / ``_total_bytes`` are gauges of
   the whole host, without model labels, sampled by Triton every metrics interval; until the
   first sample they read 0, including a total memory of 0, which is taken as "not measured yet".
@@ -39,6 +45,8 @@ QUEUE_DURATION = "nv_inference_queue_duration_us"
 COMPUTE_INFER_DURATION = "nv_inference_compute_infer_duration_us"
 PENDING = "nv_inference_pending_request_count"
 REQUEST_SUMMARY = "nv_inference_request_summary_us"
+MODEL_ERRORS = "recsys_request_errors_total"
+"""The served model's own counter of the requests it refused (see the module docstring)."""
 P99_QUANTILE = 0.99
 CPU_UTILIZATION = "nv_cpu_utilization"
 MEMORY_USED = "nv_cpu_memory_used_bytes"
@@ -57,9 +65,15 @@ _COUNTER_FIELDS = {
     QUEUE_DURATION: "queue_duration_us",
     COMPUTE_INFER_DURATION: "compute_infer_duration_us",
     PENDING: "pending",
+    MODEL_ERRORS: "rejected",
+    # prometheus_client names a counter family without its ``_total`` suffix
+    MODEL_ERRORS.removesuffix("_total"): "rejected",
 }
 """Metric family -> :class:`ModelVersionCounters` field; samples of a family are summed per
 model version (which is what adds the ``reason`` variants of the failure counter together)."""
+
+_BY_REASON_FIELDS = {"failure": "failure_by_reason", "rejected": "rejected_by_reason"}
+"""Counter fields also kept split by their samples' ``reason`` label."""
 
 _SNAPSHOT_FORMAT = 1
 
@@ -94,6 +108,11 @@ class ModelVersionCounters:
     failure_by_reason: dict[str, float] = field(default_factory=dict)
     """``failure`` split by Triton's ``reason`` label (BACKEND, REJECTED, CANCELED, OTHER):
     a model raising is BACKEND, an overloaded queue REJECTED; the alert says which."""
+    rejected: float = 0.0
+    """Requests the model answered with an error of its own (``recsys_request_errors_total``,
+    all reasons and instances); Triton counts them in ``success``."""
+    rejected_by_reason: dict[str, float] = field(default_factory=dict)
+    """``rejected`` by the model's ``reason`` label (``invalid_argument``, ``oversized``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +133,10 @@ class ModelVersionCounters:
             p99_request_us=None if p99 is None else float(p99),
             failure_by_reason={
                 str(k): float(v) for k, v in (data.get("failure_by_reason") or {}).items()
+            },
+            rejected=float(data.get("rejected", 0.0)),  # absent from older state files
+            rejected_by_reason={
+                str(k): float(v) for k, v in (data.get("rejected_by_reason") or {}).items()
             },
         )
 
@@ -195,8 +218,9 @@ def parse_metrics(text: str, taken_at: float) -> MetricsSnapshot:
                     if not math.isnan(sample.value):
                         record[counter_field] = record.get(counter_field, 0.0) + sample.value
                         reason = sample.labels.get("reason")
-                        if family.name == FAILURE and reason:
-                            by_reason = record.setdefault("failure_by_reason", {})
+                        split_field = _BY_REASON_FIELDS.get(counter_field)
+                        if split_field and reason:
+                            by_reason = record.setdefault(split_field, {})
                             by_reason[reason] = by_reason.get(reason, 0.0) + sample.value
                 elif (
                     sample.name == REQUEST_SUMMARY

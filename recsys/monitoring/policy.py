@@ -17,8 +17,9 @@ Decision rules, in order:
   enough requests of a quiet model); once the window is ``max_window_s`` old and still has fewer
   than ``min_requests``, decide nothing, because no traffic is neither an outage nor a recovery,
   and leave the consecutive-breach count as it was;
-* otherwise the window breaches when its error rate, mean latency or (when a limit is set) p99
-  latency, host CPU utilisation or host memory utilisation is over the limit; a breach
+* otherwise the window breaches when its error rate, rejected rate (requests the model itself
+  refused as bad or oversized, which Triton counts as successes), mean latency or (when a limit
+  is set) p99 latency, host CPU utilisation or host memory utilisation is over the limit; a breach
   adds one to the count, a healthy window sets it to zero, and a rollback is due once the count
   reaches ``consecutive_windows``.
 
@@ -68,12 +69,21 @@ class Thresholds:
     """A window is judged as soon as it holds ``min_requests`` requests, or once it is this old
     (then as too little traffic). Busy models are judged every check (seconds), quiet ones over
     at most this long."""
+    max_rejected_rate: float | None = 0.5
+    """Share of the window's requests the model answered with its own error (empty, malformed or
+    oversized query, TOP_K out of range); ``None`` disables the check. Triton counts those as
+    successes, so without this a version that refuses everything looks healthy. The default
+    tolerates clients' occasional bad requests and catches a version refusing most traffic."""
 
     def __post_init__(self) -> None:
         # Fail at construction: a bad limit would otherwise surface as a silent non-decision
         # (or a division by zero) inside the monitor a minute later.
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"max_error_rate must be within [0, 1], got {self.max_error_rate}")
+        if self.max_rejected_rate is not None and not 0.0 <= self.max_rejected_rate <= 1.0:
+            raise ValueError(
+                f"max_rejected_rate must be within [0, 1], got {self.max_rejected_rate}"
+            )
         if not self.max_mean_latency_ms > 0:
             raise ValueError(f"max_mean_latency_ms must be > 0, got {self.max_mean_latency_ms}")
         if self.min_requests < 1:
@@ -265,6 +275,17 @@ def evaluate(
             f"requests failed in {stats.seconds:.0f}s{'; ' + by_reason if by_reason else ''}) "
             f"> max {thresholds.max_error_rate:.1%}"
         )
+    if (
+        thresholds.max_rejected_rate is not None
+        and stats.rejected_rate > thresholds.max_rejected_rate
+    ):
+        by_reason = ", ".join(f"{k} {v:g}" for k, v in stats.rejected_by_reason.items())
+        reasons.append(
+            f"rejected rate {stats.rejected_rate:.1%} ({stats.rejected:g} of {stats.requests:g} "
+            f"requests refused by the model in {stats.seconds:.0f}s"
+            f"{'; ' + by_reason if by_reason else ''}; Triton counts them as successes) "
+            f"> max {thresholds.max_rejected_rate:.1%}"
+        )
     if stats.mean_latency_ms is not None and stats.mean_latency_ms > thresholds.max_mean_latency_ms:
         reasons.append(
             f"mean latency {_fmt_ms(stats.mean_latency_ms)} over {stats.successes:g} successful "
@@ -292,6 +313,7 @@ def evaluate(
         reasons.append(
             f"healthy: success rate {1 - stats.error_rate:.1%} (error rate "
             f"{stats.error_rate:.1%} <= {thresholds.max_error_rate:.1%}), "
+            f"rejected rate {stats.rejected_rate:.1%}, "
             f"mean latency {_fmt_ms(stats.mean_latency_ms)} <= "
             f"{_fmt_ms(thresholds.max_mean_latency_ms)}, p99 {_fmt_ms(stats.p99_latency_ms)}"
             f" over {stats.requests:g} requests"

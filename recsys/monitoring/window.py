@@ -26,8 +26,9 @@ class WindowStats:
     """What one model version (or, from :func:`aggregate_model`, one model) did in a window.
 
     ``requests`` counts successes and failures; ``error_rate`` is failures / requests (0 with no
-    requests). Latencies are means over *successful* requests, as Triton only times those, and
-    are ``None`` when the window had no success. ``p99_latency_ms`` is Triton's rolling p99 at
+    requests). ``rejected`` (the model's own error answers) is a part of the successes.
+    Latencies are means over *successful* requests, as Triton only times those, and are ``None``
+    when the window had no success. ``p99_latency_ms`` is Triton's rolling p99 at
     the end of the window (its summary is not windowed by us), ``None`` when unknown.
     """
 
@@ -52,6 +53,14 @@ class WindowStats:
     """Requests waiting in Triton at the end of the window (a gauge, summed over versions)."""
     failures_by_reason: dict[str, float] = field(default_factory=dict)
     """The window's failures by Triton's ``reason`` label; reasons without failures left out."""
+    rejected: float = 0.0
+    """Requests the model refused with an error of its own (bad or oversized input). Triton
+    counts them as successes, so they are part of ``requests`` and not of ``failures``."""
+    rejected_rate: float = 0.0
+    """``rejected`` / ``requests`` (0 with no requests; capped at 1, since the model counts a
+    refusal just before Triton counts the request)."""
+    rejected_by_reason: dict[str, float] = field(default_factory=dict)
+    """The window's ``rejected`` by the model's ``reason`` label; reasons without any left out."""
 
     @property
     def successes(self) -> float:
@@ -77,6 +86,19 @@ def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator > 0 else None
 
 
+def _rejected_rate(rejected: float, requests: float) -> float:
+    return min(rejected / requests, 1.0) if requests > 0 else 0.0
+
+
+def _increases(current: dict[str, float], previous: dict[str, float]) -> dict[str, float]:
+    """Per-key increases of counters split by a label, keys without an increase left out."""
+    return {
+        key: increase
+        for key, value in sorted(current.items())
+        if (increase := _increase(value, previous.get(key, 0.0))) > 0
+    }
+
+
 def _version_window(
     previous: ModelVersionCounters | None, current: ModelVersionCounters, seconds: float
 ) -> WindowStats:
@@ -86,11 +108,8 @@ def _version_window(
     duration_us = _increase(current.request_duration_us, base.request_duration_us)
     queue_us = _increase(current.queue_duration_us, base.queue_duration_us)
     compute_us = _increase(current.compute_infer_duration_us, base.compute_infer_duration_us)
-    by_reason = {
-        reason: increase
-        for reason, value in sorted(current.failure_by_reason.items())
-        if (increase := _increase(value, base.failure_by_reason.get(reason, 0.0))) > 0
-    }
+    by_reason = _increases(current.failure_by_reason, base.failure_by_reason)
+    rejected = _increase(current.rejected, base.rejected)
     mean_compute_us = _ratio(compute_us, successes)
     requests = successes + failures
     mean_latency_us = _ratio(duration_us, successes)
@@ -110,6 +129,9 @@ def _version_window(
         mean_compute_ms=None if mean_compute_us is None else mean_compute_us / 1000.0,
         pending=current.pending,
         failures_by_reason=by_reason,
+        rejected=rejected,
+        rejected_rate=_rejected_rate(rejected, requests),
+        rejected_by_reason=_increases(current.rejected_by_reason, base.rejected_by_reason),
     )
 
 
@@ -154,6 +176,7 @@ def aggregate_model(stats: dict[tuple[str, str], WindowStats], model: str) -> Wi
     parts.sort(key=lambda s: _version_sort_key(s.version))
     requests = sum(s.requests for s in parts)
     failures = sum(s.failures for s in parts)
+    rejected = sum(s.rejected for s in parts)
     seconds = max(s.seconds for s in parts)
     p99s = [s.p99_latency_ms for s in parts if s.p99_latency_ms is not None]
     return WindowStats(
@@ -170,13 +193,16 @@ def aggregate_model(stats: dict[tuple[str, str], WindowStats], model: str) -> Wi
         mean_compute_ms=_weighted_mean([(s.mean_compute_ms, s.successes) for s in parts]),
         pending=sum(s.pending for s in parts),
         failures_by_reason=_sum_by_reason(parts),
+        rejected=rejected,
+        rejected_rate=_rejected_rate(rejected, requests),
+        rejected_by_reason=_sum_by_reason(parts, "rejected_by_reason"),
     )
 
 
-def _sum_by_reason(parts: list[WindowStats]) -> dict[str, float]:
+def _sum_by_reason(parts: list[WindowStats], name: str = "failures_by_reason") -> dict[str, float]:
     total: dict[str, float] = {}
     for part in parts:
-        for reason, count in part.failures_by_reason.items():
+        for reason, count in getattr(part, name).items():
             total[reason] = total.get(reason, 0.0) + count
     return dict(sorted(total.items()))
 

@@ -7,10 +7,33 @@ frames always add up to the input. Table-level expectations (schema, row count, 
 point at rows; when one of them, or a row-level one beyond its ``mostly`` budget, fails with
 severity ``critical``, the gate raises :class:`DataQualityError` after the report is written so
 that the evidence is on disk when the pipeline stops.
+
+Cells a loader could not take as they are (``frame.attrs[READ_REJECTS]``, filled by
+:func:`recsys.data.read_relevance_csv`) reach GX as missing values, so every column GX sees has
+one type and no check can crash on the whole file, and they still count against the
+``not_null`` budgets. Their rows are quarantined as ``read:<column>(<problem>)`` with the raw
+text, which is also put back into the quarantined frame; GX verdicts on those placeholder cells
+are not repeated as reasons.
+
+Untrusted text (search terms are typed by customers) leaves the gate in three forms:
+
+* ``clean.csv`` and ``report.clean``: machine data, written exactly as read. Nothing is escaped
+  or prefixed, because training must see what the shop exported; cells that a spreadsheet
+  would run as a formula (``=...``, ``+cmd|...``, ``@SUM(...)``) are quarantined by the
+  ``expect_column_values_to_not_match_regex`` checks of the suites instead.
+* ``quarantine.csv``: for people, who open it in a spreadsheet. Every text cell that starts
+  with ``=``, ``+``, ``-``, ``@``, tab or carriage return is prefixed with a single quote
+  (OWASP's CSV-injection advice), so it shows as text. The in-memory ``report.quarantined``
+  keeps the raw values; ``row`` points at the untouched input row.
+* the GX Data Docs HTML: every string of the validation results (unexpected values, observed
+  values, error text) is HTML-escaped before GX renders the site, because GX writes them into
+  the page verbatim (a search term ``<script>...`` would otherwise run in the reader's browser).
 """
 
 from __future__ import annotations
 
+import copy
+import html
 import json
 import logging
 import math
@@ -24,7 +47,6 @@ from typing import Any
 import great_expectations as gx
 import numpy as np
 import pandas as pd
-from great_expectations.checkpoint import UpdateDataDocsAction
 from great_expectations.core.expectation_validation_result import (
     ExpectationSuiteValidationResult,
     ExpectationValidationResult,
@@ -36,6 +58,7 @@ from great_expectations.data_context.types.base import (
 )
 from great_expectations.expectations.metadata_types import FailureSeverity
 
+from recsys.data import READ_REJECTS
 from recsys.quality.suites import load_suite
 
 log = logging.getLogger(__name__)
@@ -44,6 +67,9 @@ logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 DOCS_SITE = "recsys_quality_docs"
 REASONS_COLUMN = "quarantine_reasons"
+READ_REASON_PREFIX = "read"  # reason prefix of cells the loader rejected (not a GX suite)
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+"""Leading characters that make a spreadsheet evaluate a cell (OWASP CSV injection)."""
 _MAX_TEXT = 300  # per failure message in the summary, which also becomes MLflow tags (5000 max)
 # kwargs that are noise in a failure message (the column is already in the label)
 _HIDDEN_KWARGS = {
@@ -250,9 +276,17 @@ def _is_critical(result: ExpectationValidationResult) -> bool:
 
 
 def _collect(
-    suite_result: ExpectationSuiteValidationResult, row_reasons: dict[int, list[str]]
+    suite_result: ExpectationSuiteValidationResult,
+    row_reasons: dict[int, list[tuple[str, str]]],
+    placeholders: dict[int, set[str]] | None = None,
 ) -> SuiteOutcome:
-    """Sort one suite's results into critical failures / warnings and record rejected rows."""
+    """Sort one suite's results into critical failures / warnings and record rejected rows.
+
+    A row-level verdict on a cell in ``placeholders`` (row -> columns the loader rejected) is
+    not recorded: it judges the missing value standing in for the file's text, and the row is
+    already quarantined with the loader's reason.
+    """
+    placeholders = placeholders or {}
     suite = suite_result.suite_name
     critical: list[str] = []
     warnings: list[str] = []
@@ -262,9 +296,12 @@ def _collect(
     for result in suite_result.results:
         rows = (result.result or {}).get("unexpected_index_list") or []
         reason = f"{suite}:{_label(result)}"
-        for row in rows:
-            row_reasons[int(row)].append(reason)
-            flagged.add(int(row))
+        columns = set(_columns(result))
+        for row in map(int, rows):
+            if columns & placeholders.get(row, set()):
+                continue
+            row_reasons[row].append((reason, reason))
+            flagged.add(row)
         if result.success:
             continue
         if _exception_message(result) and set(_columns(result)) & missing:
@@ -294,7 +331,10 @@ def _collect(
 
 def _run_checkpoint(
     frame: pd.DataFrame, suites: list[gx.ExpectationSuite], docs_dir: Path
-) -> list[ExpectationSuiteValidationResult]:
+) -> tuple[gx.data_context.AbstractDataContext, dict[Any, ExpectationSuiteValidationResult]]:
+    """Validate ``frame`` against ``suites`` in one checkpoint; return the context (its stores
+    hold the results) and the results by their store key. Data Docs are built separately, by
+    :func:`_build_escaped_docs`, because GX would render the raw values into HTML."""
     context = _ephemeral_context(docs_dir)
     batch_definition = (
         context.data_sources.add_pandas("recsys")
@@ -313,16 +353,85 @@ def _run_checkpoint(
         gx.Checkpoint(
             name="recsys_quality_gate",
             validation_definitions=definitions,
-            actions=[UpdateDataDocsAction(name="update_data_docs", site_names=[DOCS_SITE])],
+            actions=[],
             # COMPLETE is what lists *every* rejected row index, not a sample of 20.
             result_format={"result_format": "COMPLETE"},
         )
     )
     result = checkpoint.run(batch_parameters={"dataframe": frame})
-    if not (docs_dir / "index.html").is_file():  # action failures are only logged by GX
-        context.build_data_docs(site_names=[DOCS_SITE])
-    by_suite = {run.suite_name: run for run in result.run_results.values()}
-    return [by_suite[suite.name] for suite in suites]
+    return context, dict(result.run_results)
+
+
+def _html_escaped(value: Any) -> Any:
+    """``value`` with every string in it (keys included) HTML-escaped, quotes too."""
+    if isinstance(value, str):
+        return html.escape(value, quote=True)
+    if isinstance(value, dict):
+        return {_html_escaped(k): _html_escaped(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_html_escaped(v) for v in value)
+    return value
+
+
+def _build_escaped_docs(
+    context: gx.data_context.AbstractDataContext,
+    run_results: dict[Any, ExpectationSuiteValidationResult],
+) -> None:
+    """Build the Data Docs site from copies of the results whose data strings are escaped.
+
+    GX renders unexpected values, observed values and exception text into the pages without
+    escaping; a quarantined search term is customer input, so the copy stored for rendering
+    carries ``&lt;script&gt;`` where the data said ``<script>``. The results the gate reads
+    (and the messages it prints) keep the real values.
+    """
+    store = context.validation_results_store
+    for key, suite_result in run_results.items():
+        safe = copy.deepcopy(suite_result)
+        for result in safe.results:
+            result.result = _html_escaped(result.result or {})
+            result.exception_info = _html_escaped(result.exception_info or {})
+        store.set(key, safe)
+    context.build_data_docs(site_names=[DOCS_SITE])
+
+
+def _placeholders(df: pd.DataFrame) -> dict[int, dict[str, tuple[str, str]]]:
+    """``df.attrs[READ_REJECTS]`` by row *position*: {position: {column: (problem, raw)}}.
+
+    Keyed by index label in the attrs, so a slice of the loaded frame (``frame.head(n)``)
+    keeps only its own rows' entries.
+    """
+    rejects = df.attrs.get(READ_REJECTS) or {}
+    if not rejects:
+        return {}
+    if not df.index.is_unique:
+        raise ValueError(f"a frame with {READ_REJECTS} in attrs needs a unique index")
+    labels = list(rejects)
+    positions = df.index.get_indexer(labels)
+    return {
+        int(position): {column: (str(p), str(raw)) for column, (p, raw) in rejects[label].items()}
+        for label, position in zip(labels, positions, strict=True)
+        if position >= 0
+    }
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """``value`` with a leading single quote when it is text a spreadsheet would evaluate
+    (starts with ``=``, ``+``, ``-``, ``@``, tab or carriage return); anything else as is.
+
+    For files people open (``quarantine.csv``), never for data a program reads.
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def _for_spreadsheets(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` with :func:`spreadsheet_safe` applied to every text column."""
+    safe = frame.copy()
+    for column in safe.columns:
+        if not pd.api.types.is_numeric_dtype(safe[column]):
+            safe[column] = safe[column].astype(object).map(spreadsheet_safe)
+    return safe
 
 
 def _failure_message(report: QualityReport) -> str:
@@ -354,11 +463,13 @@ def validate_frame(
 ) -> QualityReport:
     """Validate ``df`` against the named suites and write the report to ``output_dir``.
 
-    Rows rejected by any row-level expectation (whatever its severity) go to ``quarantined``
-    with their reasons; the rest are ``clean``. The report folder always receives
-    ``clean.csv``, ``quarantine.csv`` (with a ``row`` column: position in ``df``),
-    ``summary.json`` and the GX Data Docs site ``docs/``. With ``raise_on_failure`` a critical
-    failure then raises :class:`DataQualityError` carrying the report.
+    Rows rejected by any row-level expectation (whatever its severity), and rows with a cell
+    listed in ``df.attrs[READ_REJECTS]``, go to ``quarantined`` with their reasons; the rest
+    are ``clean``, unchanged. ``len(clean) + len(quarantined) == len(df)`` always. The report
+    folder always receives ``clean.csv`` (exact), ``quarantine.csv`` (spreadsheet-safe, with a
+    ``row`` column: position in ``df``), ``summary.json`` (counts, no row data) and the GX Data
+    Docs site ``docs/`` (HTML-escaped values). With ``raise_on_failure`` a critical failure
+    then raises :class:`DataQualityError` carrying the report.
     """
     if isinstance(suite_names, str) or not suite_names:
         raise ValueError(f"suite_names must be a non-empty sequence of names, got {suite_names!r}")
@@ -373,23 +484,44 @@ def validate_frame(
 
     # GX reports rejected rows by index label; a fresh RangeIndex makes labels positions, so
     # duplicate or odd labels of the caller's frame cannot misattribute a reason.
+    placeholders = _placeholders(df)
     frame = df.reset_index(drop=True)
-    suite_results = _run_checkpoint(frame, suites, docs_dir)
+    frame.attrs = {}  # pandas deep-copies attrs on every operation GX does
+    context, run_results = _run_checkpoint(frame, suites, docs_dir)
+    by_suite = {result.suite_name: result for result in run_results.values()}
+    suite_results = [by_suite[suite.name] for suite in suites]
 
-    row_reasons: dict[int, list[str]] = defaultdict(list)
-    outcomes = [_collect(result, row_reasons) for result in suite_results]
+    # (count key, text for the row): GX reasons are their own key; a loader rejection names
+    # the raw value in the row's text but not in the key (summary.json holds no row data)
+    row_reasons: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for row, cells in placeholders.items():
+        for column, (problem, raw) in cells.items():
+            key = f"{READ_REASON_PREFIX}:{column}({problem})"
+            row_reasons[row].append((key, f"{key}: {_short(raw, 80)}"))
+    skip = {row: set(cells) for row, cells in placeholders.items()}
+    outcomes = [_collect(result, row_reasons, skip) for result in suite_results]
+
     bad = np.zeros(len(frame), dtype=bool)
     bad[sorted(row_reasons)] = True
-    reasons = ["; ".join(dict.fromkeys(row_reasons[row])) for row in np.flatnonzero(bad)]
+    bad_rows = np.flatnonzero(bad)
+    reasons = ["; ".join(dict.fromkeys(text for _, text in row_reasons[row])) for row in bad_rows]
     clean = df.iloc[np.flatnonzero(~bad)].copy()
-    quarantined = df.iloc[np.flatnonzero(bad)].copy()
+    quarantined = df.iloc[bad_rows].copy()
+    slot = {int(row): i for i, row in enumerate(bad_rows)}  # put back what the file said:
+    for column in dict.fromkeys(c for cells in placeholders.values() for c in cells):
+        rows = [row for row, cells in placeholders.items() if column in cells]
+        values = quarantined[column].astype(object).to_numpy(copy=True)
+        values[[slot[row] for row in rows]] = [placeholders[row][column][1] for row in rows]
+        quarantined[column] = pd.Series(values, index=quarantined.index, dtype=object)
     quarantined[REASONS_COLUMN] = pd.Series(reasons, index=quarantined.index, dtype=object)
+    for part in (clean, quarantined):  # the rejections are in the reasons now
+        part.attrs.pop(READ_REJECTS, None)
     if len(clean) + len(quarantined) != len(df):  # pragma: no cover - invariant guard
         raise RuntimeError("quality gate lost rows: clean + quarantined != input")
     reason_counts: dict[str, int] = defaultdict(int)
     for row_list in row_reasons.values():
-        for reason in dict.fromkeys(row_list):
-            reason_counts[reason] += 1
+        for key in dict.fromkeys(key for key, _ in row_list):
+            reason_counts[key] += 1
 
     report = QualityReport(
         clean=clean,
@@ -400,11 +532,12 @@ def validate_frame(
         reason_counts=dict(sorted(reason_counts.items())),
     )
     clean.to_csv(report_dir / "clean.csv", index=False)
-    quarantined.set_axis(np.flatnonzero(bad), axis=0).to_csv(
+    _for_spreadsheets(quarantined).set_axis(np.flatnonzero(bad), axis=0).to_csv(
         report_dir / "quarantine.csv", index_label="row"
     )
     summary = report.to_summary()
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _build_escaped_docs(context, run_results)
     log.info(
         "data quality: %d rows, %d clean, %d quarantined, success=%s; report %s",
         len(df),

@@ -12,13 +12,36 @@ SCORES (FP32 [b, k]), best first. A bad request (undecodable or empty query, TOP
 gets its own error response, so one bad client never fails the other requests of its batch; all
 valid queries of a batch are embedded with a single ONNX call.
 
+Size limits: a request is refused before any decoding or tokenising when one QUERY row is over
+``max_query_bytes`` (default 2048, far more than any search box sends) or its QUERY rows together
+are over ``max_request_bytes`` (default 16384): the tokenizer's pre-tokenisation walks the whole
+string even though it truncates, so one 70 MB query used to stall every query batched or queued
+behind it for over a minute. The limits come from the model config ``parameters``
+``max_query_bytes`` / ``max_request_bytes`` when set, else from tritonserver's environment
+(``RECSYS_MAX_QUERY_BYTES`` / ``RECSYS_MAX_REQUEST_BYTES``, inherited by the python stub), else
+the defaults; a malformed value is logged and the default used (a typo must not make every load,
+rollbacks included, fail). The refusal is an INVALID_ARG error for that request only, naming the
+limit.
+
+Errors the model answers itself (bad or oversized requests) are successes to Triton's own
+``nv_inference_request_*`` counters, so the model counts them in a custom counter,
+``recsys_request_errors_total{model, version, instance, reason}`` with ``reason`` one of
+:data:`ERROR_REASONS` (``invalid_argument``, ``oversized``); the monitor judges a version that
+refuses most of its requests by it (``Thresholds.max_rejected_rate``). Their lifetime is managed
+explicitly, because an earlier custom counter (in the query sampler) made the version a swap
+replaced hang in UNLOADING for good on Triton 2.51, and the stub's ``MetricFamily`` / ``Metric``
+destructors each send a message to the server and wait for its answer, which must not happen
+from a stub that is already tearing down: the family and its metrics are created in
+``initialize`` and destroyed in ``finalize`` (each ``Metric`` before its ``MetricFamily``) while
+the server still answers, and the ``instance`` label keeps two instances or versions from ever
+sharing one Prometheus series (Triton issue #8663: a stale shared metric across reloads).
+``tests/test_model_limits.py`` swaps versions under error-counting traffic to prove that every
+replaced version leaves.
+
 With ``RECSYS_QUERY_SAMPLE_DIR`` set, a share of the valid queries is also appended to files
-there for the online drift check (:class:`QuerySampler`). The sampler exports no Triton custom
-metrics on purpose: with python-backend custom metrics (Triton 2.51), the version a deploy or
-rollback replaces can hang in UNLOADING for good (the stub never finishes), which is what a
-rollback must never wait for. The drift check sees a sampler that cannot write from outside
-instead: Triton's own inference count of the version against the samples that arrived, and the
-state of the sample folder.
+there for the online drift check (:class:`QuerySampler`). The drift check sees a sampler that
+cannot write from outside: Triton's own inference count of the version against the samples that
+arrived, and the state of the sample folder.
 
 A manifest with a ``reranker`` section (see :func:`reranker_config`) makes this a two-stage
 model: the bi-encoder retrieves the ``max(candidates, TOP_K)`` best products by dot product, a
@@ -129,7 +152,81 @@ def _best(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class RequestError(ValueError):
-    """A request the model cannot answer; its message goes back to that client only."""
+    """A request the model cannot answer; its message goes back to that client only.
+    ``reason`` is its ``reason`` label in :data:`ERROR_METRIC`."""
+
+    reason = "invalid_argument"
+
+
+class OversizedRequestError(RequestError):
+    """A request over a size limit, refused before its text is decoded or tokenised."""
+
+    reason = "oversized"
+
+
+ERROR_METRIC = "recsys_request_errors_total"
+ERROR_REASONS = (RequestError.reason, OversizedRequestError.reason)
+"""The ``reason`` label's values (a small fixed set: one series per reason and instance)."""
+
+MAX_QUERY_BYTES_ENV = "RECSYS_MAX_QUERY_BYTES"
+MAX_REQUEST_BYTES_ENV = "RECSYS_MAX_REQUEST_BYTES"
+DEFAULT_MAX_QUERY_BYTES = 2048
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024
+
+
+def size_limits(
+    parameters: dict[str, Any] | None = None, environ: Any = None, log: Any = None
+) -> tuple[int, int]:
+    """``(max_query_bytes, max_request_bytes)``: each from the model config's ``parameters``
+    (``{"max_query_bytes": {"string_value": "4096"}}``), else ``RECSYS_MAX_*_BYTES`` in
+    ``environ``, else its default. A value that is not a positive integer is logged and the
+    default used instead."""
+    environ = os.environ if environ is None else environ
+    parameters = parameters or {}
+    limits = []
+    for key, env, default in (
+        ("max_query_bytes", MAX_QUERY_BYTES_ENV, DEFAULT_MAX_QUERY_BYTES),
+        ("max_request_bytes", MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES),
+    ):
+        entry = parameters.get(key)
+        raw = entry.get("string_value") if isinstance(entry, dict) else entry
+        source = f"model config parameter {key}"
+        if raw in (None, ""):
+            raw, source = environ.get(env), env
+        value = default
+        if raw not in (None, ""):
+            try:
+                value = int(str(raw).strip())
+                if value < 1:
+                    raise ValueError
+            except ValueError:
+                value = default
+                if log is not None:
+                    log(f"{source}={raw!r} is not a positive integer; using {default} bytes")
+        limits.append(value)
+    return limits[0], limits[1]
+
+
+def check_query_sizes(raw: np.ndarray, max_query_bytes: int, max_request_bytes: int) -> None:
+    """Raise :class:`OversizedRequestError` when a QUERY row is over ``max_query_bytes`` or the
+    rows together are over ``max_request_bytes``. Only ``len()`` of each element: nothing is
+    decoded or copied, so an oversized request costs next to nothing to refuse."""
+    total = 0
+    for row, item in enumerate(raw):
+        size = len(item) if isinstance(item, bytes | str) else 0
+        if size > max_query_bytes:
+            where = f"QUERY row {row}" if len(raw) > 1 else "QUERY"
+            raise OversizedRequestError(
+                f"{where} is {size} bytes, over the limit of {max_query_bytes} bytes per query "
+                f"(max_query_bytes / {MAX_QUERY_BYTES_ENV}); send a shorter search text"
+            )
+        total += size
+    if total > max_request_bytes:
+        raise OversizedRequestError(
+            f"the request's {len(raw)} QUERY rows are {total} bytes together, over the limit "
+            f"of {max_request_bytes} bytes per request (max_request_bytes / "
+            f"{MAX_REQUEST_BYTES_ENV}); send fewer or shorter queries"
+        )
 
 
 def parse_fault_injection(value: Any) -> tuple[str | None, float, int]:
@@ -378,6 +475,64 @@ class QuerySampler:
         self.close()
 
 
+class ErrorCounters:
+    """This instance's :data:`ERROR_METRIC` series, one per reason, as Triton custom metrics.
+
+    Created in ``initialize`` and destroyed by :meth:`close` from ``finalize``: the stub's
+    destructors of a ``Metric`` and a ``MetricFamily`` each wait for the server's answer, so
+    they must run while the server still serves this instance, never later from the
+    interpreter's teardown (see the module docstring). Counting is best effort: a metrics
+    error is logged once and never fails a request.
+    """
+
+    def __init__(self, labels: dict[str, str], log: Any = None) -> None:
+        self._log = log
+        self._family: Any = None
+        self._metrics: dict[str, Any] = {}
+        self._failed = False
+        try:
+            self._family = pb_utils.MetricFamily(
+                name=ERROR_METRIC,
+                description=(
+                    "Requests the model answered with an error of its own (counted as "
+                    "successes by nv_inference_request_success), by reason"
+                ),
+                kind=pb_utils.MetricFamily.COUNTER,
+            )
+            for reason in ERROR_REASONS:
+                self._metrics[reason] = self._family.Metric(labels={**labels, "reason": reason})
+        except Exception as exc:  # no metrics is a blind spot, not a reason to fail the load
+            self._warn(f"request error counter {ERROR_METRIC} unavailable: {exc}")
+            self.close()
+
+    def _warn(self, message: str) -> None:
+        if self._log is not None:
+            self._log(message)
+
+    def count(self, counts: dict[str, int]) -> None:
+        """Add ``counts`` (reason -> requests) to the counters; one call per reason."""
+        for reason, count in counts.items():
+            metric = self._metrics.get(reason)
+            if metric is None or count <= 0:
+                continue
+            try:
+                metric.increment(count)
+            except Exception as exc:
+                if not self._failed:
+                    self._failed = True
+                    self._warn(f"could not count {reason} errors in {ERROR_METRIC}: {exc}")
+
+    def close(self) -> None:
+        """Destroy every ``Metric``, then the ``MetricFamily`` (the order Triton requires). The
+        objects' only references are dropped here, so their destructors run now."""
+        metrics, self._metrics = self._metrics, {}
+        while metrics:
+            metrics.popitem()
+        del metrics
+        family, self._family = self._family, None
+        del family
+
+
 class TritonPythonModel:
     """Bi-encoder search over a catalogue embedded at export time, optionally reranked by a
     cross-encoder (manifest ``reranker``)."""
@@ -396,6 +551,9 @@ class TritonPythonModel:
         config = json.loads(args.get("model_config") or "{}")
         parameters = config.get("parameters") or {}
         threads = int((parameters.get("intra_op_threads") or {}).get("string_value") or 1)
+        self.max_query_bytes, self.max_request_bytes = size_limits(
+            parameters, log=pb_utils.Logger.log_warn
+        )
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
@@ -438,14 +596,22 @@ class TritonPythonModel:
             self.manifest.get("fault_injection")
         )
         self.answered = 0
+        model_name = str(args.get("model_name") or self.manifest.get("model_name") or "model")
         self.query_sampler = QuerySampler.from_environment(
-            str(args.get("model_name") or self.manifest.get("model_name") or "model"),
-            args["model_version"],
+            model_name, args["model_version"], log=pb_utils.Logger.log_warn
+        )
+        self.error_counters = ErrorCounters(
+            {
+                "model": model_name,
+                "version": str(args["model_version"]),
+                "instance": str(args.get("model_instance_name") or "0"),
+            },
             log=pb_utils.Logger.log_warn,
         )
         pb_utils.Logger.log_info(
             f"{args.get('model_name')} v{args['model_version']} ({args.get('model_instance_name')})"
             f": {n_products} products, dim {dim}, encoder {self.onnx_file}, pid {os.getpid()}, "
+            f"limits {self.max_query_bytes} B/query {self.max_request_bytes} B/request, "
             f"fault_injection={self.manifest.get('fault_injection')!r}"
             + (
                 f", reranker {self.reranker_file} over {self.rerank_candidates} candidates"
@@ -495,7 +661,9 @@ class TritonPythonModel:
         top_k_tensor = pb_utils.get_input_tensor_by_name(request, "TOP_K")
         if query_tensor is None or top_k_tensor is None:
             raise RequestError("both QUERY and TOP_K inputs are required")
-        queries = [_decode_query(raw) for raw in query_tensor.as_numpy().reshape(-1)]
+        raw_queries = query_tensor.as_numpy().reshape(-1)
+        check_query_sizes(raw_queries, self.max_query_bytes, self.max_request_bytes)
+        queries = [_decode_query(raw) for raw in raw_queries]
         top_ks = top_k_tensor.as_numpy().reshape(-1)
         if len(top_ks) != len(queries):
             raise RequestError(f"{len(queries)} QUERY rows but {len(top_ks)} TOP_K rows")
@@ -527,13 +695,17 @@ class TritonPythonModel:
         self.answered += len(requests)
         responses: list[Any] = [None] * len(requests)
         parsed: list[tuple[int, list[str], int]] = []
+        errors: dict[str, int] = {}
         for index, request in enumerate(requests):
             try:
                 queries, top_k = self._parse(request)
             except RequestError as exc:
                 responses[index] = _error_response(str(exc))
+                errors[exc.reason] = errors.get(exc.reason, 0) + 1
             else:
                 parsed.append((index, queries, top_k))
+        if errors:
+            self.error_counters.count(errors)
         if not parsed:
             return responses
 
@@ -596,3 +768,7 @@ class TritonPythonModel:
         self.reranker = None
         if self.query_sampler is not None:
             self.query_sampler.shutdown()
+        counters = getattr(self, "error_counters", None)
+        if counters is not None:
+            counters.close()  # now, while the server answers the destructors (see the class)
+            self.error_counters = None

@@ -201,8 +201,9 @@ class TritonControl:
         except InferenceServerException as exc:
             if "is restricted, expecting header" in (exc.message() or ""):
                 raise TritonAuthError(
-                    f"Triton at {self.url} refused {what}: model control needs the admin key "
-                    "(set RECSYS_TRITON_ADMIN_KEY or use the stack's secret file)"
+                    f"Triton at {self.url} refused {what}: model control and the other "
+                    "operator APIs need the admin key (set RECSYS_TRITON_ADMIN_KEY or use the "
+                    "stack's secret file)"
                 ) from exc
             # Triton also answers UNAVAILABLE for "model version not ready": that is the model's
             # state, not the server's, so it stays an ordinary error while the server is live.
@@ -349,6 +350,32 @@ class TritonControl:
             if time.monotonic() > deadline:
                 raise ModelLoadError(f"{model_name} still ready {self.timeout_s:.0f}s after unload")
             time.sleep(0.2)
+
+    def model_config(self, model_name: str) -> dict[str, Any]:
+        """The configuration Triton loaded for ``model_name`` (an operator API: needs the key)."""
+        validate_model_name(model_name)
+        answer = self._call(
+            f"reading the config of {model_name}",
+            "get_model_config",
+            model_name,
+            headers=self._admin_headers(),
+            as_json=True,
+        )
+        return dict(answer["config"])
+
+    def inference_statistics(self, model_name: str, version: int) -> dict[str, Any]:
+        """Triton's per-version inference statistics (an operator API: needs the key)."""
+        validate_model_name(model_name)
+        return dict(
+            self._call(
+                f"reading statistics of {model_name} v{version}",
+                "get_inference_statistics",
+                model_name,
+                str(version),
+                headers=self._admin_headers(),
+                as_json=True,
+            )
+        )
 
     # -- inference ------------------------------------------------------------------------
 

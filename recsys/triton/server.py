@@ -16,6 +16,7 @@ scripts that own the process.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import logging
 import os
@@ -49,8 +50,67 @@ DEFAULT_RESPONSE_CACHE_BYTES = 64 * 1024 * 1024
 serves models whose config enables ``response_cache``; 0 starts the server without a cache."""
 
 
+KEY_IN_ARGV_ENV = "RECSYS_TRITON_KEY_IN_ARGV"
+"""``1`` starts tritonserver with the admin key on its command line (no keyguard): only for
+hosts without a C compiler where no untrusted local user exists (e.g. a container of its own)."""
+KEY_PLACEHOLDER = "@RECSYS_TRITON_ADMIN_KEY@"
+"""Stands for the admin key in the argv the kernel shows; keyguard.c fills it in before main."""
+ARGV_SECRET_ENV = "RECSYS_TRITON_ARGV_SECRET"
+"""Carries the admin key to keyguard.c (a process's environment is private to its user)."""
+KEYGUARD_SOURCE = Path(__file__).with_name("keyguard.c")
+
+
 class TritonStartError(RuntimeError):
     """tritonserver exited or never became live; the message carries the tail of its log."""
+
+
+class KeyguardUnavailableError(TritonStartError):
+    """The library that keeps the admin key out of ``/proc/<pid>/cmdline`` cannot be built."""
+
+
+def _private_directory(path: Path) -> Path:
+    """Create ``path`` (mode 0700) or accept it only if this user owns it and nobody else may
+    write to it: the server loads code (backend symlinks, keyguard) from there, so a folder
+    another user planted (e.g. a guessable name under /tmp) must never be used."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.lstat()
+    if not path.is_dir() or path.is_symlink() or info.st_uid != os.getuid():
+        raise TritonStartError(f"refusing to use {path}: it is not a folder owned by this user")
+    if info.st_mode & 0o022:
+        path.chmod(info.st_mode & ~0o022 & 0o7777)
+    return path
+
+
+def build_keyguard(target_dir: Path, timeout_s: float = 120) -> Path:
+    """Compile ``keyguard.c`` into ``target_dir`` (once per source version) and return the
+    shared library's path. Raises :class:`KeyguardUnavailableError` naming what is missing."""
+    source = KEYGUARD_SOURCE.read_bytes()
+    target_dir = _private_directory(Path(target_dir))
+    library = target_dir / f"keyguard-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    if library.is_file():
+        return library
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        raise KeyguardUnavailableError(
+            "no C compiler (cc/gcc) to build the keyguard that keeps the Triton admin key off "
+            "the server's command line; install gcc, or set "
+            f"{KEY_IN_ARGV_ENV}=1 where no untrusted local user exists"
+        )
+    tmp = target_dir / f".{library.name}.{os.getpid()}.tmp"
+    result = subprocess.run(
+        [compiler, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(KEYGUARD_SOURCE)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise KeyguardUnavailableError(
+            f"building the keyguard with {compiler} failed: {result.stderr.strip()[-500:]}"
+        )
+    os.replace(tmp, library)
+    return library
 
 
 def _pytriton_server_root() -> Path | None:
@@ -198,8 +258,11 @@ class TritonServer:
     (:func:`recsys.credentials.triton_admin_key`, generated on first use);
     ``restrict_model_control=False`` turns the restriction off.
 
-    Triton has no file or environment option for the key, so it is on the server's command
-    line and thus readable in ``/proc/<pid>/cmdline`` by local users; nothing here logs it.
+    Triton has no file or environment option for the key, only its command line, which every
+    local user can read in ``/proc/<pid>/cmdline``. So the argv holds
+    :data:`KEY_PLACEHOLDER` and the key travels in the (owner-only) environment to
+    ``keyguard.c``, preloaded into the server, which fills it in before ``main`` without
+    touching the bytes the kernel shows. ``RECSYS_TRITON_KEY_IN_ARGV=1`` opts out.
     """
 
     def __init__(
@@ -239,6 +302,7 @@ class TritonServer:
         if restrict_model_control and admin_key is None:
             admin_key = triton_admin_key(load_settings(), create=True)
         self._admin_key = admin_key if restrict_model_control else None
+        self.key_in_argv = os.environ.get(KEY_IN_ARGV_ENV, "").strip() == "1"
 
     def __repr__(self) -> str:  # never show the admin key
         return f"TritonServer({str(self.model_repository)!r}, grpc={self.grpc_url!r})"
@@ -270,12 +334,19 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
-    def command(self) -> list[str]:
-        """The tritonserver argv. Spawns nothing; it does (idempotently) create the backend
-        directory of symlinks, without which this command could not start.
+    @property
+    def _guards_key(self) -> bool:
+        return self._admin_key is not None and not self.key_in_argv
 
-        It contains the admin key: record it only through
-        :func:`recsys.credentials.redact_command`."""
+    def command(self) -> list[str]:
+        """The tritonserver argv. Spawns nothing; it does (idempotently) create the private
+        work folder and its backend directory of symlinks, without which this command could
+        not start.
+
+        The key appears as :data:`KEY_PLACEHOLDER` (the keyguard in :meth:`environment` fills
+        it in); with ``RECSYS_TRITON_KEY_IN_ARGV=1`` it is the key itself, so record argvs only
+        through :func:`recsys.credentials.redact_command`."""
+        _private_directory(self.workdir)
         prepare_backend_directory(self.backend_directory)
         binary = find_tritonserver()
         return [
@@ -302,8 +373,12 @@ class TritonServer:
             "--metrics-config=summary_latencies=true",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             *self._cache_flags(binary),
-            *(triton_restriction_flags(self._admin_key) if self._admin_key else []),
+            *(triton_restriction_flags(self._argv_key) if self._admin_key else []),
         ]
+
+    @property
+    def _argv_key(self) -> str:
+        return KEY_PLACEHOLDER if self._guards_key else str(self._admin_key)
 
     def _cache_flags(self, binary: Path) -> list[str]:
         """The response-cache flags: none when ``response_cache_bytes`` is 0. Triton looks for
@@ -338,7 +413,17 @@ class TritonServer:
             "PATH": os.pathsep.join([bin_dir, path]),
             "LD_LIBRARY_PATH": os.pathsep.join([*lib_dirs, *([ld_path] if ld_path else [])]),
             **self._query_sampling_environment(),
+            **self._keyguard_environment(),
         }
+
+    def _keyguard_environment(self) -> dict[str, str]:
+        """``LD_PRELOAD`` of the keyguard and the key for it to fill in (it removes both from
+        the server's environment before ``main``, so the python stubs inherit neither).
+        Empty when model control is unrestricted or the key is on the command line."""
+        if not self._guards_key:
+            return {}
+        library = build_keyguard(self.workdir / "keyguard")
+        return {"LD_PRELOAD": str(library), ARGV_SECRET_ENV: str(self._admin_key)}
 
     def _query_sampling_environment(self) -> dict[str, str]:
         """``RECSYS_QUERY_SAMPLE_DIR`` / ``_RATE`` for the model's query sampler (the python
@@ -379,7 +464,7 @@ class TritonServer:
                 f"cannot start tritonserver: port(s) {busy} on {self.host} already in use"
             )
         self.model_repository.mkdir(parents=True, exist_ok=True)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        _private_directory(self.workdir)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = self.command()
         env = {**os.environ, **self.environment()}
