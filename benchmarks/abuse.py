@@ -46,7 +46,6 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -129,41 +128,6 @@ class NormalTraffic:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
-
-
-class PeakMemory:
-    """Peak RSS (MB) of a process and its children, sampled every 10 ms while in the block."""
-
-    def __init__(self, pid: int) -> None:
-        import psutil
-
-        self.process = psutil.Process(pid)
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-
-    def sample(self) -> float:
-        import psutil
-
-        total = 0
-        for proc in [self.process, *self.process.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                total += proc.memory_info().rss
-        return total / 2**20
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self.sample())
-            self._stop.wait(0.01)
-
-    def __enter__(self) -> PeakMemory:
-        self.peak_mb = self.sample()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 @dataclass
@@ -265,16 +229,11 @@ def shape_bomb_http(ctx: Context) -> tuple[str, str]:
 
 def shape_bomb_grpc(ctx: Context) -> tuple[str, str]:
     import grpc
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    from tritonclient.grpc import service_pb2_grpc
 
-    request = service_pb2.ModelInferRequest(model_name=ctx.model)
-    for name, datatype, content in (
-        ("QUERY", "BYTES", b"\1\0\0\0x"),
-        ("TOP_K", "INT32", b"\1\0\0\0"),
-    ):
-        tensor = request.inputs.add(name=name, datatype=datatype)
-        tensor.shape.extend([10**9, 1])
-        request.raw_input_contents.append(content)
+    from tests.triton_testing import grpc_shape_bomb
+
+    request = grpc_shape_bomb(ctx.model)
     with grpc.insecure_channel(ctx.settings.triton_grpc_url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         try:
@@ -515,25 +474,12 @@ ATTACKS: list[tuple[str, Callable[[Context], tuple[str, str]]]] = [
 def stack_serving_minilm(args: argparse.Namespace) -> Iterator[tuple[Any, list[str]]]:
     """The stack on a fresh state folder, serving the cached MiniLM export as v1."""
     from benchmarks.time_to_rollback_airflow import build_artifacts
-    from tests.stack_testing import isolated_stack_environment
+    from tests.stack_testing import benchmark_stack_environment, export_environment
 
     shutil.rmtree(args.work / "home", ignore_errors=True)
     shutil.rmtree(args.work / "repo", ignore_errors=True)
-    environment = {
-        **isolated_stack_environment(args.work),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "MLFLOW_TRACKING_USERNAME": None,
-        "MLFLOW_TRACKING_PASSWORD": None,
-        "RECSYS_TRITON_ADMIN_KEY": None,
-        "RECSYS_ALERT_WEBHOOK": None,
-    }
-    for key, value in environment.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    # The stack's own generated Triton key too: the attacks look for it in /proc.
+    export_environment(benchmark_stack_environment(args.work, RECSYS_TRITON_ADMIN_KEY=None))
     from recsys import registry, stack
     from recsys.config import load_settings
     from recsys.pipeline import register_model
@@ -589,6 +535,8 @@ def main() -> int:
     if args.traffic_log:
         run_normal_traffic(args.grpc_url, args.model, args.queries, args.rps, args.traffic_log)
         return 0
+
+    from tests.triton_testing import PeakMemory
 
     with stack_serving_minilm(args) as (settings, held_out):
         from recsys.credentials import triton_admin_key

@@ -158,27 +158,14 @@ def main() -> int:
     parser.add_argument("--keep-stack", action="store_true", help="leave the stack running")
     args = parser.parse_args()
 
-    from tests.stack_testing import isolated_stack_environment
+    from tests.stack_testing import benchmark_stack_environment, export_environment
 
     home = args.work / "home"
     shutil.rmtree(home, ignore_errors=True)  # a fresh platform; the export cache survives
     shutil.rmtree(args.work / "repo", ignore_errors=True)
-    environment = {
-        **isolated_stack_environment(args.work),
-        "RECSYS_DATA_PATH": str(args.data.resolve()),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        # The stack's own generated MLflow login and no webhook: alerts stay in the alert log.
-        "MLFLOW_TRACKING_USERNAME": None,
-        "MLFLOW_TRACKING_PASSWORD": None,
-        "RECSYS_ALERT_WEBHOOK": None,
-    }
-    for key, value in environment.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    export_environment(
+        benchmark_stack_environment(args.work, RECSYS_DATA_PATH=str(args.data.resolve()))
+    )
 
     from recsys import registry, stack
     from recsys.airflow_client import AirflowClient

@@ -6,6 +6,7 @@ fresh state folder, so several can run on one machine and none touches a user's 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,31 @@ def isolated_stack_environment(root: Path) -> dict[str, str | None]:
         }
     )
     return env
+
+
+def benchmark_stack_environment(root: Path, **overrides: str | None) -> dict[str, str | None]:
+    """:func:`isolated_stack_environment` for a benchmark run as a user runs it: offline
+    models, the stack's own generated MLflow login and no webhook (alerts stay in the alert
+    log); ``overrides`` on top (``None`` unsets)."""
+    return {
+        **isolated_stack_environment(root),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MLFLOW_TRACKING_USERNAME": None,
+        "MLFLOW_TRACKING_PASSWORD": None,
+        "RECSYS_ALERT_WEBHOOK": None,
+        **overrides,
+    }
+
+
+def export_environment(env: dict[str, str | None]) -> None:
+    """Set (or, for ``None``, unset) ``env`` in this process's environment, for its children."""
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def apply_environment(env: dict[str, str | None], patch: Any) -> None:

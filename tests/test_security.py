@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,9 +39,11 @@ from recsys.triton.server import (
 )
 from tests.triton_testing import (
     CATALOG,
+    PeakMemory,
     TritonHarness,
     build_test_serving_artifacts,
     free_port,
+    grpc_shape_bomb,
     running_triton,
 )
 
@@ -209,41 +210,12 @@ def test_every_operator_api_needs_the_admin_key(triton: TritonHarness) -> None:
     _still_serving_v1(triton)
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-class _PeakMemory:
-    """Samples a process's resident memory every few milliseconds while in the block."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak_mb, self._stop = pid, _rss_mb(pid), threading.Event()
-        self.before_mb = self.peak_mb
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, _rss_mb(self.pid))
-            self._stop.wait(0.005)
-
-    def __enter__(self) -> _PeakMemory:
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def test_shape_bombs_are_refused_before_any_allocation(triton: TritonHarness) -> None:
     """A 150-byte request declaring a billion rows: over HTTP Triton would size a tensor from
     the declared shape (gigabytes); it is refused at the key check. Over gRPC Triton checks
     the batch size first. Either way the server's memory does not move."""
     import grpc
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    from tritonclient.grpc import service_pb2_grpc
 
     bomb = {
         "inputs": [
@@ -252,17 +224,10 @@ def test_shape_bombs_are_refused_before_any_allocation(triton: TritonHarness) ->
         ]
     }
     infer = f"{triton.server.http_url}/v2/models/{MODEL}/infer"
-    request = service_pb2.ModelInferRequest(model_name=MODEL)
-    for name, datatype, content in (
-        ("QUERY", "BYTES", b"\x01\0\0\0x"),
-        ("TOP_K", "INT32", b"\1\0\0\0"),
-    ):
-        tensor = request.inputs.add(name=name, datatype=datatype)
-        tensor.shape.extend([10**9, 1])
-        request.raw_input_contents.append(content)
+    request = grpc_shape_bomb(MODEL)
     with (
         grpc.insecure_channel(triton.grpc_url) as channel,
-        _PeakMemory(triton.server.pid) as memory,
+        PeakMemory(triton.server.pid, with_children=False) as memory,
     ):
         for _ in range(5):
             refused = requests.post(infer, json=bomb, timeout=30)

@@ -14,6 +14,7 @@ import random
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -122,6 +123,66 @@ def build_test_serving_artifacts(tmp_dir: Path | str, fault_injection: Any = Non
     )
     write_query_reference(artifacts, training_queries())
     return artifacts
+
+
+class PeakMemory:
+    """The peak resident memory (MB) of a process, and of its children (Triton's python stubs)
+    unless ``with_children`` is False, sampled every 10 ms while in the block; ``before_mb`` is
+    the value on entry."""
+
+    def __init__(self, pid: int, *, with_children: bool = True) -> None:
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.with_children = with_children
+        self.before_mb = self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> float:
+        import psutil
+
+        processes = [self.process]
+        if self.with_children:
+            with contextlib.suppress(psutil.Error):
+                processes += self.process.children(recursive=True)
+        total = 0
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                total += process.memory_info().rss
+        return total / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self.sample())
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> PeakMemory:
+        self.before_mb = self.peak_mb = self.sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def grpc_shape_bomb(model: str, rows: int = 10**9) -> Any:
+    """A raw gRPC ``ModelInferRequest`` of a few bytes whose QUERY and TOP_K declare ``rows``
+    rows (what tritonclient would never build: it derives shapes from real arrays)."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=model)
+    for name, datatype, content in (
+        ("QUERY", "BYTES", b"\x01\0\0\0x"),
+        ("TOP_K", "INT32", b"\x01\0\0\0"),
+    ):
+        tensor = request.inputs.add(name=name, datatype=datatype)
+        tensor.shape.extend([rows, 1])
+        request.raw_input_contents.append(content)
+    return request
 
 
 def free_port() -> int:
