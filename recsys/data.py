@@ -170,8 +170,10 @@ def _read_text_frame(path: Path) -> pd.DataFrame:
     raise DataFormatError(f"{path} has an unknown text encoding")  # pragma: no cover
 
 
-def _parse_ids(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """(ids as int64, or Int64 with missing values; the problem of each rejected cell)."""
+def parse_plain_integers(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """(plain decimal integers as int64, or Int64 with missing values; the problem of each
+    rejected cell). The rule of every integer column the platform reads, ids and timestamps
+    alike: ASCII digits without sign, leading zero or separators, at most the int64 maximum."""
     present = raw.notna().to_numpy()
     plain = raw.str.fullmatch(_ID_PATTERN).fillna(False).to_numpy(dtype=bool)
     lengths = raw.str.len().fillna(0).to_numpy()
@@ -229,7 +231,8 @@ def read_relevance_csv(path: Path | str) -> pd.DataFrame:
             f"{path} lacks required column(s) {missing}: {EXPECTED_FORMAT}; {found}"
         )
     rejects: dict[int, dict[str, list[str]]] = {}
-    for column, parse in [(c, _parse_ids) for c in ID_COLUMNS] + [(LABEL_COLUMN, _parse_labels)]:
+    parsers = [(c, parse_plain_integers) for c in ID_COLUMNS] + [(LABEL_COLUMN, _parse_labels)]
+    for column, parse in parsers:
         raw = frame[column]
         values, problems = parse(raw)
         for label, problem in problems.dropna().items():

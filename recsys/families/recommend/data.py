@@ -39,7 +39,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recsys.data import READ_REJECTS, DataFormatError
+from recsys.data import (
+    ID_TOO_LARGE,
+    NOT_AN_ID,
+    READ_REJECTS,
+    DataFormatError,
+    parse_plain_integers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +75,9 @@ LIST_COLUMNS = ("r_complement", "r_substitute")
 NOT_A_TOKEN = "not a plain id token"
 NULL_WORD = "a missing-value word, not an id"
 ID_TOO_LONG = "longer than 64 characters"
-NOT_A_TIME = "not a plain decimal integer"
-TIME_TOO_LARGE = "larger than the int64 maximum 9223372036854775807"
+NOT_A_TIME = NOT_AN_ID
+"""A timestamp follows the platform's integer rule (:func:`recsys.data.parse_plain_integers`)."""
+TIME_TOO_LARGE = ID_TOO_LARGE
 BAD_LIST = "not a list of plain id tokens like [12, 7]"
 
 MAX_ID_LENGTH = 64
@@ -78,10 +85,8 @@ NULL_WORDS = frozenset({"na", "nan", "null", "none", "nil", "undefined"})
 """Words that exports write for a missing value (pandas, R, SQL, Python, JavaScript). Taken as
 ids they would merge every row without a user into one busy user, so they are rejected."""
 _TOKEN = r"[A-Za-z0-9][A-Za-z0-9_.:\-]*"  # ASCII classes: str.isalnum() also takes "١٢"
-_TIME = r"0|[1-9][0-9]*"
 _LIST = re.compile(rf"\[(?:\s*{_TOKEN}(?:\s*,\s*{_TOKEN})*\s*)?\]")
 _LIST_ITEM = re.compile(_TOKEN)
-_INT64_MAX = str(np.iinfo(np.int64).max)
 
 
 def _separator(path: Path) -> str:
@@ -155,25 +160,6 @@ def _parse_tokens(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
     return values, pd.Series(problems, index=raw.index, dtype=object)
 
 
-def _parse_times(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """(unix seconds as int64, or nullable Int64; the problem of each rejected cell)."""
-    present = raw.notna().to_numpy()
-    plain = raw.str.fullmatch(_TIME).fillna(False).to_numpy(dtype=bool)
-    lengths = raw.str.len().fillna(0).to_numpy()
-    longest = (lengths == len(_INT64_MAX)) & (raw.fillna("") > _INT64_MAX).to_numpy(dtype=bool)
-    too_large = plain & ((lengths > len(_INT64_MAX)) | longest)
-    good = plain & ~too_large
-    ints = np.zeros(len(raw), dtype=np.int64)
-    ints[good] = [int(text) for text in raw[good]]
-    problems = np.full(len(raw), None, dtype=object)
-    problems[present & ~plain] = NOT_A_TIME
-    problems[too_large] = TIME_TOO_LARGE
-    if good.all():
-        return pd.Series(ints, index=raw.index), pd.Series(problems, index=raw.index)
-    values = pd.Series(pd.arrays.IntegerArray(ints, ~good), index=raw.index)
-    return values, pd.Series(problems, index=raw.index, dtype=object)
-
-
 def _parse_lists(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
     """(tuples of id tokens, missing where empty or rejected; the problem of each rejection).
 
@@ -219,7 +205,7 @@ def read_interactions(path: Path | str) -> pd.DataFrame:
     """
     path = Path(path)
     frame = _read_text(path, "an interaction export", INTERACTION_COLUMNS)
-    return _apply(frame, {USER: _parse_tokens, ITEM: _parse_tokens, TIME: _parse_times})
+    return _apply(frame, {USER: _parse_tokens, ITEM: _parse_tokens, TIME: parse_plain_integers})
 
 
 def read_item_meta(path: Path | str) -> pd.DataFrame:
