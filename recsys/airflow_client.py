@@ -81,9 +81,27 @@ class AirflowClient:
     def __init__(
         self, base_url: str, username: str, password: str, timeout_s: float = 30.0
     ) -> None:
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
+
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self._session = requests.Session()
+        # The embedded stack's SQLite metadata DB answers a concurrent write with "database is
+        # locked", which the api-server returns as 500 "Database error". Calls that are safe to
+        # repeat (reads, pause/unpause, clears) try again a few times; a trigger (POST) never
+        # does, so a run is never started twice. The last answer is what the caller sees.
+        retry = Retry(
+            total=4,
+            connect=0,
+            read=0,
+            status_forcelist=(500, 502, 503, 504),
+            allowed_methods=frozenset({"GET", "PATCH", "PUT", "DELETE"}),
+            backoff_factor=0.5,
+            raise_on_status=False,
+        )
+        self._session.mount("http://", HTTPAdapter(max_retries=retry))
+        self._session.mount("https://", HTTPAdapter(max_retries=retry))
         response = self._session.post(
             f"{self.base_url}/auth/token",
             json={"username": username, "password": password},
