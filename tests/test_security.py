@@ -272,17 +272,30 @@ def _parent_pid(proc_entry: Path) -> int | None:
     return int(stat_fields[1])
 
 
-def test_server_refuses_a_work_folder_another_user_owns(tmp_path: Path) -> None:
+def test_server_refuses_a_work_folder_planted_by_someone_else(tmp_path: Path) -> None:
     """The server loads code from its work folder (backend links, keyguard): a folder planted
-    by someone else (a guessable /tmp name) is refused instead of used."""
-    if os.getuid() != 0:
-        pytest.skip("needs root to plant a folder owned by another user")
-    planted = tmp_path / "planted"
-    planted.mkdir(mode=0o777)
-    os.chown(planted, 65534, 65534)
-    server = TritonServer(tmp_path / "repo", workdir=planted, admin_key="k" * 32)
-    with pytest.raises(TritonStartError, match="not a folder owned by this user"):
-        server.command()
+    at its (guessable /tmp) path is refused instead of used, be it a symlink to elsewhere or,
+    where the test may create one (as root), a folder another user owns."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    port = free_port()
+    server = TritonServer(tmp_path / "repo", grpc_port=port, admin_key="k" * 32)
+    planted_link = server.workdir  # the default: /tmp/recsys-triton-<grpc port>
+    planted_link.symlink_to(elsewhere)
+    try:
+        with pytest.raises(TritonStartError, match="not a folder owned by this user"):
+            server.command()
+    finally:
+        planted_link.unlink()
+    assert not any(elsewhere.iterdir()), "nothing may be written through the planted link"
+
+    if os.getuid() == 0:  # only root can make a folder owned by another user
+        planted = tmp_path / "planted"
+        planted.mkdir(mode=0o777)
+        os.chown(planted, 65534, 65534)
+        server = TritonServer(tmp_path / "repo", workdir=planted, admin_key="k" * 32)
+        with pytest.raises(TritonStartError, match="not a folder owned by this user"):
+            server.command()
 
 
 # -- repository paths ---------------------------------------------------------------------
