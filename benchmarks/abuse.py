@@ -53,6 +53,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from recsys.families.search.client import search
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "abuse.json"
@@ -88,7 +90,7 @@ def run_normal_traffic(
         while True:
             started = time.perf_counter()
             try:
-                ok = bool(control.search(model, rng.choice(queries), 10))
+                ok = bool(search(control, model, rng.choice(queries), 10))
             except Exception:
                 ok = False
             elapsed_ms = (time.perf_counter() - started) * 1000
@@ -482,7 +484,7 @@ def stack_serving_minilm(args: argparse.Namespace) -> Iterator[tuple[Any, list[s
     export_environment(benchmark_stack_environment(args.work, RECSYS_TRITON_ADMIN_KEY=None))
     from recsys import registry, stack
     from recsys.config import load_settings
-    from recsys.pipeline import register_model
+    from recsys.deploy import register_model
 
     good, _, held_out, products = build_artifacts(args.cache, args.data, 100)
     settings = load_settings()

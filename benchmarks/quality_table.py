@@ -59,10 +59,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> int:
 
-    from recsys import baselines, pipeline
-    from recsys.encoder import resolve_base_model
-    from recsys.evaluation import evaluate_encoder
-    from recsys.training import TrainingParams, fine_tune
+    from recsys.families.search import baselines, pipeline
+    from recsys.families.search.encoder import resolve_base_model
+    from recsys.families.search.evaluation import evaluate_encoder
+    from recsys.families.search.training import TrainingParams, fine_tune
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="../shared/data/homedepot/train.csv")
@@ -146,8 +146,8 @@ def main() -> int:
 
     reranker_training = None
     if not args.no_reranker:
-        from recsys import reranker
-        from recsys.evaluation import torch_embedder
+        from recsys.families.search import reranker
+        from recsys.families.search.evaluation import torch_embedder
 
         rerank_dir = work / "cross_encoder"
         rerank_params = reranker.RerankerParams(

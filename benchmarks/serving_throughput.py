@@ -477,8 +477,8 @@ def build_artifacts(
     model_dir: Path, catalog: Any, work: Path, max_query_tokens: int
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """fp32 serving artifacts with the platform's exporter, and an INT8 copy of them."""
-    from recsys.export import build_serving_artifacts
-    from recsys.quantization import (
+    from recsys.families.search.export import build_serving_artifacts
+    from recsys.families.search.quantization import (
         INT8_ONNX_FILE,
         embedding_agreement,
         quantize_encoder,
@@ -558,7 +558,7 @@ def main() -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from recsys.data import product_catalog, read_relevance_csv
-    from recsys.encoder import resolve_base_model
+    from recsys.families.search.encoder import resolve_base_model
 
     started = time.perf_counter()
     machine = machine_info()

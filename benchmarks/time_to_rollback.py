@@ -38,6 +38,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from recsys.families.search.client import search
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "time_to_rollback.json"
@@ -62,7 +64,7 @@ class Traffic(threading.Thread):
         i = 0
         while not self.stop_event.is_set():
             try:
-                self.control.search(self.model, f"{QUERY} {i % 7}", top_k=5)
+                search(self.control, self.model, f"{QUERY} {i % 7}", top_k=5)
                 ok = True
             except Exception:
                 ok = False
@@ -118,7 +120,7 @@ class Monitor(threading.Thread):
                         self.settings,
                         "; ".join(verdict.reasons),
                         verdict.to_dict(),
-                        smoke_query=QUERY,
+                        smoke_request={"query": QUERY},
                     )
                     self.rollbacks.append(
                         {"started": started, "done": time.monotonic(), "record": record}
@@ -139,13 +141,13 @@ def mlflow_server(home: Path):
 
 def deploy(settings: Any, artifacts: Path) -> int:
     from recsys import registry
-    from recsys.pipeline import deploy_model, register_model
+    from recsys.deploy import deploy_model, register_model
 
     run_id = registry.start_training_run(
         settings.mlflow_tracking_uri, "time-to-rollback", "bench", {}, {}
     )
     version = register_model(settings, run_id, str(artifacts), {})["version"]
-    deploy_model(settings, version, str(artifacts), QUERY, 5)
+    deploy_model(settings, version, str(artifacts), {"query": QUERY, "top_k": 5})
     return version
 
 

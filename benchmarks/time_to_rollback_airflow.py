@@ -47,6 +47,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from recsys.families.search.client import search
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "time_to_rollback_airflow.json"
@@ -85,7 +87,7 @@ class Traffic(threading.Thread):
         next_at = time.monotonic()
         while not self.stop_event.is_set():
             try:
-                self.control.search(self.model, rng.choice(self.queries), top_k=10)
+                search(self.control, self.model, rng.choice(self.queries), top_k=10)
                 ok = True
             except Exception:
                 ok = False
@@ -102,9 +104,9 @@ def build_artifacts(work: Path, data: Path, fault_after: int) -> tuple[Path, Pat
     training queries) and its faulty copy; cached under ``work``. Returns both folders, the
     held-out queries the clients send and the catalogue size."""
     from recsys.data import product_catalog, read_relevance_csv, split_by_query
-    from recsys.encoder import resolve_base_model
-    from recsys.export import build_serving_artifacts
-    from recsys.monitoring.drift_reference import write_query_reference
+    from recsys.families.search.drift_reference import write_query_reference
+    from recsys.families.search.encoder import resolve_base_model
+    from recsys.families.search.export import build_serving_artifacts
     from tests.triton_testing import copy_artifacts
 
     frame = read_relevance_csv(data)
@@ -171,7 +173,7 @@ def main() -> int:
     from recsys.airflow_client import AirflowClient
     from recsys.audit import read_records
     from recsys.config import load_settings
-    from recsys.pipeline import register_model
+    from recsys.deploy import register_model
     from recsys.triton.control import TritonControl
     from tests.stack_testing import wait_for
 

@@ -52,7 +52,7 @@ def load_catalogue(args: argparse.Namespace, model: Any, tokenizer: Any) -> tupl
             embeddings = torch.from_numpy(np.ascontiguousarray(products["embeddings"], np.float32))
         return ids, embeddings
     from recsys.data import product_catalog, read_relevance_csv
-    from recsys.encoder import encode_texts
+    from recsys.families.search.encoder import encode_texts
 
     catalog = product_catalog(read_relevance_csv(args.data))
     if args.max_products:
@@ -66,7 +66,7 @@ def create_app(args: argparse.Namespace) -> Any:
     import torch
     from fastapi import FastAPI, HTTPException
 
-    from recsys.encoder import BiEncoder, load_tokenizer
+    from recsys.families.search.encoder import BiEncoder, load_tokenizer
 
     torch.set_num_threads(args.torch_threads)
     torch.set_num_interop_threads(1)
@@ -111,7 +111,7 @@ def create_app(args: argparse.Namespace) -> Any:
 def main() -> int:
     import uvicorn
 
-    from recsys.encoder import resolve_base_model
+    from recsys.families.search.encoder import resolve_base_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", default="minilm", help="checkpoint folder or 'minilm'")

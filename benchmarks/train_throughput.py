@@ -3,7 +3,8 @@
 Uses the packaged all-MiniLM-L6-v2 when installed (``--base-model minilm``); otherwise, or with
 ``--base-model minilm-shaped``, a randomly initialised BERT of MiniLM's exact shape (6 layers,
 hidden 384, 12 heads) with a vocabulary trained on the data, which costs the same compute. The
-training loop is the pipeline's own (``recsys.training.fine_tune``), mixed precision on GPU.
+training loop is the pipeline's own (``recsys.families.search.training.fine_tune``), mixed
+precision on GPU.
 
     python benchmarks/train_throughput.py --data ../shared/data/homedepot/train.csv --steps 50
 """
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def minilm_shaped(target: Path, corpus: list[str]) -> Path:
-    from recsys.tiny_model import build_tiny_bert
+    from recsys.families.search.tiny_model import build_tiny_bert
 
     return build_tiny_bert(
         target, corpus, vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12
@@ -34,8 +35,8 @@ def main() -> int:
     import torch
 
     from recsys.data import read_relevance_csv
-    from recsys.encoder import resolve_base_model
-    from recsys.training import TrainingParams, fine_tune
+    from recsys.families.search.encoder import resolve_base_model
+    from recsys.families.search.training import TrainingParams, fine_tune
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)

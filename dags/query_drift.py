@@ -11,12 +11,18 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from recsys.alerts import task_failure_alert
-from recsys.assets import RETRAINING_REQUEST
+from recsys.alerts import FailureAlert
+from recsys.assets import retraining_request
+from recsys.families import available, drift_dag_id, get_family
 from recsys.scheduling import DEFAULT_POOL, DRIFT_PRIORITY, WEIGHT_RULE
 
 DOC = """
-### Query drift
+### Input drift
+One such DAG per model family: `query_drift` for search (described here), `input_drift_<family>`
+for the others (recommendation: the share of requests from unknown users, of unknown items in
+sessions, and the shift of the served items' popularity against the training data). The
+plumbing below (samples, state, blind checks, alerts, Asset) is the same for every family.
+
 Every hour: read the queries Triton's model sampled for the serving version since the last check
 (`RECSYS_QUERY_SAMPLE_DIR`, share `RECSYS_QUERY_SAMPLE_RATE`) and compare them with the training
 queries of that version (`query_reference.json`, written at export): token/word length
@@ -43,105 +49,119 @@ arrive. Tasks run in the `default_pool` at priority 100 (absolute), below the me
 """
 
 
-@dag(
-    dag_id="query_drift",
-    schedule=timedelta(hours=1),
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
-    max_active_runs=1,
-    tags=["search", "monitoring", "drift"],
-    doc_md=DOC,
-    is_paused_upon_creation=False,
-    default_args={
-        "retries": 1,
-        "retry_delay": timedelta(minutes=2),
-        "on_failure_callback": task_failure_alert,
-        "pool": DEFAULT_POOL,
-        "priority_weight": DRIFT_PRIORITY,
-        "weight_rule": WEIGHT_RULE,
-    },
-    params={
-        "retrain_on_drift": Param(True, type="boolean"),
-        "min_queries": Param(None, type=["null", "integer"], minimum=1),
-        "max_length_psi": Param(None, type=["null", "number"], exclusiveMinimum=0),
-        "max_oov_rate_increase": Param(None, type=["null", "number"], exclusiveMinimum=0),
-        "max_unk_rate_increase": Param(None, type=["null", "number"], exclusiveMinimum=0),
-        "max_centroid_shift": Param(None, type=["null", "number"], exclusiveMinimum=0),
-    },
-)
-def query_drift():
-    @task
-    def check_drift() -> dict:
-        from recsys.config import load_settings
-        from recsys.monitoring.config import load_drift_thresholds
-        from recsys.monitoring.drift import check_query_drift
+def drift_dag(family: str):
+    """The drift DAG of ``family``'s served model."""
+    spec = get_family(family)
+    asset = retraining_request(family)
 
-        settings = load_settings()
-        params = get_current_context()["params"]
-        overrides = {k: v for k, v in params.items() if k != "retrain_on_drift"}
-        thresholds = load_drift_thresholds(settings.model_name, overrides=overrides)
-        return check_query_drift(settings, thresholds=thresholds)
-
-    @task.short_circuit
-    def drifted(verdict: dict) -> bool:
-        return bool(verdict["drift"])
-
-    @task
-    def alert_and_audit(verdict: dict) -> None:
-        from recsys.config import load_settings
-        from recsys.monitoring.drift import record_drift
-
-        record_drift(load_settings(), verdict)
-
-    @task.short_circuit
-    def retraining_wanted(verdict: dict) -> bool:
-        return bool(verdict["retrain_due"]) and bool(
-            get_current_context()["params"]["retrain_on_drift"]
-        )
-
-    @task(outlets=[RETRAINING_REQUEST])
-    def request_retraining(verdict: dict) -> None:
-        from recsys.config import load_settings
-        from recsys.monitoring.drift import record_retraining_request
-
-        record = record_retraining_request(load_settings(), verdict)
-        get_current_context()["outlet_events"][RETRAINING_REQUEST].extra = {
-            "model": record["model"],
-            "version": record["version"],
-            "reason": record["reason"],
-        }
-
-    @task.short_circuit
-    def newly_blind(verdict: dict) -> bool:
-        return bool(verdict["blind_alert_due"])
-
-    @task
-    def alert_blind(verdict: dict) -> None:
-        from recsys.config import load_settings
-        from recsys.monitoring.drift import record_blind
-
-        record_blind(load_settings(), verdict)
-
-    @task.short_circuit
-    def seeing_again(verdict: dict) -> bool:
-        return bool(verdict["outage_over"])
-
-    @task
-    def audit_seeing_again(verdict: dict) -> None:
-        from recsys.config import load_settings
-        from recsys.monitoring.drift import record_seeing_again
-
-        record_seeing_again(load_settings(), verdict)
-
-    verdict = check_drift()
-    (
-        drifted(verdict)
-        >> alert_and_audit(verdict)
-        >> retraining_wanted(verdict)
-        >> request_retraining(verdict)
+    @dag(
+        dag_id=drift_dag_id(family),
+        schedule=timedelta(hours=1),
+        start_date=datetime(2026, 1, 1),
+        catchup=False,
+        max_active_runs=1,
+        tags=[family, "monitoring", "drift"],
+        doc_md=DOC,
+        is_paused_upon_creation=False,
+        default_args={
+            "retries": 1,
+            "retry_delay": timedelta(minutes=2),
+            "on_failure_callback": FailureAlert("", family),
+            "pool": DEFAULT_POOL,
+            "priority_weight": DRIFT_PRIORITY,
+            "weight_rule": WEIGHT_RULE,
+        },
+        params={
+            "retrain_on_drift": Param(True, type="boolean"),
+            "min_queries": Param(None, type=["null", "integer"], minimum=1),
+            **{name: Param(None, **schema) for name, schema in spec.drift_params().items()},
+        },
     )
-    newly_blind(verdict) >> alert_blind(verdict)
-    seeing_again(verdict) >> audit_seeing_again(verdict)
+    def query_drift():
+        @task
+        def check_drift() -> dict:
+            from recsys.monitoring.config import DRIFT_THRESHOLD_FIELDS, load_drift_thresholds
+            from recsys.monitoring.drift import check_query_drift
+
+            settings = family_settings()
+            params = get_current_context()["params"]
+            overrides = {k: v for k, v in params.items() if k in DRIFT_THRESHOLD_FIELDS}
+            limits = {
+                k: v
+                for k, v in params.items()
+                if k not in DRIFT_THRESHOLD_FIELDS and k != "retrain_on_drift" and v is not None
+            }
+            thresholds = load_drift_thresholds(settings.model_name, overrides=overrides)
+            return check_query_drift(settings, thresholds=thresholds, family_limits=limits)
+
+        @task.short_circuit
+        def drifted(verdict: dict) -> bool:
+            return bool(verdict["drift"])
+
+        @task
+        def alert_and_audit(verdict: dict) -> None:
+            from recsys.monitoring.drift import record_drift
+
+            record_drift(family_settings(), verdict)
+
+        @task.short_circuit
+        def retraining_wanted(verdict: dict) -> bool:
+            return bool(verdict["retrain_due"]) and bool(
+                get_current_context()["params"]["retrain_on_drift"]
+            )
+
+        @task(outlets=[asset])
+        def request_retraining(verdict: dict) -> None:
+            from recsys.monitoring.drift import record_retraining_request
+
+            record = record_retraining_request(family_settings(), verdict)
+            get_current_context()["outlet_events"][asset].extra = {
+                "model": record["model"],
+                "version": record["version"],
+                "reason": record["reason"],
+            }
+
+        @task.short_circuit
+        def newly_blind(verdict: dict) -> bool:
+            return bool(verdict["blind_alert_due"])
+
+        @task
+        def alert_blind(verdict: dict) -> None:
+            from recsys.monitoring.drift import record_blind
+
+            record_blind(family_settings(), verdict)
+
+        @task.short_circuit
+        def seeing_again(verdict: dict) -> bool:
+            return bool(verdict["outage_over"])
+
+        @task
+        def audit_seeing_again(verdict: dict) -> None:
+            from recsys.monitoring.drift import record_seeing_again
+
+            record_seeing_again(family_settings(), verdict)
+
+        verdict = check_drift()
+        (
+            drifted(verdict)
+            >> alert_and_audit(verdict)
+            >> retraining_wanted(verdict)
+            >> request_retraining(verdict)
+        )
+        newly_blind(verdict) >> alert_blind(verdict)
+        seeing_again(verdict) >> audit_seeing_again(verdict)
+
+    return query_drift()
 
 
-query_drift()
+def family_settings():
+    """The platform settings aimed at the running DAG's family's served model."""
+    from recsys.config import load_settings, served_model_settings
+
+    dag_id = get_current_context()["dag"].dag_id
+    family = next(name for name in available() if drift_dag_id(name) == dag_id)
+    return served_model_settings(load_settings(), "", family)
+
+
+for _family in available():
+    drift_dag(_family)

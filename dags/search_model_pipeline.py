@@ -1,6 +1,7 @@
 """Airflow DAG: shop data -> GX gate -> fine-tune -> evaluate -> MLflow -> ONNX -> Triton.
 
-Thin wiring only: every task calls one function of ``recsys.pipeline`` and passes small XComs.
+Thin wiring only: every task calls one function of ``recsys.families.search.pipeline`` and
+passes small XComs.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ monitor and its rollback need. The schedule is manual and drift-triggered unless
 def search_model_pipeline():
     def settings_and_dir():
         from recsys.config import load_settings
-        from recsys.pipeline import run_dir_for
+        from recsys.model_pipeline import run_dir_for
         from recsys.scheduling import lower_cpu_priority
 
         lower_cpu_priority()  # batch work: serving, monitoring and rollback get the CPU first
@@ -158,7 +159,7 @@ def search_model_pipeline():
         from airflow.sdk.exceptions import AirflowFailException
 
         from recsys.data import DataFormatError
-        from recsys.pipeline import validate_data as run
+        from recsys.families.search.pipeline import validate_data as run
         from recsys.quality import DataQualityError
 
         settings, run_dir, params = settings_and_dir()
@@ -169,15 +170,15 @@ def search_model_pipeline():
 
     @task
     def split_data(validated: dict) -> dict:
-        from recsys.pipeline import split_data as run
+        from recsys.families.search.pipeline import split_data as run
 
         _, run_dir, params = settings_and_dir()
         return run(validated["clean_path"], run_dir, params["test_fraction"], params["seed"])
 
     @task
     def fine_tune(validated: dict, split: dict) -> dict:
-        from recsys.pipeline import fine_tune_model
-        from recsys.training import TrainingParams
+        from recsys.families.search.pipeline import fine_tune_model
+        from recsys.families.search.training import TrainingParams
 
         settings, run_dir, params = settings_and_dir()
         keys = TrainingParams.__dataclass_fields__
@@ -193,7 +194,7 @@ def search_model_pipeline():
 
     @task
     def evaluate(split: dict, trained: dict) -> dict:
-        from recsys.pipeline import evaluate_model
+        from recsys.families.search.pipeline import evaluate_model
 
         settings, _, params = settings_and_dir()
         return evaluate_model(
@@ -202,7 +203,7 @@ def search_model_pipeline():
 
     @task
     def evaluate_baselines(split: dict, trained: dict, evaluation: dict) -> dict:
-        from recsys.pipeline import evaluate_baselines as run
+        from recsys.families.search.pipeline import evaluate_baselines as run
 
         settings, run_dir, params = settings_and_dir()
         return run(
@@ -219,8 +220,8 @@ def search_model_pipeline():
     def export_onnx(split: dict, trained: dict) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from recsys.pipeline import export_model
-        from recsys.quantization import QuantizationRejectedError
+        from recsys.families.search.pipeline import export_model
+        from recsys.families.search.quantization import QuantizationRejectedError
 
         settings, run_dir, params = settings_and_dir()
         try:
@@ -239,7 +240,7 @@ def search_model_pipeline():
 
     @task
     def champion_gate(split: dict, trained: dict, exported: dict) -> dict:
-        from recsys.pipeline import compare_with_champion
+        from recsys.families.search.pipeline import compare_with_champion
 
         settings, run_dir, params = settings_and_dir()
         return compare_with_champion(
@@ -257,7 +258,7 @@ def search_model_pipeline():
     def register(
         validated: dict, trained: dict, evaluation: dict, exported: dict, decision: dict
     ) -> dict:
-        from recsys.pipeline import register_model
+        from recsys.deploy import register_model
 
         settings, _, params = settings_and_dir()
         lineage = {
@@ -279,7 +280,7 @@ def search_model_pipeline():
         """Serve the registered version of the bi-encoder (or, with ``model_suffix``, of
         another served model of this run), saying in the audit record why."""
         from recsys.config import served_model_settings
-        from recsys.pipeline import deploy_model
+        from recsys.deploy import deploy_model
 
         settings, _, params = settings_and_dir()
         forced = params["force_deploy"] and not decision["promote"]
@@ -287,8 +288,7 @@ def search_model_pipeline():
             served_model_settings(settings, model_suffix),
             registered["version"],
             exported["artifacts_dir"],
-            params["smoke_query"],
-            params["top_k"],
+            {"query": params["smoke_query"], "top_k": params["top_k"]},
             reason=("forced (force_deploy): " if forced else "") + decision["reason"],
         )
 
@@ -309,7 +309,7 @@ def search_model_pipeline():
 
     @task
     def fine_tune_reranker(validated: dict, split: dict) -> dict:
-        from recsys.pipeline_reranker import fine_tune_reranker_model
+        from recsys.families.search.pipeline_reranker import fine_tune_reranker_model
 
         settings, run_dir, params = settings_and_dir()
         reranker_params = {
@@ -335,7 +335,7 @@ def search_model_pipeline():
 
     @task
     def evaluate_reranker(split: dict, trained: dict, reranker: dict) -> dict:
-        from recsys.pipeline_reranker import evaluate_reranker_model
+        from recsys.families.search.pipeline_reranker import evaluate_reranker_model
 
         settings, _, params = settings_and_dir()
         return evaluate_reranker_model(
@@ -349,7 +349,7 @@ def search_model_pipeline():
 
     @task
     def export_reranker(split: dict, exported: dict, reranker: dict) -> dict:
-        from recsys.pipeline_reranker import export_reranked_model
+        from recsys.families.search.pipeline_reranker import export_reranked_model
 
         settings, run_dir, params = settings_and_dir()
         return export_reranked_model(
@@ -364,7 +364,7 @@ def search_model_pipeline():
 
     @task
     def reranker_gate(split: dict, reranker: dict, exported: dict, bi_decision: dict) -> dict:
-        from recsys.pipeline_reranker import gate_reranker
+        from recsys.families.search.pipeline_reranker import gate_reranker
 
         settings, run_dir, params = settings_and_dir()
         return gate_reranker(
@@ -383,8 +383,8 @@ def search_model_pipeline():
     def register_reranker(
         validated: dict, reranker: dict, evaluation: dict, exported: dict, decision: dict
     ) -> dict:
-        from recsys.pipeline import register_model
-        from recsys.pipeline_reranker import reranker_settings
+        from recsys.deploy import register_model
+        from recsys.families.search.pipeline_reranker import reranker_settings
 
         settings, _, _ = settings_and_dir()
         lineage = version_lineage(validated, evaluation, decision)

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag, get_current_context, task
 
 from recsys.alerts import FailureAlert
-from recsys.config import SERVED_MODEL_SUFFIXES
+from recsys.families import monitor_dag_id, served_models
 from recsys.monitoring.trigger import MetricsWatchOperator
 from recsys.scheduling import (
     MONITORING_POOL,
@@ -23,8 +23,11 @@ from recsys.scheduling import (
 
 DOC = """
 ### Triton monitor
-One such DAG per served model: `triton_monitor` watches the bi-encoder (`RECSYS_MODEL_NAME`),
-`triton_monitor_reranker` the bi-encoder + reranker model (`<model>_reranker`).
+One such DAG per served model of every model family: `triton_monitor` watches the search
+bi-encoder (`RECSYS_MODEL_NAME`), `triton_monitor_reranker` the bi-encoder + reranker model
+(`<model>_reranker`), `triton_monitor_recommend` the recommender
+(`RECSYS_RECOMMEND_MODEL_NAME`). The machinery is the same for all: it judges Triton's metrics
+and never looks inside the model.
 
 **watch_metrics** waits in Airflow's triggerer, not in a worker slot. Every `check_interval_s`
 seconds it scrapes Triton's metrics endpoint. It judges the window since the last judged one as
@@ -54,9 +57,10 @@ minutes.
 """
 
 
-def monitor_dag(dag_id: str, model_suffix: str):
-    """The monitor DAG of the served model ``RECSYS_MODEL_NAME + model_suffix``."""
-    alert = FailureAlert(model_suffix)
+def monitor_dag(dag_id: str, model_suffix: str, family: str | None = None):
+    """The monitor DAG of the served model ``RECSYS_MODEL_NAME + model_suffix`` (with
+    ``family``: that family's model name + ``model_suffix``)."""
+    alert = FailureAlert(model_suffix, family)
 
     @dag(
         dag_id=dag_id,
@@ -70,7 +74,7 @@ def monitor_dag(dag_id: str, model_suffix: str):
         # A monitor must watch from the first start of the stack; it judges nothing until a
         # model serves.
         is_paused_upon_creation=False,
-        tags=["search", "monitoring", "rollback"],
+        tags=[family or "search", "monitoring", "rollback"],
         doc_md=DOC,
         default_args={
             # A watch is not retried: the next scheduled run (seconds later) is the retry.
@@ -111,11 +115,21 @@ def monitor_dag(dag_id: str, model_suffix: str):
             "max_memory_utilization": Param(
                 None, type=["null", "number"], exclusiveMinimum=0, maximum=1
             ),
-            "smoke_query": Param("angle bracket", type="string", minLength=1),
+            "smoke_request": Param(
+                None,
+                type=["null", "object"],
+                description=(
+                    "Question the restored version must answer, e.g. "
+                    '{"query": "cordless drill"} or {"user": "A1"}; null = the one its export '
+                    "recorded"
+                ),
+            ),
         },
     )
     def triton_monitor():
-        watch = MetricsWatchOperator(task_id="watch_metrics", model_suffix=model_suffix)
+        watch = MetricsWatchOperator(
+            task_id="watch_metrics", model_suffix=model_suffix, family=family
+        )
 
         # No retry: after a partial rollback (Triton switched, registry pending) a second
         # attempt would plan from Triton, which now serves the good version. A failed rollback
@@ -141,10 +155,10 @@ def monitor_dag(dag_id: str, model_suffix: str):
                 "p99_latency_ms": verdict.get("p99_latency_ms"),
             }
             return run_rollback(
-                served_model_settings(load_settings(), model_suffix),
+                served_model_settings(load_settings(), model_suffix, family),
                 "; ".join(verdict["reasons"]),
                 metrics,
-                smoke_query=params["smoke_query"],
+                smoke_request=params["smoke_request"],
             )
 
         rollback(watch.output)
@@ -152,5 +166,6 @@ def monitor_dag(dag_id: str, model_suffix: str):
     return triton_monitor()
 
 
-for _suffix in SERVED_MODEL_SUFFIXES.values():
-    monitor_dag(f"triton_monitor{_suffix}", _suffix)
+for _family, _suffixes in served_models().items():
+    for _suffix in _suffixes:
+        monitor_dag(monitor_dag_id(_family, _suffix), _suffix, _family)

@@ -40,12 +40,15 @@ DEFAULT_REPEAT_MINUTES = 60.0
 SUPPRESSED = "alert_suppressed"
 
 
-def failure_details(context: Mapping[str, Any], model_suffix: str = "") -> dict[str, Any]:
+def failure_details(
+    context: Mapping[str, Any], model_suffix: str = "", family: str | None = None
+) -> dict[str, Any]:
     """What an on-call person needs from an Airflow callback context: which model, DAG, task,
     run and try failed, with what error, and where to look (the task's log URL when Airflow has
     one). ``model_suffix`` names the served model the DAG is about (``_reranker`` for the
-    reranker's monitor), so its alerts do not blame the bi-encoder."""
-    from recsys.config import load_settings
+    reranker's monitor), so its alerts do not blame the bi-encoder; ``family`` a model family's
+    served model (:func:`recsys.config.served_model_settings`)."""
+    from recsys.config import load_settings, served_model_settings
 
     ti = context.get("task_instance") or context.get("ti")
     dag_run = context.get("dag_run")
@@ -60,7 +63,7 @@ def failure_details(context: Mapping[str, Any], model_suffix: str = "") -> dict[
             "externally changed state); see the task log"
         )
     return {
-        "model": load_settings().model_name + model_suffix,
+        "model": served_model_settings(load_settings(), model_suffix, family).model_name,
         "dag_id": _attr(ti, "dag_id") or _attr(dag_run, "dag_id"),
         "task_id": _attr(ti, "task_id"),
         "run_id": _attr(ti, "run_id") or _attr(dag_run, "run_id"),
@@ -126,15 +129,21 @@ class FailureAlert:
     minute) is recorded in the alert log as ``alert_suppressed``, not paged again. Never raises:
     a callback that fails would hide the failure it was reporting."""
 
-    def __init__(self, model_suffix: str = "") -> None:
+    def __init__(self, model_suffix: str = "", family: str | None = None) -> None:
+        from recsys.families import LEGACY_FAMILY
+
         self.model_suffix = model_suffix
-        self.__name__ = f"FailureAlert({model_suffix!r})"
+        self.family = None if family == LEGACY_FAMILY else family
+        self.__name__ = f"FailureAlert({model_suffix!r}, {family!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, FailureAlert) and other.model_suffix == self.model_suffix
+        return isinstance(other, FailureAlert) and (other.model_suffix, other.family) == (
+            self.model_suffix,
+            self.family,
+        )
 
     def __hash__(self) -> int:
-        return hash(("FailureAlert", self.model_suffix))
+        return hash(("FailureAlert", self.model_suffix, self.family))
 
     def __call__(self, context: Mapping[str, Any]) -> None:
         from recsys import audit
@@ -142,7 +151,7 @@ class FailureAlert:
 
         try:
             settings = load_settings()
-            details = failure_details(context, self.model_suffix)
+            details = failure_details(context, self.model_suffix, self.family)
             details["fingerprint"] = _fingerprint(details)
             where = details["task_id"] or "run"
             title = (

@@ -3,6 +3,7 @@
 recsys stack up|down|status          start/stop/inspect Triton, MLflow and Airflow on loopback
 recsys data validate PATH            run the Great Expectations gate on a relevance CSV
 recsys train [--wait]                trigger search_model_pipeline on the running stack
+                                     (--family recommend: recommend_model_pipeline)
 recsys deploy --version N            serve a registered version (rebuilt from MLflow if needed)
 recsys rollback [--to N]             put the previous (or given) version back into service
                                      (deploy, rollback, query: --model M for another served
@@ -12,6 +13,8 @@ recsys status                        services, served versions, aliases, recent 
 recsys audit [--action A]            the deploy/rollback audit trail
 recsys drift [--model M]             are served queries drifting from the training queries?
 recsys query "cordless drill"        ask the served model over gRPC
+recsys recommend --user U            ask the served recommender (--history 11,52,7 for a
+                                     session); deploy/rollback/status --model item_recommender
 recsys demo                          stack up -> train+deploy -> query -> fault -> rollback
 
 Exit codes: 0 ok; 1 the operation failed (bad data, failed run, failed deploy); 2 bad input
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.config import Settings, check_model_name, load_settings
+from recsys.families.search.client import search_answered
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -73,6 +77,17 @@ def _model_name(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _json_object(value: str) -> dict[str, Any]:
+    """A JSON object given on the command line (e.g. a smoke request)."""
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like {{...}}, got {value!r}")
+    return parsed
+
+
 def _positive_int(value: str) -> int:
     """A count of at least 1 (e.g. how many hits to return)."""
     return _whole_number(value, 1, "must be at least 1")
@@ -114,7 +129,7 @@ def _default_report_dir(settings: Settings, data_path: Path) -> Path:
 
 def _data_validate(args: argparse.Namespace) -> int:
     from recsys.data import read_relevance_csv
-    from recsys.pipeline import QUALITY_SUITES
+    from recsys.families.search.pipeline import QUALITY_SUITES
     from recsys.quality import DataQualityError, validate_frame
 
     path = Path(args.path)
@@ -165,14 +180,25 @@ def _train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         max_rows=args.max_rows,
     )
+    dag_id = operations.PIPELINE_DAG
+    if args.family != "search":
+        # The generic pipeline's params: the data, epochs and a slice of users.
+        dag_id = f"{args.family}_model_pipeline"
+        conf.pop("max_rows", None)
+        if "base_model" in conf or "max_steps" in conf:
+            raise ValueError("--base-model and --max-steps are search-family options")
+        if args.max_users is not None:
+            conf["max_users"] = _whole_number(str(args.max_users), 0, "--max-users is >= 0")
+    elif args.max_users is not None:
+        raise ValueError("--max-users is a recommend-family option; use --max-rows for search")
     settings = load_settings()
     client = operations.airflow_client(settings)
-    run_id, paused = operations.trigger_training(client, conf, unpause=args.unpause)
-    print(f"triggered {operations.PIPELINE_DAG} run {run_id} with conf {json.dumps(conf)}")
-    print(f"  watch it in the Airflow UI: {client.ui_run_url(operations.PIPELINE_DAG, run_id)}")
+    run_id, paused = operations.trigger_training(client, conf, unpause=args.unpause, dag_id=dag_id)
+    print(f"triggered {dag_id} run {run_id} with conf {json.dumps(conf)}")
+    print(f"  watch it in the Airflow UI: {client.ui_run_url(dag_id, run_id)}")
     if paused:
         print(
-            f"note: {operations.PIPELINE_DAG} is paused; the run waits until it is unpaused "
+            f"note: {dag_id} is paused; the run waits until it is unpaused "
             "(rerun with --unpause or unpause it in the Airflow UI)",
             file=sys.stderr,
         )
@@ -194,7 +220,11 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         outcome = operations.follow_run(
-            client, run_id, on_progress=on_progress, on_task_finished=on_task_finished
+            client,
+            run_id,
+            dag_id=dag_id,
+            on_progress=on_progress,
+            on_task_finished=on_task_finished,
         )
     finally:
         bar.close()
@@ -224,14 +254,17 @@ def _deploy(args: argparse.Namespace) -> int:
     from recsys.operations import deploy_registered_version
 
     settings = _settings_for(args)
-    result = deploy_registered_version(
-        settings, args.version, smoke_query=args.smoke_query, top_k=args.top_k
-    )
+    request = dict(args.smoke_request or {})
+    if args.smoke_query is not None:
+        request["query"] = args.smoke_query
+    if args.top_k is not None:
+        request["top_k"] = args.top_k
+    result = deploy_registered_version(settings, args.version, smoke_request=request or None)
     how = "rebuilt from MLflow and deployed" if result["rebuilt"] else "loaded"
     replaced = f"v{result['replaced']}" if result["replaced"] is not None else "nothing"
     print(f"{settings.model_name} v{result['version']} {how}; champion now (replaced {replaced})")
-    top = ", ".join(f"{pid} {score:.3f}" for pid, score in result["smoke"][:3])
-    print(f"  smoke query {args.smoke_query!r}: {top}")
+    top = ", ".join(f"{pid} {score:.3f}" for pid, score, *_ in result["smoke"][:3])
+    print(f"  smoke test ({json.dumps(request) if request else 'as exported'}): {top}")
     return 0
 
 
@@ -273,7 +306,7 @@ def _complete_pending(settings: Settings) -> int:
 def _status(args: argparse.Namespace) -> int:
     from recsys.operations import platform_status
 
-    settings = load_settings()
+    settings = _settings_for(args)
     report = platform_status(settings)
     print("stack services:")
     if report.services_error:
@@ -411,7 +444,7 @@ def _query(args: argparse.Namespace) -> int:
 
     settings = _settings_for(args)
     with TritonControl(settings.triton_grpc_url) as control:
-        hits, version = control.search_answered(settings.model_name, args.text, args.top_k)
+        hits, version = search_answered(control, settings.model_name, args.text, args.top_k)
     titles, missing = _version_titles(settings, version)
     answered = f"v{version}" if version is not None else "version unknown"
     print(f"{settings.model_name} {answered}: {args.text!r}")
@@ -423,10 +456,51 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _item_ids(value: str) -> list[str]:
+    """A comma-separated list of item ids, oldest first (``11,52,7``)."""
+    items = [part.strip() for part in value.split(",")]
+    if not value.strip() or not all(items):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated item ids like 11,52,7, got {value!r}"
+        )
+    return items
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    """Ask the served recommender for a user's (or an anonymous session's) next items and show
+    each with its category; say when the answer is the popularity fallback."""
+    import dataclasses
+
+    from recsys.config import family_model_name
+    from recsys.families.recommend.client import recommend
+    from recsys.triton.control import TritonControl
+
+    settings = load_settings()
+    model = args.model or family_model_name("recommend")
+    settings = dataclasses.replace(settings, model_name=model)
+    with TritonControl(settings.triton_grpc_url) as control:
+        answer = recommend(
+            control,
+            model,
+            user=args.user,
+            history=args.history,
+            top_k=args.top_k,
+            exclude_seen=not args.include_seen,
+        )
+    who = f"user {args.user!r}" if args.user is not None else f"session {args.history}"
+    answered = f"v{answer.version}" if answer.version is not None else "version unknown"
+    print(f"{model} {answered}: {who} ({answer.source})")
+    for rank, (item, score, category) in enumerate(answer.items, 1):
+        print(f"{rank:>3}. {item:<12} {score:9.4f}  category {category or '-'}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from recsys.demo import run_demo
 
-    return run_demo(load_settings(), max_rows=args.max_rows, max_steps=args.max_steps)
+    return run_demo(
+        load_settings(), max_rows=args.max_rows, max_steps=args.max_steps, max_users=args.max_users
+    )
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -456,8 +530,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--out", help="report folder (default: $RECSYS_HOME/quality/...)")
     validate.set_defaults(func=_data_validate)
 
-    train = sub.add_parser("train", help="trigger search_model_pipeline on the running stack")
-    train.add_argument("--data", help="relevance CSV (default: the DAG's RECSYS_DATA_PATH)")
+    train = sub.add_parser("train", help="trigger a model pipeline on the running stack")
+    train.add_argument(
+        "--family",
+        choices=["search", "recommend"],
+        default="search",
+        help="which pipeline: search_model_pipeline or recommend_model_pipeline",
+    )
+    train.add_argument("--data", help="the data export (default: the family's env variable)")
+    train.add_argument("--max-users", type=int, help="recommend: only the first N users")
     train.add_argument("--base-model", default=None, help="'minilm' or a local HF model folder")
     train.add_argument("--epochs", type=int)
     train.add_argument("--max-steps", type=int, help="stop after N optimiser steps (0 = all)")
@@ -468,9 +549,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     deploy = sub.add_parser("deploy", help="serve an already-registered version")
     deploy.add_argument("--version", type=_version_number, required=True)
-    deploy.add_argument("--smoke-query", type=_query_text, default="angle bracket")
     deploy.add_argument(
-        "--top-k", type=_positive_int, default=5, help="hits the smoke query must return"
+        "--smoke-request",
+        type=_json_object,
+        default=None,
+        help='smoke question as JSON, e.g. \'{"user": "A1"}\' (default: the one the export '
+        "recorded)",
+    )
+    deploy.add_argument("--smoke-query", type=_query_text, default=None, help="search models")
+    deploy.add_argument(
+        "--top-k", type=_positive_int, default=None, help="hits the smoke test must return"
     )
     deploy.add_argument("--model", type=_model_name, default=None, help=MODEL_HELP)
     deploy.set_defaults(func=_deploy)
@@ -488,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.set_defaults(func=_rollback)
 
     status = sub.add_parser("status", help="services, served versions, aliases, audit")
+    status.add_argument("--model", type=_model_name, default=None, help=MODEL_HELP)
     status.set_defaults(func=_status)
 
     audit = sub.add_parser("audit", help="print deploy and rollback records")
@@ -515,9 +604,30 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--model", type=_model_name, default=None, help=MODEL_HELP)
     query.set_defaults(func=_query)
 
+    recommend = sub.add_parser("recommend", help="ask the served recommender")
+    asked = recommend.add_mutually_exclusive_group(required=True)
+    asked.add_argument("--user", type=_query_text, help="a known (or new) user id")
+    asked.add_argument(
+        "--history", type=_item_ids, help="an anonymous session's item ids, oldest first"
+    )
+    recommend.add_argument("--top-k", type=_positive_int, default=10)
+    recommend.add_argument(
+        "--include-seen", action="store_true", help="also recommend items already interacted with"
+    )
+    recommend.add_argument(
+        "--model",
+        type=_model_name,
+        default=None,
+        help="served recommender (default: RECSYS_RECOMMEND_MODEL_NAME or item_recommender)",
+    )
+    recommend.set_defaults(func=_recommend)
+
     demo = sub.add_parser("demo", help="end-to-end demo on the running stack")
     demo.add_argument("--max-rows", type=int, default=4000)
     demo.add_argument("--max-steps", type=int, default=40)
+    demo.add_argument(
+        "--max-users", type=int, default=3000, help="recommender shoppers (0 = skip it)"
+    )
     demo.set_defaults(func=_demo)
     return parser
 

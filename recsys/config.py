@@ -178,7 +178,7 @@ def _sample_rate(value: str) -> float:
     return rate
 
 
-def pipeline_schedule() -> Any:
+def pipeline_schedule(family: str | None = None) -> Any:
     """Schedule of the training pipeline DAG: retraining requests, and a cron only when asked.
 
     The pipeline always runs when the ``query_drift`` DAG emits the retraining-request Asset
@@ -190,24 +190,26 @@ def pipeline_schedule() -> Any:
     that asks for retraining is never ignored; to stop drift from starting runs, set the drift
     DAG's ``retrain_on_drift`` param to false.)
 
+    ``family`` names another model family's pipeline: it is scheduled on that family's
+    retraining request (:func:`recsys.assets.retraining_request`) instead.
+
     The cron part is a ``CronTriggerTimetable`` in UTC, which is what Airflow 3 makes of a plain
     cron string. ``@once`` and ``@continuous`` cannot be combined with an Asset and are refused.
     """
     from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
 
-    from recsys.assets import RETRAINING_REQUEST
+    from recsys.assets import RETRAINING_REQUEST, retraining_request
 
+    asset = RETRAINING_REQUEST if family is None else retraining_request(family)
     value = os.environ.get("RECSYS_PIPELINE_SCHEDULE", "").strip()
     if value.lower() in {"", "none", "manual"}:
-        return RETRAINING_REQUEST
+        return asset
     if value in {"@once", "@continuous"}:
         raise ValueError(
             f"RECSYS_PIPELINE_SCHEDULE={value} cannot be combined with the retraining-request "
             "Asset; use a cron expression or preset, or 'none'"
         )
-    return AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable(value, timezone="UTC"), assets=RETRAINING_REQUEST
-    )
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(value, timezone="UTC"), assets=asset)
 
 
 SERVED_MODEL_SUFFIXES: dict[str, str] = {"bi_encoder": "", "reranker": "_reranker"}
@@ -216,9 +218,29 @@ bi-encoder itself and the bi-encoder + cross-encoder reranker (``<model>_reranke
 its own monitor DAG, thresholds, aliases and rollbacks."""
 
 
-def served_model_settings(settings: Settings, suffix: str) -> Settings:
-    """The same platform pointed at one served model (``settings.model_name + suffix``); the
-    name is checked like any other (:func:`check_model_name`)."""
+def family_model_name(family: str) -> str:
+    """The served model name of a model family: ``RECSYS_<FAMILY>_MODEL_NAME`` (e.g.
+    ``RECSYS_RECOMMEND_MODEL_NAME``), else the family's default; the legacy family's is
+    ``RECSYS_MODEL_NAME``. Checked like any other name (:func:`check_model_name`)."""
+    from recsys.families import LEGACY_FAMILY, get_family
+
+    if family == LEGACY_FAMILY:
+        return _model_name_from_env()
+    variable = f"RECSYS_{family.upper()}_MODEL_NAME"
+    value = os.environ.get(variable) or get_family(family).default_model_name
+    try:
+        return check_model_name(value)
+    except InvalidModelNameError as exc:
+        raise InvalidModelNameError(f"{variable}: {exc}") from None
+
+
+def served_model_settings(settings: Settings, suffix: str, family: str | None = None) -> Settings:
+    """The same platform pointed at one served model: ``settings.model_name + suffix``, or with
+    ``family`` that family's model name (:func:`family_model_name`) + ``suffix``. The name is
+    checked like any other (:func:`check_model_name`)."""
     import dataclasses
 
-    return dataclasses.replace(settings, model_name=check_model_name(settings.model_name + suffix))
+    from recsys.families import LEGACY_FAMILY
+
+    base = settings.model_name if family in (None, LEGACY_FAMILY) else family_model_name(family)
+    return dataclasses.replace(settings, model_name=check_model_name(base + suffix))

@@ -7,6 +7,8 @@
 4. send traffic and let the ``triton_monitor`` DAG (watching Triton's metrics from the
    triggerer) notice and roll back;
 5. show the registry aliases, the audit trail and the restored answers;
+5b. train and deploy the recommender through ``recommend_model_pipeline`` (a slice of the
+   Amazon Grocery shoppers) and ask Triton for a user, a session and an unknown user;
 6. draw what Triton reported from the faulty deploy to the rollback as a PNG
    (``$RECSYS_HOME/reports/demo-dashboard.png``, the Grafana dashboard's panels over time).
 """
@@ -18,6 +20,7 @@ import time
 from typing import Any
 
 from recsys.config import Settings
+from recsys.families.search.client import search
 from recsys.reporting import MetricsRecorder
 
 PIPELINE_RUN_TIMEOUT_S = 1800.0
@@ -55,7 +58,7 @@ def _show_answer(
     from recsys.triton.control import TritonControl
 
     model = model or settings.model_name
-    hits = TritonControl(settings.triton_grpc_url).search(model, query, top_k=5)
+    hits = search(TritonControl(settings.triton_grpc_url), model, query, top_k=5)
     print(f"query {query!r} -> ({model})")
     for rank, (product_id, score) in enumerate(hits, 1):
         print(f"  {rank}. {score:.3f}  {product_id}  {titles.get(product_id, '?')[:70]}")
@@ -85,7 +88,10 @@ def _unpause_pipeline(airflow: Any, dag_id: str) -> None:
 
 
 def _follow_pipeline_run(
-    airflow: Any, run_id: str, timeout_s: float = PIPELINE_RUN_TIMEOUT_S
+    airflow: Any,
+    run_id: str,
+    timeout_s: float = PIPELINE_RUN_TIMEOUT_S,
+    dag_id: str | None = None,
 ) -> str:
     """Follow a pipeline run to its end: where to watch it, then one line per finished task
     with the time since the run started. A run takes minutes; silence looks like a hang.
@@ -93,7 +99,8 @@ def _follow_pipeline_run(
     from recsys.airflow_client import task_progress_line
     from recsys.operations import PIPELINE_DAG, follow_run
 
-    print(f"watch it in the Airflow UI: {airflow.ui_run_url(PIPELINE_DAG, run_id)}", flush=True)
+    dag_id = dag_id or PIPELINE_DAG
+    print(f"watch it in the Airflow UI: {airflow.ui_run_url(dag_id, run_id)}", flush=True)
     print("  [ elapsed] task                             state", flush=True)
 
     def on_task_finished(task: Any, elapsed_s: float | None) -> None:
@@ -102,7 +109,7 @@ def _follow_pipeline_run(
     outcome = follow_run(
         airflow,
         run_id,
-        dag_id=PIPELINE_DAG,
+        dag_id=dag_id,
         timeout_s=timeout_s,
         on_task_finished=on_task_finished,
     )
@@ -127,7 +134,7 @@ def _show_metrics(settings: Settings, version: int) -> None:
 def _show_reranker(settings: Settings, titles: dict[str, str]) -> None:
     """The reranker model's answer when its gate let it serve, otherwise why it did not."""
     from recsys import registry
-    from recsys.pipeline_reranker import reranker_settings
+    from recsys.families.search.pipeline_reranker import reranker_settings
 
     model = reranker_settings(settings).model_name
     uri = settings.mlflow_tracking_uri
@@ -145,7 +152,7 @@ def _show_quality_table(settings: Settings, run_id: str) -> None:
     table and plot are artifacts of the run in MLflow)."""
     import json
 
-    from recsys.pipeline import run_dir_for
+    from recsys.model_pipeline import run_dir_for
 
     path = run_dir_for(settings, run_id) / "evaluation" / "baselines.json"
     if not path.is_file():
@@ -172,7 +179,7 @@ def _traffic_until_rollback(settings: Settings, bad_version: int, timeout_s: flo
         for query in QUERIES:
             sent += 1
             try:
-                control.search(settings.model_name, query, top_k=5)
+                search(control, settings.model_name, query, top_k=5)
             except Exception:
                 failed += 1
         champion = registry.alias_version(
@@ -216,7 +223,60 @@ def _write_dashboard(settings: Settings, recorder: MetricsRecorder) -> None:
     )
 
 
-def run_demo(settings: Settings, max_rows: int = 4000, max_steps: int = 40) -> int:
+RECOMMEND_DAG = "recommend_model_pipeline"
+
+
+def _show_recommendations(model: str, answer: Any, asked: str) -> None:
+    print(f"{asked} -> ({model} v{answer.version}, {answer.source})")
+    for rank, (item, score, category) in enumerate(answer.items, 1):
+        print(f"  {rank}. {score:8.3f}  item {item:<8} category {category or '-'}")
+
+
+def run_recommender_demo(settings: Settings, airflow: Any, max_users: int) -> bool:
+    """Train, gate, register and deploy the recommender through its pipeline DAG on a slice
+    of users, then ask Triton for a known user, an anonymous session and an unknown user."""
+    import json
+
+    from recsys import registry
+    from recsys.config import family_model_name
+    from recsys.families.recommend.client import recommend
+    from recsys.triton.control import TritonControl
+
+    model = family_model_name("recommend")
+    _unpause_pipeline(airflow, RECOMMEND_DAG)
+    airflow.wait_for_dag("triton_monitor_recommend")
+    airflow.set_paused("triton_monitor_recommend", False)
+    _say(
+        f"recommender pipeline: SASRec on the interactions of {max_users} shoppers, against "
+        "popularity, item-kNN and BPR; register and deploy"
+    )
+    run_id = airflow.trigger(RECOMMEND_DAG, {"max_users": max_users})
+    state = _follow_pipeline_run(airflow, run_id, dag_id=RECOMMEND_DAG)
+    version = registry.alias_version(settings.mlflow_tracking_uri, model, "champion")
+    print(f"run {run_id}: {state}; {model} champion: v{version}")
+    if version is None:
+        return False
+    folder = settings.triton_repo / model / str(version)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    user = manifest["smoke_request"]["user"]
+    _say("recommendations answered by Triton over gRPC")
+    with TritonControl(settings.triton_grpc_url) as control:
+        answer = recommend(control, model, user=user, top_k=5)
+        _show_recommendations(model, answer, f"user {user!r}")
+        session = [item for item, _, _ in answer.items[:2]]
+        _show_recommendations(
+            model, recommend(control, model, history=session, top_k=5), f"session {session}"
+        )
+        _show_recommendations(
+            model, recommend(control, model, user="new-shopper", top_k=5), "user 'new-shopper'"
+        )
+    print(f"the same from the command line: recsys recommend --user {user}")
+    return True
+
+
+def run_demo(
+    settings: Settings, max_rows: int = 4000, max_steps: int = 40, max_users: int = 3000
+) -> int:
     from recsys import registry, stack
     from recsys.airflow_client import AirflowClient
     from recsys.audit import read_records
@@ -288,7 +348,7 @@ def run_demo(settings: Settings, max_rows: int = 4000, max_steps: int = 40) -> i
 
         restored = TritonControl(settings.triton_grpc_url)
         for query in QUERIES:
-            restored.search(settings.model_name, query, top_k=5)
+            search(restored, settings.model_name, query, top_k=5)
         time.sleep(recorder.interval_s + 1)
     finally:
         _write_dashboard(settings, recorder)
@@ -304,6 +364,8 @@ def run_demo(settings: Settings, max_rows: int = 4000, max_steps: int = 40) -> i
         print(f"audit: {record['ts']} {record['action']:<9} by {record['actor']}: {detail}")
     _say("served again by the good version")
     _show_answer(settings, "angle bracket", titles)
+    if max_users and not run_recommender_demo(settings, airflow, max_users):
+        return 1
     print(
         f"\nAirflow UI: http://127.0.0.1:{settings.airflow_port}  "
         f"({stack.airflow_login_hint(settings)}), "

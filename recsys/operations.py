@@ -20,7 +20,6 @@ from recsys.config import Settings, check_model_name, check_version_number
 log = logging.getLogger(__name__)
 
 PIPELINE_DAG = "search_model_pipeline"
-DEFAULT_SMOKE_QUERY = "angle bracket"
 # Airflow task states after which a task will not run again in this dag run.
 FINISHED_TASK_STATES = {"success", "failed", "skipped", "upstream_failed", "removed"}
 
@@ -97,27 +96,28 @@ def deploy_registered_version(
     settings: Settings,
     version: int,
     *,
-    smoke_query: str = DEFAULT_SMOKE_QUERY,
-    top_k: int = 5,
+    smoke_request: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Serve an already-registered ``version`` and make it ``champion``.
 
-    Both paths go through :func:`recsys.pipeline.deploy_model` (load, smoke test, promote,
+    ``smoke_request`` overrides the smoke question the version's export recorded (its family
+    says what it looks like). Both paths go through :func:`recsys.deploy.deploy_model` (load,
+    smoke test, promote,
     audit; what Triton served before is restored on failure). A version whose Triton directory is
     missing is first rebuilt from its run's ``serving/`` artifacts; one whose directory exists
     is loaded in place. The result says which.
     """
-    from recsys.pipeline import deploy_model
+    from recsys.deploy import deploy_model
 
     version_dir(settings, version)  # a bad name or version is bad input before anything is asked
     registered_run_id(settings, version)  # fail as bad input before touching Triton
     if version_dir(settings, version).exists():
-        result = deploy_model(settings, version, None, smoke_query, top_k)
+        result = deploy_model(settings, version, None, smoke_request)
         return {**result, "rebuilt": False}
     with tempfile.TemporaryDirectory(prefix=f"recsys-rebuild-{version}-") as tmp:
         artifacts = download_serving_artifacts(settings, version, Path(tmp))
         log.info("rebuilding %s v%d from %s", settings.model_name, version, artifacts)
-        result = deploy_model(settings, version, str(artifacts), smoke_query, top_k)
+        result = deploy_model(settings, version, str(artifacts), smoke_request)
     return {**result, "rebuilt": True}
 
 

@@ -231,7 +231,8 @@ def register_serving_model(
     artifacts_dir: Path,
     lineage: dict[str, Any],
 ) -> RegisteredVersion:
-    """Log the ONNX encoder as an MLflow model, register it, and attach lineage tags.
+    """Log the folder's ONNX graph (the one its family names, e.g. the search encoder or the
+    recommender's sequence model) as an MLflow model, register it, and attach lineage tags.
 
     The complete serving folder is logged too, so a Triton version can be rebuilt from the
     registry alone if its directory is lost.
@@ -240,14 +241,21 @@ def register_serving_model(
     import onnx
     import onnxruntime
 
+    from recsys.families import family_of
+    from recsys.families.base import read_manifest
+
+    manifest = read_manifest(artifacts_dir)
+    family = family_of(manifest)
+    onnx_file = family.registry_onnx_file(manifest)
+
     ensure_reachable(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_artifacts(str(artifacts_dir), artifact_path="serving")
         info = mlflow.onnx.log_model(
-            onnx.load(str(artifacts_dir / "encoder.onnx")),
-            name="encoder",
+            onnx.load(str(artifacts_dir / onnx_file)),
+            name=Path(onnx_file).stem,
             registered_model_name=model_name,
             pip_requirements=[
                 f"onnxruntime=={onnxruntime.__version__}",
@@ -258,6 +266,7 @@ def register_serving_model(
         )
     version = int(info.registered_model_version)
     mlflow_client = client(tracking_uri)
+    lineage = {"family": family.name, **lineage}
     for key, value in lineage.items():
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         mlflow_client.set_model_version_tag(model_name, str(version), key, text[:5000])

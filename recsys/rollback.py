@@ -208,7 +208,7 @@ def rollback(
     reason: str,
     metrics: dict[str, Any] | None = None,
     *,
-    smoke_query: str = "cordless drill",
+    smoke_request: dict[str, Any] | None = None,
     to_version: int | None = None,
 ) -> dict[str, Any]:
     """Load the known-good version (``to_version``, else the ``previous`` alias, else the newest
@@ -226,7 +226,7 @@ def rollback(
     from recsys.locking import model_lock
     from recsys.monitoring.policy import rebaseline
     from recsys.triton.control import TritonControl, VersionsNotRetiredError
-    from recsys.triton.repository import version_serving_config
+    from recsys.triton.repository import smoke_test_version, version_serving_config
 
     check_to_version(to_version)
     model = check_model_name(settings.model_name)
@@ -253,7 +253,7 @@ def rollback(
             except VersionsNotRetiredError as exc:
                 not_retired = exc  # good is READY and pinned; reported once the rest is done
             # Pinned: while the bad version drains, it must not be the one that answers.
-            answer = control.smoke_test(model, smoke_query, top_k=3, version=good)
+            answer = smoke_test_version(control, settings.triton_repo, model, good, smoke_request)
         except Exception as exc:
             versions, unknown = serving_now(control, model)
             if versions == [bad]:
@@ -440,8 +440,7 @@ def restore_after_failed_deploy(
     served_before: list[int] | None,
     error: BaseException,
     *,
-    smoke_query: str,
-    top_k: int,
+    smoke_request: dict[str, Any] | None = None,
 ) -> DeployFailedError:
     """Put back what Triton served before a deploy of ``version`` failed with ``error``, record
     it, and return the error the deploy raises (the caller holds the model lock).
@@ -458,7 +457,7 @@ def restore_after_failed_deploy(
     """
     from recsys import audit
     from recsys.triton.control import VersionsNotRetiredError
-    from recsys.triton.repository import version_serving_config
+    from recsys.triton.repository import smoke_test_version, version_serving_config
 
     model, repo = settings.model_name, settings.triton_repo
     try:
@@ -494,7 +493,7 @@ def restore_after_failed_deploy(
                     control.load_version(model, target, repo, config=config)
                 except VersionsNotRetiredError as exc:  # target serves; say what lingers
                     leftover = f" ({exc})"
-                control.smoke_test(model, smoke_query, top_k=top_k, version=target)
+                smoke_test_version(control, repo, model, target, smoke_request)
             else:
                 control.unload(model)
         except Exception as exc:

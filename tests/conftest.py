@@ -79,7 +79,7 @@ def tiny_bert_dir() -> Path:
     """A 2-layer BERT with a WordPiece vocabulary of the fixture's words, built offline."""
     import pandas as pd
 
-    from recsys.tiny_model import build_tiny_bert
+    from recsys.families.search.tiny_model import build_tiny_bert
 
     frame = pd.read_csv(HOMEDEPOT_SAMPLE, encoding="latin-1")
     corpus = frame["product_title"].tolist() + frame["search_term"].tolist()
@@ -131,6 +131,7 @@ def platform_and_triton(monkeypatch, tmp_path, mlflow_server):
         monkeypatch.setenv("RECSYS_TRITON_METRICS_PORT", str(server.metrics_port))
         # One registered model per test: the MLflow server is shared by the session.
         monkeypatch.setenv("RECSYS_MODEL_NAME", f"product_search_{uuid.uuid4().hex[:8]}")
+        monkeypatch.setenv("RECSYS_RECOMMEND_MODEL_NAME", f"item_recs_{uuid.uuid4().hex[:8]}")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
         monkeypatch.delenv("RECSYS_ALERT_WEBHOOK", raising=False)
         monkeypatch.delenv("RECSYS_MONITOR_CONFIG", raising=False)
@@ -159,7 +160,7 @@ def split_files(homedepot_sample: Path, tmp_path: Path) -> dict[str, str]:
     """The fixture split as the ``train_path``/``test_path``/``catalog_path`` files pipeline
     stages read (the same split and catalogue as ``frames``)."""
     from recsys.data import read_relevance_csv
-    from recsys.pipeline import split_data
+    from recsys.families.search.pipeline import split_data
 
     clean = tmp_path / "clean.csv"
     read_relevance_csv(homedepot_sample).to_csv(clean, index=False)

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import pytest
 
+from recsys.families.search.client import search
+
 
 def test_rollback_alert_carries_model_versions_reason_and_metrics(
     platform, webhook, tiny_bert_dir, homedepot_sample, tmp_path
 ):
     from recsys import registry
     from recsys.data import product_catalog, read_relevance_csv
-    from recsys.export import build_serving_artifacts
+    from recsys.deploy import deploy_model, register_model
+    from recsys.families.search.export import build_serving_artifacts
     from recsys.monitoring.policy import Thresholds, check_once
-    from recsys.pipeline import deploy_model, register_model
     from recsys.rollback import rollback
     from recsys.triton.control import TritonControl
 
@@ -30,7 +32,7 @@ def test_rollback_alert_carries_model_versions_reason_and_metrics(
         )
         run_id = registry.start_training_run(platform.mlflow_tracking_uri, "alerts", "t", {}, {})
         version = register_model(platform, run_id, str(out), {})["version"]
-        deploy_model(platform, version, str(out), "angle bracket", 5)
+        deploy_model(platform, version, str(out), {"query": "angle bracket", "top_k": 5})
         versions.append(version)
     v1, v2 = versions
 
@@ -39,10 +41,15 @@ def test_rollback_alert_carries_model_versions_reason_and_metrics(
     control = TritonControl(platform.triton_grpc_url)
     for i in range(6):
         with pytest.raises(Exception, match="injected fault"):
-            control.search(model, f"angle bracket {i}", top_k=3)
+            search(control, model, f"angle bracket {i}", top_k=3)
     verdict = check_once(platform.triton_metrics_url, model, platform.monitor_state, thresholds)
     assert verdict.should_rollback and verdict.success_rate == 0.0
-    rollback(platform, "; ".join(verdict.reasons), verdict.to_dict(), smoke_query="angle bracket")
+    rollback(
+        platform,
+        "; ".join(verdict.reasons),
+        verdict.to_dict(),
+        smoke_request={"query": "angle bracket"},
+    )
 
     alert = webhook.next()
     assert alert["model"] == model
@@ -60,14 +67,17 @@ def test_every_task_alerts_and_names_the_model_its_dag_is_about(dagbag):
     from recsys.alerts import FailureAlert
 
     expected = {"search_model_pipeline", "triton_monitor", "triton_monitor_reranker", "query_drift"}
-    assert expected <= set(dagbag.dags)
+    recommend = {"recommend_model_pipeline", "triton_monitor_recommend", "input_drift_recommend"}
+    assert expected | recommend <= set(dagbag.dags)
     suffix = {"triton_monitor_reranker": "_reranker"}
     for dag_id, dag in dagbag.dags.items():
         assert not dag.has_on_failure_callback, dag_id  # a run failure would repeat a task's
         for task in dag.tasks:
             callbacks = task.on_failure_callback
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-            assert FailureAlert(suffix.get(dag_id, "")) in callbacks, (dag_id, task.task_id)
+            family = "recommend" if dag_id in recommend else None
+            wanted = FailureAlert(suffix.get(dag_id, ""), family)
+            assert wanted in callbacks, (dag_id, task.task_id)
 
 
 def test_unreadable_metrics_alert_once_per_outage_naming_model_and_dag(

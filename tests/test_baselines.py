@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from recsys.baselines import TABLE_KEYS, bm25_run, comparison_table, evaluate_bm25
 from recsys.config import load_settings
-from recsys.pipeline import evaluate_baselines
+from recsys.families.search.baselines import TABLE_KEYS, bm25_run, comparison_table, evaluate_bm25
+from recsys.families.search.pipeline import evaluate_baselines
 
 
 def test_bm25_ranks_the_exact_title_first(frames) -> None:

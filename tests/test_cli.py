@@ -12,8 +12,9 @@ import pytest
 from recsys import registry
 from recsys.audit import append_record
 from recsys.cli import main
+from recsys.deploy import register_model
+from recsys.families.search.client import search
 from recsys.operations import build_train_conf
-from recsys.pipeline import register_model
 from recsys.triton.control import TritonControl
 from tests.triton_testing import (
     CATALOG,
@@ -28,7 +29,7 @@ def register(tiny_bert_dir, homedepot_sample, tmp_path):
     """Register a new version of the platform's model (serving artifacts logged to MLflow, no
     Triton folder published), as the pipeline's register task does."""
     from recsys.data import product_catalog, read_relevance_csv
-    from recsys.export import build_serving_artifacts
+    from recsys.families.search.export import build_serving_artifacts
 
     catalog = product_catalog(read_relevance_csv(homedepot_sample))
 
@@ -180,7 +181,7 @@ def test_deploy_rebuilds_a_deleted_version_from_mlflow_and_rollback_moves_back(
     assert (version_dir / "manifest.json").is_file()
     control = TritonControl(platform.triton_grpc_url)
     assert control.loaded_versions(platform.model_name) == [v1]
-    assert len(control.search(platform.model_name, "angle bracket", 5)) == 5
+    assert len(search(control, platform.model_name, "angle bracket", 5)) == 5
 
     assert main(["deploy", "--version", str(v2)]) == 0
     assert _champion(platform) == v2

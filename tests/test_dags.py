@@ -52,20 +52,24 @@ def test_monitoring_outranks_everything_and_training_cannot_fill_the_executor(da
     for dag in dagbag.dags.values():
         for task in dag.tasks:
             (monitoring if task.pool == MONITORING_POOL else others).append(task)
-    assert {t.dag_id for t in monitoring} == {"triton_monitor", "triton_monitor_reranker"}
+    monitors = {"triton_monitor", "triton_monitor_reranker", "triton_monitor_recommend"}
+    assert {t.dag_id for t in monitoring} == monitors
     assert min(t.priority_weight for t in monitoring) > max(t.priority_weight for t in others)
-    pipeline = dagbag.get_dag("search_model_pipeline")
-    assert {t.pool for t in pipeline.tasks} == {TRAINING_POOL}
+    for dag_id in ("search_model_pipeline", "recommend_model_pipeline"):
+        assert {t.pool for t in dagbag.get_dag(dag_id).tasks} == {TRAINING_POOL}, dag_id
     capped = sum(n for pool, n in pool_slots().items() if pool != MONITORING_POOL)
     assert executor_parallelism() - capped == RESERVED_MONITORING_SLOTS >= 2
     # The monitors watch from a fresh stack on; the pipeline waits to be asked.
-    for dag_id in ("triton_monitor", "triton_monitor_reranker", "query_drift"):
+    for dag_id in (*monitors, "query_drift", "input_drift_recommend"):
         assert dagbag.get_dag(dag_id).is_paused_upon_creation is False, dag_id
 
 
 @pytest.mark.parametrize(
     "params_class, prefix",
-    [("recsys.training:TrainingParams", ""), ("recsys.reranker:RerankerParams", "reranker_")],
+    [
+        ("recsys.families.search.training:TrainingParams", ""),
+        ("recsys.families.search.reranker:RerankerParams", "reranker_"),
+    ],
 )
 def test_every_hyperparameter_is_a_pipeline_param(dagbag, params_class, prefix):
     import importlib

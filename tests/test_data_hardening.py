@@ -31,7 +31,7 @@ from recsys.data import (
     frame_fingerprint,
     read_relevance_csv,
 )
-from recsys.pipeline import read_split_frame, split_data, validate_data
+from recsys.families.search.pipeline import read_split_frame, split_data, validate_data
 from recsys.quality import QualityReport, validate_frame
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "homedepot_sample.csv"

@@ -11,7 +11,8 @@ import pytest
 from recsys import registry
 from recsys.audit import read_records
 from recsys.config import load_settings
-from recsys.pipeline import deploy_model, register_model
+from recsys.deploy import deploy_model, register_model
+from recsys.families.search.client import search
 from recsys.rollback import DeployFailedError, RollbackError, rollback
 from recsys.triton.control import ModelLoadError, TritonControl
 from recsys.triton.repository import COMPLETE_MARKER, IncompleteArtifactsError
@@ -21,7 +22,7 @@ from tests.triton_testing import free_port
 @pytest.fixture
 def artifacts(tiny_bert_dir, homedepot_sample, tmp_path):
     from recsys.data import product_catalog, read_relevance_csv
-    from recsys.export import build_serving_artifacts
+    from recsys.families.search.export import build_serving_artifacts
 
     catalog = product_catalog(read_relevance_csv(homedepot_sample))
 
@@ -43,18 +44,18 @@ def _register(settings, artifacts_dir) -> int:
 def test_failed_smoke_test_restores_the_champion(platform, artifacts):
     good = artifacts("good")
     v1 = _register(platform, good)
-    deploy_model(platform, v1, str(good), "angle bracket", 5)
+    deploy_model(platform, v1, str(good), {"query": "angle bracket", "top_k": 5})
 
     broken = artifacts("broken", fault="raise")
     v2 = _register(platform, broken)
     with pytest.raises(ModelLoadError, match="injected fault") as failure:
-        deploy_model(platform, v2, str(broken), "angle bracket", 5)
+        deploy_model(platform, v2, str(broken), {"query": "angle bracket", "top_k": 5})
     assert isinstance(failure.value, DeployFailedError)
     assert f"restored v{v1} (v{v1} served before the attempt)" in str(failure.value)
 
     control = TritonControl(platform.triton_grpc_url)
     assert control.loaded_versions(platform.model_name) == [v1]
-    assert len(control.search(platform.model_name, "angle bracket", 5)) == 5
+    assert len(search(control, platform.model_name, "angle bracket", 5)) == 5
     assert (
         registry.alias_version(platform.mlflow_tracking_uri, platform.model_name, "champion") == v1
     )
@@ -70,13 +71,13 @@ def test_failed_redeploy_of_the_champion_falls_back_to_the_last_good_version(pla
     model, query = platform.model_name, "angle bracket"
     first, second = artifacts("first"), artifacts("second")
     v1 = _register(platform, first)
-    deploy_model(platform, v1, str(first), query, 5)
+    deploy_model(platform, v1, str(first), {"query": query, "top_k": 5})
     v2 = _register(platform, second)
-    deploy_model(platform, v2, str(second), query, 5)
+    deploy_model(platform, v2, str(second), {"query": query, "top_k": 5})
     (platform.triton_repo / model / str(v2) / COMPLETE_MARKER).unlink()
 
     with pytest.raises(DeployFailedError) as failure:
-        deploy_model(platform, v2, None, query, 5)
+        deploy_model(platform, v2, None, {"query": query, "top_k": 5})
     message = str(failure.value)
     assert isinstance(failure.value.__cause__, IncompleteArtifactsError)
     assert f"v{v2} itself served before the attempt, and failed it" in message
@@ -85,7 +86,7 @@ def test_failed_redeploy_of_the_champion_falls_back_to_the_last_good_version(pla
     assert f"`recsys rollback --to {v1}`" in message
     control = TritonControl(platform.triton_grpc_url)
     assert control.loaded_versions(model) == [v1]
-    assert len(control.search(model, query, 5)) == 5
+    assert len(search(control, model, query, 5)) == 5
     records = read_records(platform.audit_log)
     assert [r["action"] for r in records] == [
         "deploy",
@@ -98,7 +99,7 @@ def test_failed_redeploy_of_the_champion_falls_back_to_the_last_good_version(pla
 
     uri = platform.mlflow_tracking_uri
     assert registry.alias_version(uri, model, registry.CHAMPION) == v2  # not touched...
-    rollback(platform, "v2's folder is damaged", smoke_query=query, to_version=v1)
+    rollback(platform, "v2's folder is damaged", smoke_request={"query": query}, to_version=v1)
     assert registry.alias_version(uri, model, registry.CHAMPION) == v1  # ...until recorded
     assert control.loaded_versions(model) == [v1]
 
@@ -119,7 +120,7 @@ def test_rollback_refuses_a_bad_target_version_before_asking_anything(bad, monke
 def test_rollback_without_a_good_version_keeps_serving_and_says_why(platform, artifacts):
     good = artifacts("only")
     v1 = _register(platform, good)
-    deploy_model(platform, v1, str(good), "angle bracket", 5)
+    deploy_model(platform, v1, str(good), {"query": "angle bracket", "top_k": 5})
     with pytest.raises(RollbackError, match="no earlier known-good version") as failure:
         rollback(platform, "manual rollback (recsys rollback)")
     assert f"nothing was changed, v{v1} keeps serving" in str(failure.value)
@@ -134,9 +135,9 @@ def test_rollback_to_a_version_whose_files_are_missing_fails_loudly(platform, ar
 
     first, second = artifacts("first"), artifacts("second")
     v1 = _register(platform, first)
-    deploy_model(platform, v1, str(first), "angle bracket", 5)
+    deploy_model(platform, v1, str(first), {"query": "angle bracket", "top_k": 5})
     v2 = _register(platform, second)
-    deploy_model(platform, v2, str(second), "angle bracket", 5)
+    deploy_model(platform, v2, str(second), {"query": "angle bracket", "top_k": 5})
     shutil.rmtree(platform.triton_repo / platform.model_name / str(v1))
 
     with pytest.raises(RollbackError, match=f"to v{v1} failed") as failure:
@@ -175,7 +176,7 @@ def test_a_platform_deploy_serves_with_the_configured_instances(platform, artifa
     settings = dataclasses.replace(platform, triton_instances=2)
     good = artifacts("good")
     version = _register(settings, good)
-    deploy_model(settings, version, str(good), "angle bracket", 5)
+    deploy_model(settings, version, str(good), {"query": "angle bracket", "top_k": 5})
     config = version_serving_config(settings.triton_repo, settings.model_name, version)
     assert config["instance_group"][0]["count"] == 2
     loaded = TritonControl(settings.triton_grpc_url).model_config(settings.model_name)

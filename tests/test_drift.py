@@ -25,16 +25,17 @@ from pathlib import Path
 import pytest
 
 from recsys.config import Settings
-from recsys.monitoring.config import MonitorConfigError, load_drift_thresholds
-from recsys.monitoring.drift import MIN_EXPECTED_SAMPLES, check_query_drift
-from recsys.monitoring.drift_policy import DriftThresholds, psi
-from recsys.monitoring.drift_reference import (
+from recsys.families.search.client import search
+from recsys.families.search.drift_policy import DriftThresholds, psi
+from recsys.families.search.drift_reference import (
     QUERY_REFERENCE_FILE,
     QueryReference,
     QueryReferenceError,
     quantile_histogram,
     write_query_reference,
 )
+from recsys.monitoring.config import MonitorConfigError, load_drift_thresholds
+from recsys.monitoring.drift import MIN_EXPECTED_SAMPLES, check_query_drift
 from recsys.monitoring.query_samples import (
     SamplerHealth,
     parse_sampler_metrics,
@@ -179,7 +180,7 @@ class SamplingPlatform:
 
         with TritonControl(self.settings.triton_grpc_url) as control:
             for query in queries:
-                assert control.search(self.settings.model_name, query, top_k=3)
+                assert search(control, self.settings.model_name, query, top_k=3)
 
 
 @contextlib.contextmanager
@@ -256,8 +257,8 @@ def test_sampler_rotates_its_files_and_never_fails_a_request(
                 control.load_version(name, 1, t.repo, config=serving_config(name))
             queries = in_distribution_queries(120)
             for query in queries:
-                assert control.search("sampled", query, top_k=3)
-                assert control.search("unwritable", query, top_k=3)
+                assert search(control, "sampled", query, top_k=3)
+                assert search(control, "unwritable", query, top_k=3)
         log_text = Path(t.server.log_path).read_text(errors="replace")
     failures = [line for line in log_text.splitlines() if "query sampling to" in line]
     assert len(failures) == 1, failures  # one line per error, not one per batch
@@ -293,7 +294,7 @@ def test_a_sampling_version_retires_promptly_when_another_replaces_it(tmp_path, 
                     if stop.is_set():
                         return
                     with contextlib.suppress(Exception):  # the failing versions fail on purpose
-                        client.search("swapped", query, top_k=3)
+                        search(client, "swapped", query, top_k=3)
 
         publish_version(t.repo, "swapped", 1, artifacts)
         control.load_version("swapped", 1, t.repo, config=serving_config("swapped"))

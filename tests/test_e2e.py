@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
+from recsys.families.search.client import search
+
 pytestmark = pytest.mark.e2e
 
 
@@ -45,14 +47,14 @@ def test_deploy_breach_rollback(platform, dagbag, tiny_bert_dir, homedepot_sampl
     assert state == "success", tasks
     assert registry.alias_version(uri, model, registry.CHAMPION) == 1
     assert control.loaded_versions(model) == [1]
-    healthy_answer = control.search(model, "angle bracket", top_k=5)
+    healthy_answer = search(control, model, "angle bracket", top_k=5)
     assert len(healthy_answer) == 5
 
     assert tasks["evaluate_baselines"] == "success" and tasks["champion_gate"] == "success"
     reranker_model = f"{model}_reranker"
     assert tasks["deploy_reranker"] == "success", tasks
     assert registry.alias_version(uri, reranker_model, registry.CHAMPION) == 1
-    reranked = control.search(reranker_model, "angle bracket", top_k=5)
+    reranked = search(control, reranker_model, "angle bracket", top_k=5)
     assert len(reranked) == 5
     assert [score for _, score in reranked] == sorted((s for _, s in reranked), reverse=True)
 
@@ -91,7 +93,7 @@ def test_deploy_breach_rollback(platform, dagbag, tiny_bert_dir, homedepot_sampl
     failures = 0
     for i in range(30):
         try:
-            control.search(model, f"angle bracket {i}", top_k=3)
+            search(control, model, f"angle bracket {i}", top_k=3)
         except Exception:
             failures += 1
     assert failures >= 25
@@ -102,7 +104,7 @@ def test_deploy_breach_rollback(platform, dagbag, tiny_bert_dir, homedepot_sampl
     assert state == "success" and tasks["rollback"] == "success", tasks
 
     assert control.loaded_versions(model) == [1]
-    assert control.search(model, "angle bracket", top_k=5) == healthy_answer
+    assert search(control, model, "angle bracket", top_k=5) == healthy_answer
     assert registry.alias_version(uri, model, registry.CHAMPION) == 1
     assert registry.alias_version(uri, model, registry.PREVIOUS) is None
     bad_tags = MlflowClient(tracking_uri=uri).get_model_version(model, "3").tags

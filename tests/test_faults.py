@@ -32,10 +32,11 @@ from recsys import registry
 from recsys.audit import read_records
 from recsys.cli import main
 from recsys.config import Settings, load_settings
+from recsys.deploy import deploy_model, register_model
+from recsys.families.search.client import search
 from recsys.monitoring.config import load_thresholds
 from recsys.monitoring.metrics import MetricsUnavailableError
 from recsys.monitoring.policy import MonitorState, Thresholds, check_once
-from recsys.pipeline import deploy_model, register_model
 from recsys.registry import RegistryRequestError
 from recsys.rollback import (
     ROLLBACK_COMPLETED,
@@ -72,7 +73,7 @@ class Env:
 
     def deploy(self, artifacts_dir: Path) -> int:
         version = self.register(artifacts_dir)
-        deploy_model(self.settings, version, str(artifacts_dir), QUERY, 5)
+        deploy_model(self.settings, version, str(artifacts_dir), {"query": QUERY, "top_k": 5})
         return version
 
     def aliases(self) -> tuple[int | None, int | None]:
@@ -96,7 +97,7 @@ def env(platform_and_triton) -> Env:
 @pytest.fixture
 def artifacts(tiny_bert_dir, homedepot_sample, tmp_path):
     from recsys.data import product_catalog, read_relevance_csv
-    from recsys.export import build_serving_artifacts
+    from recsys.families.search.export import build_serving_artifacts
 
     catalog = product_catalog(read_relevance_csv(homedepot_sample))
 
@@ -158,7 +159,7 @@ def _traffic(control: TritonControl, model: str, n: int) -> int:
     failures = 0
     for i in range(n):
         try:
-            control.search(model, f"{QUERY} {i}", top_k=3)
+            search(control, model, f"{QUERY} {i}", top_k=3)
         except Exception:
             failures += 1
     return failures
@@ -177,7 +178,7 @@ def test_slow_version_breaches_latency_threshold_and_is_rolled_back(env, artifac
     per-model p99 limit from the config file and is rolled back; v1 answers fast again."""
     model = env.settings.model_name
     v1 = env.deploy(artifacts("good"))
-    healthy = env.control.search(model, QUERY, top_k=5)
+    healthy = search(env.control, model, QUERY, top_k=5)
     v2 = env.deploy(artifacts("slow", {"mode": "sleep", "sleep_ms": 300, "after_requests": 1}))
     config = tmp_path / "monitor.yaml"
     config.write_text(
@@ -198,14 +199,14 @@ def test_slow_version_breaches_latency_threshold_and_is_rolled_back(env, artifac
     assert any("p99 latency" in reason for reason in verdict.reasons), verdict.reasons
     assert verdict.success_rate == 1.0 and verdict.p99_latency_ms > 200
     record = rollback(
-        env.settings, "; ".join(verdict.reasons), verdict.to_dict(), smoke_query=QUERY
+        env.settings, "; ".join(verdict.reasons), verdict.to_dict(), smoke_request={"query": QUERY}
     )
 
     assert (record["from_version"], record["to_version"]) == (v2, v1)
     assert env.control.loaded_versions(model) == [v1]
     # v1 answers as before; that it is fast again is the monitor's judgement below, not a
     # wall-clock assertion that a loaded CI machine could break.
-    assert env.control.search(model, QUERY, top_k=5) == healthy
+    assert search(env.control, model, QUERY, top_k=5) == healthy
     assert env.aliases() == (v1, None)
     assert env.actions() == ["deploy", "deploy", "rollback"]
     # The rollback stored a fresh baseline: the very next check judges the restored v1.
@@ -243,9 +244,11 @@ def test_triton_killed_mid_run_stops_the_monitor_without_a_rollback(env, artifac
     assert env.actions() == ["deploy", "deploy"]
 
     server.start(timeout_s=60)
-    deploy_model(env.settings, v2, None, QUERY, 5)  # the champion, from its immutable folder
+    deploy_model(
+        env.settings, v2, None, {"query": QUERY, "top_k": 5}
+    )  # the champion, from its immutable folder
     assert env.control.loaded_versions(model) == [v2]
-    assert len(env.control.search(model, QUERY, top_k=5)) == 5
+    assert len(search(env.control, model, QUERY, top_k=5)) == 5
     assert env.aliases() == (v2, v1)
 
 
@@ -266,13 +269,15 @@ def test_mlflow_down_during_rollback_switches_serving_first_and_leaves_update_pe
     env.settings = dataclasses.replace(env.settings, mlflow_tracking_uri=private_mlflow.uri)
     model = env.settings.model_name
     v1 = env.deploy(artifacts("v1"))
-    healthy = env.control.search(model, QUERY, top_k=5)
+    healthy = search(env.control, model, QUERY, top_k=5)
     v2 = env.deploy(artifacts("v2", {"mode": "raise", "after_requests": 1}))
     assert _traffic(env.control, model, 6) == 6
 
     private_mlflow.stop()
     monitor = dagbag.get_dag("triton_monitor")
-    run = monitor.test(run_conf={"check_interval_s": 1, "watch_minutes": 2, "smoke_query": QUERY})
+    run = monitor.test(
+        run_conf={"check_interval_s": 1, "watch_minutes": 2, "smoke_request": {"query": QUERY}}
+    )
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
     assert states == {"watch_metrics": "success", "rollback": "failed"}, states
     received = [webhook.next(), *webhook.all()]
@@ -284,7 +289,7 @@ def test_mlflow_down_during_rollback_switches_serving_first_and_leaves_update_pe
     ]
 
     assert env.control.loaded_versions(model) == [v1]
-    assert env.control.search(model, QUERY, top_k=5) == healthy
+    assert search(env.control, model, QUERY, top_k=5) == healthy
     last = read_records(env.settings.audit_log)[-1]
     assert last["action"] == ROLLBACK_PENDING
     assert last["serving_switched"] is True and last["registry_updated"] is False
@@ -329,11 +334,11 @@ def test_half_written_version_is_refused_and_the_current_version_keeps_serving(e
     (folder / COMPLETE_MARKER).unlink()
 
     with pytest.raises(RollbackError, match=f"v{v2} keeps serving") as failure:
-        rollback(env.settings, "error rate 1.0 > 0.05", smoke_query=QUERY)
+        rollback(env.settings, "error rate 1.0 > 0.05", smoke_request={"query": QUERY})
     assert isinstance(failure.value.__cause__, IncompleteArtifactsError)
     assert COMPLETE_MARKER in str(failure.value)
     assert env.control.loaded_versions(model) == [v2]
-    assert len(env.control.search(model, QUERY, top_k=5)) == 5
+    assert len(search(env.control, model, QUERY, top_k=5)) == 5
     assert env.aliases() == (v2, v1)
     assert env.actions() == ["deploy", "deploy", "rollback_failed"]
 
@@ -343,7 +348,7 @@ def test_half_written_version_is_refused_and_the_current_version_keeps_serving(e
 
     shutil.rmtree(folder)
     publish_version(env.settings.triton_repo, model, v1, good)
-    rollback(env.settings, "error rate 1.0 > 0.05", smoke_query=QUERY)
+    rollback(env.settings, "error rate 1.0 > 0.05", smoke_request={"query": QUERY})
     assert env.control.loaded_versions(model) == [v1]
     assert env.aliases() == (v1, None)
 
@@ -388,7 +393,7 @@ def test_garbage_metrics_endpoint_is_unavailable_and_changes_nothing(env, artifa
     assert _state_bytes(env.settings) == state_bytes
     assert MonitorState.load(env.settings.monitor_state) == before
     assert env.control.loaded_versions(model) == [v1]
-    assert len(env.control.search(model, QUERY, top_k=5)) == 5
+    assert len(search(env.control, model, QUERY, top_k=5)) == 5
     assert env.aliases() == (v1, None)
     assert env.actions() == ["deploy"]
     json.dumps(before.to_dict())  # still a valid record
@@ -416,7 +421,7 @@ def test_failing_registry_database_blocks_deploys_and_rollback_plans_from_triton
 
     with failing_registry_db(private_mlflow.home / "mlflow" / "mlflow.db", monkeypatch):
         with pytest.raises(RegistryRequestError, match="503"):
-            deploy_model(env.settings, v3, str(v3_dir), QUERY, 5)
+            deploy_model(env.settings, v3, str(v3_dir), {"query": QUERY, "top_k": 5})
         assert env.control.loaded_versions(model) == [v2]
         assert not (env.settings.triton_repo / model / str(v3)).exists()
         assert env.actions() == ["deploy", "deploy"]
@@ -424,7 +429,12 @@ def test_failing_registry_database_blocks_deploys_and_rollback_plans_from_triton
         with pytest.raises(
             RollbackRegistryPendingError, match="MLflow failed reading the registry"
         ) as failure:
-            rollback(env.settings, "error rate 100% > 5%", {"failures": 3}, smoke_query=QUERY)
+            rollback(
+                env.settings,
+                "error rate 100% > 5%",
+                {"failures": 3},
+                smoke_request={"query": QUERY},
+            )
         assert "503" in str(failure.value) and "unreachable" not in str(failure.value)
         assert env.control.loaded_versions(model) == [v1]
         last = read_records(env.settings.audit_log)[-1]
@@ -465,7 +475,7 @@ def test_refused_registry_update_stays_pending_and_a_failed_deploy_restores_what
     with pytest.raises(
         RollbackRegistryPendingError, match="MLflow refused the registry update"
     ) as failure:
-        rollback(env.settings, "manual rollback (recsys rollback)", smoke_query=QUERY)
+        rollback(env.settings, "manual rollback (recsys rollback)", smoke_request={"query": QUERY})
     message = str(failure.value)
     assert "PERMISSION_DENIED" in message and reader[0] in message
     assert "unreachable" not in message and "breach" not in message
@@ -478,7 +488,7 @@ def test_refused_registry_update_stays_pending_and_a_failed_deploy_restores_what
     assert env.aliases() == (v2, v1)  # the reader may read: the registry lags what serves
 
     with pytest.raises(DeployFailedError, match="injected fault") as failed:
-        deploy_model(env.settings, v3, str(v3_dir), QUERY, 5)
+        deploy_model(env.settings, v3, str(v3_dir), {"query": QUERY, "top_k": 5})
     assert f"restored v{v1} (v{v1} served before the attempt)" in str(failed.value)
     assert f"Triton serves v{v1} of {model} now" in str(failed.value)
     assert env.control.loaded_versions(model) == [v1]
@@ -544,7 +554,7 @@ def test_version_still_draining_after_a_rollback_is_named_while_v1_serves(
 
     def query(i: int) -> None:
         try:
-            TritonControl(env.settings.triton_grpc_url).search(model, f"{QUERY} {i}", top_k=3)
+            search(TritonControl(env.settings.triton_grpc_url), model, f"{QUERY} {i}", top_k=3)
             results.append("ok")
         except Exception as exc:
             results.append(repr(exc))
@@ -558,7 +568,7 @@ def test_version_still_draining_after_a_rollback_is_named_while_v1_serves(
 
     monkeypatch.setenv("RECSYS_TRITON_RETIRE_TIMEOUT_S", "0.5")
     with pytest.raises(VersionsNotRetiredError) as leftover:
-        rollback(env.settings, "p99 latency 6000 ms > 200 ms", smoke_query=QUERY)
+        rollback(env.settings, "p99 latency 6000 ms > 200 ms", smoke_request={"query": QUERY})
     error = leftover.value
     assert (error.version, error.still_loaded) == (v1, {v2: "UNLOADING"})
     text = str(error)
@@ -576,7 +586,7 @@ def test_version_still_draining_after_a_rollback_is_named_while_v1_serves(
     )
 
     before = _successes(env.control, model, v1)
-    assert len(env.control.search(model, QUERY, top_k=5)) == 5  # no version asked for
+    assert len(search(env.control, model, QUERY, top_k=5)) == 5  # no version asked for
     assert settled_value(lambda: _successes(env.control, model, v1), before + 1) == before + 1
 
     for thread in threads:

@@ -9,10 +9,15 @@ import onnxruntime as ort
 import pytest
 
 from recsys.data import product_catalog, read_relevance_csv, split_by_query
-from recsys.encoder import BiEncoder, encode_texts, load_tokenizer, resolve_base_model
-from recsys.evaluation import _ranx_metrics, evaluate_encoder, relevance_grade
-from recsys.export import build_serving_artifacts
-from recsys.training import TrainingParams, fine_tune, positive_pairs
+from recsys.families.search.encoder import (
+    BiEncoder,
+    encode_texts,
+    load_tokenizer,
+    resolve_base_model,
+)
+from recsys.families.search.evaluation import _ranx_metrics, evaluate_encoder, relevance_grade
+from recsys.families.search.export import build_serving_artifacts
+from recsys.families.search.training import TrainingParams, fine_tune, positive_pairs
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recsys.families.search.client import SearchError, search
 from recsys.monitoring.metrics import MODEL_ERRORS, scrape
 from recsys.monitoring.policy import Thresholds, check_once
-from recsys.triton.control import SearchError, TritonControl
+from recsys.triton.control import TritonControl
 from recsys.triton.repository import list_versions, publish_version, serving_config
 from tests.triton_testing import (
     CATALOG,
@@ -38,7 +39,9 @@ from tests.triton_testing import (
 )
 
 MODEL = "product_search"
-DEFAULT_MAX_QUERY_BYTES = 2048  # recsys.serving.triton_model's defaults (it imports only in Triton)
+DEFAULT_MAX_QUERY_BYTES = (
+    2048  # recsys.families.search.serving_model's defaults (it imports only in Triton)
+)
 DRILL = CATALOG["100001"]
 
 
@@ -120,22 +123,22 @@ def test_a_query_over_the_limit_is_refused_and_one_at_it_is_answered(
     before = rejected(triton, "1")
     at_limit = ("drill " * DEFAULT_MAX_QUERY_BYTES)[:DEFAULT_MAX_QUERY_BYTES]
     assert len(at_limit.encode()) == DEFAULT_MAX_QUERY_BYTES
-    assert len(control.search(MODEL, at_limit, top_k=3)) == 3
+    assert len(search(control, MODEL, at_limit, top_k=3)) == 3
 
     with pytest.raises(SearchError) as refused:
-        control.search(MODEL, at_limit + "x", top_k=3)
+        search(control, MODEL, at_limit + "x", top_k=3)
     message = str(refused.value)
     assert f"QUERY is {DEFAULT_MAX_QUERY_BYTES + 1} bytes" in message
     assert f"over the limit of {DEFAULT_MAX_QUERY_BYTES} bytes per query" in message
     assert "RECSYS_MAX_QUERY_BYTES" in message
     # Refused before decoding: invalid UTF-8 over the limit is refused for its size.
     with pytest.raises(SearchError, match="over the limit of 2048 bytes per query"):
-        control.search(MODEL, b"\xff" * 5000, top_k=3)
+        search(control, MODEL, b"\xff" * 5000, top_k=3)
     with pytest.raises(SearchError, match="INVALID_ARG"):
         infer_rows(triton.grpc_url, [b"x" * 3000])
 
     assert settled_value(lambda: rejected(triton, "1"), before + 3) == before + 3
-    assert control.search(MODEL, DRILL, top_k=1)[0][0] == "100001"
+    assert search(control, MODEL, DRILL, top_k=1)[0][0] == "100001"
 
 
 def test_request_limit_and_config_parameters(
@@ -169,9 +172,9 @@ def test_limits_from_tritonservers_environment(
         publish_version(other.repo, MODEL, 1, artifacts)
         with TritonControl(other.grpc_url, timeout_s=30) as client:
             client.load_version(MODEL, 1, other.repo)
-            assert client.search(MODEL, "drill", top_k=1)
+            assert search(client, MODEL, "drill", top_k=1)
             with pytest.raises(SearchError, match="is 14 bytes, over the limit of 12 bytes"):
-                client.search(MODEL, "cordless drill", top_k=1)
+                search(client, MODEL, "cordless drill", top_k=1)
             log_text = Path(other.server.log_path).read_text(errors="replace")
     assert "RECSYS_MAX_REQUEST_BYTES='lots' is not a positive integer; using 16384" in log_text
     assert "limits 12 B/query 16384 B/request" in log_text
@@ -190,7 +193,7 @@ def test_huge_queries_are_refused_without_stalling_normal_traffic(
         answers = []
         with TritonControl(triton.grpc_url, timeout_s=30) as client:
             while not stop.is_set() or len(answers) < 10:
-                answers.append(client.search(MODEL, DRILL, top_k=1)[0][0] == "100001")
+                answers.append(search(client, MODEL, DRILL, top_k=1)[0][0] == "100001")
         return answers
 
     def oversized() -> tuple[str, float]:
@@ -226,7 +229,7 @@ def test_rejected_requests_are_counted_per_reason_and_version(
     def one(i: int) -> object:
         query, top_k = {0: (DRILL, 0), 1: ("q" * 3000, 3)}.get(i % 4, (DRILL, 2))
         try:
-            return control.search(MODEL, query, top_k=top_k)
+            return search(control, MODEL, query, top_k=top_k)
         except SearchError as exc:
             return exc
 
@@ -270,7 +273,7 @@ def test_swapping_versions_with_custom_metrics_never_hangs_an_unload(
             while not stop.is_set():
                 bad = (sent["good"] + sent["bad"]) % 3 == 0
                 with contextlib.suppress(SearchError):  # the bad ones are refused on purpose
-                    client.search(MODEL, DRILL, top_k=0 if bad else 2)
+                    search(client, MODEL, DRILL, top_k=0 if bad else 2)
                 sent["bad" if bad else "good"] += 1
 
     control.load_version(MODEL, 1, triton.repo, config=config)
@@ -316,7 +319,7 @@ def test_the_monitor_judges_a_version_that_refuses_everything(
         success = metric_value(triton.metrics_url, "success", MODEL, "2")
         for _ in range(12):
             with pytest.raises(SearchError, match="over the limit of 3 bytes per query"):
-                control.search(MODEL, DRILL, top_k=3)
+                search(control, MODEL, DRILL, top_k=3)
         settled_value(lambda: metric_value(triton.metrics_url, "success", MODEL, "2"), success + 12)
         verdict = check_once(triton.metrics_url, MODEL, state, thresholds)
     finally:
@@ -332,9 +335,9 @@ def test_the_monitor_judges_a_version_that_refuses_everything(
     for i in range(22):
         if i % 11 == 0:
             with pytest.raises(SearchError, match="TOP_K must be between"):
-                control.search(MODEL, DRILL, top_k=0)
+                search(control, MODEL, DRILL, top_k=0)
         else:
-            assert control.search(MODEL, DRILL, top_k=2)
+            assert search(control, MODEL, DRILL, top_k=2)
     settled_value(lambda: metric_value(triton.metrics_url, "success", MODEL, "1"), success + 22)
     healthy = check_once(triton.metrics_url, MODEL, state, thresholds)
     assert healthy.judged and not healthy.breached

@@ -11,11 +11,11 @@ import pytest
 
 from recsys.config import load_settings
 from recsys.data import product_catalog, read_relevance_csv, split_by_query
-from recsys.export import build_serving_artifacts
-from recsys.pipeline import compare_with_champion
-from recsys.promotion import should_promote
+from recsys.families.search.export import build_serving_artifacts
+from recsys.families.search.pipeline import compare_with_champion
+from recsys.families.search.training import TrainingParams, fine_tune
+from recsys.model_pipeline import should_promote
 from recsys.registry import RegistryAuthError
-from recsys.training import TrainingParams, fine_tune
 from tests.test_registry_errors import create_mlflow_user, log_in_as
 
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys.evaluation import evaluate_encoder, onnx_embedder
-from recsys.export import build_serving_artifacts
-from recsys.pipeline import export_model, read_split_frame
-from recsys.promotion import evaluate_serving_artifacts
-from recsys.quantization import (
+from recsys.families.search.client import search
+from recsys.families.search.evaluation import evaluate_encoder, onnx_embedder
+from recsys.families.search.export import build_serving_artifacts
+from recsys.families.search.pipeline import export_model, read_split_frame
+from recsys.families.search.promotion import evaluate_serving_artifacts
+from recsys.families.search.quantization import (
     INT8_ONNX_FILE,
     QuantizationRejectedError,
     choose_precision,
@@ -147,6 +148,6 @@ def test_triton_serves_the_int8_encoder_with_configured_knobs(tmp_path: Path) ->
             assert loaded["response_cache"]["enable"] is True
             assert loaded["instance_group"][0]["count"] == 2
             assert "dynamic_batching" in loaded
-            hits = control.search("search_int8", CATALOG["100003"], top_k=3)
+            hits = search(control, "search_int8", CATALOG["100003"], top_k=3)
     assert hits[0][0] == "100003"
     assert hits[0][1] > 0.95

@@ -15,7 +15,7 @@ from recsys import registry
 @pytest.fixture(scope="module")
 def serving_artifacts(tiny_bert_dir, homedepot_sample, tmp_path_factory):
     from recsys.data import product_catalog, read_relevance_csv
-    from recsys.export import build_serving_artifacts
+    from recsys.families.search.export import build_serving_artifacts
 
     catalog = product_catalog(read_relevance_csv(homedepot_sample))
     return build_serving_artifacts(

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from recsys.audit import append_record, read_records
+from recsys.families.search.client import SearchError, search
 from recsys.monitoring.metrics import parse_metrics
 from recsys.reporting import (
     FOCUS_MARGIN_S,
@@ -25,7 +26,7 @@ from recsys.reporting import (
     render_dashboard_png,
     sample_between,
 )
-from recsys.triton.control import SearchError, TritonControl
+from recsys.triton.control import TritonControl
 from recsys.triton.repository import publish_version
 from tests.triton_testing import build_test_serving_artifacts, copy_artifacts, running_triton
 
@@ -79,7 +80,7 @@ def _send(control: TritonControl, n: int) -> tuple[int, int]:
     ok = failed = 0
     for i in range(n):
         try:
-            control.search(MODEL, f"cordless drill {i % 3}", top_k=3)
+            search(control, MODEL, f"cordless drill {i % 3}", top_k=3)
             ok += 1
         except SearchError:
             failed += 1

@@ -11,10 +11,12 @@ import pandas as pd
 import pytest
 
 from recsys.data import read_relevance_csv, split_by_query
-from recsys.evaluation import onnx_embedder, torch_embedder
-from recsys.export import build_serving_artifacts
-from recsys.promotion import evaluate_serving_artifacts
-from recsys.reranker import (
+from recsys.families.search.client import SearchError, search
+from recsys.families.search.evaluation import onnx_embedder, torch_embedder
+from recsys.families.search.export import build_serving_artifacts
+from recsys.families.search.family import smoke_check
+from recsys.families.search.promotion import evaluate_serving_artifacts
+from recsys.families.search.reranker import (
     RerankerParams,
     evaluate_reranked,
     export_reranker_onnx,
@@ -24,7 +26,7 @@ from recsys.reranker import (
     rerank_run,
     torch_pair_scorer,
 )
-from recsys.triton.control import ModelLoadError, SearchError, TritonControl
+from recsys.triton.control import ModelLoadError, TritonControl
 from recsys.triton.repository import (
     COMPLETE_MARKER,
     IncompleteArtifactsError,
@@ -116,7 +118,7 @@ def test_rerank_run_reorders_only_the_candidates():
 def test_onnx_export_matches_torch(reranker, tmp_path):
     import onnxruntime as ort
 
-    from recsys.encoder import load_tokenizer
+    from recsys.families.search.encoder import load_tokenizer
 
     model_dir = reranker[0].checkpoint_dir
     onnx_path = export_reranker_onnx(model_dir, tmp_path / "reranker.onnx", max_length=48)
@@ -253,7 +255,7 @@ def test_served_reranking_matches_offline(serving: Path, artifacts: Path, contro
         ("garden hose", 8),  # more than the candidates: 8 retrieved and reranked
         ("paint", N_PRODUCTS),  # the whole catalogue
     ]:
-        hits = control.search(MODEL, query, top_k=top_k)
+        hits = search(control, MODEL, query, top_k=top_k)
         assert len(hits) == top_k
         assert {pid for pid, _ in hits} <= known
         scores = [score for _, score in hits]
@@ -261,7 +263,7 @@ def test_served_reranking_matches_offline(serving: Path, artifacts: Path, contro
         want = expected_hits(artifacts, query, top_k)
         assert dict(hits) == pytest.approx(dict(want), abs=1e-4)
         assert [pid for pid, _ in hits] == [pid for pid, _ in want]
-    assert len(control.smoke_test(MODEL, "kitchen faucet", top_k=3)) == 3
+    assert len(smoke_check(control, MODEL, "kitchen faucet", top_k=3)) == 3
 
 
 def test_bad_requests_still_get_clear_errors(serving: Path, control: TritonControl):
@@ -273,8 +275,8 @@ def test_bad_requests_still_get_clear_errors(serving: Path, control: TritonContr
     ]
     for query, top_k, message in cases:
         with pytest.raises(SearchError, match=message):
-            control.search(MODEL, query, top_k=top_k)
-    assert control.search(MODEL, "drill", top_k=2)
+            search(control, MODEL, query, top_k=top_k)
+    assert search(control, MODEL, "drill", top_k=2)
 
 
 def test_broken_reranker_sections_are_refused(
@@ -303,7 +305,7 @@ def test_broken_reranker_sections_are_refused(
     with pytest.raises(ModelLoadError, match="no titles"):
         control.load_version(MODEL, 3, triton.repo)
     control.load_version(MODEL, 1, triton.repo)
-    assert control.search(MODEL, "drill", top_k=2)
+    assert search(control, MODEL, "drill", top_k=2)
 
 
 def test_export_refuses_bad_reranker_settings(reranker, tiny_bert_dir, frames, tmp_path):
@@ -320,8 +322,8 @@ def test_export_refuses_bad_reranker_settings(reranker, tiny_bert_dir, frames, t
 
 
 def test_a_reranker_that_does_not_beat_its_retriever_is_kept_out():
-    from recsys.baselines import comparison_table
-    from recsys.pipeline_reranker import require_gain_over_retriever
+    from recsys.families.search.baselines import comparison_table
+    from recsys.families.search.pipeline_reranker import require_gain_over_retriever
 
     def gate(challenger: float, promote: bool = True) -> dict:
         metrics = {"ndcg_at_10": challenger, "mrr": 0.5, "recall_at_10": 0.5, "recall_at_100": 0.9}
@@ -340,8 +342,8 @@ def test_a_reranker_that_does_not_beat_its_retriever_is_kept_out():
 
 
 def test_reranker_model_reuses_the_bi_encoder_export_as_fp32(tmp_path: Path):
-    from recsys.export import copy_fp32_artifacts
-    from recsys.quantization import set_served_encoder
+    from recsys.families.search.export import copy_fp32_artifacts
+    from recsys.families.search.quantization import set_served_encoder
     from tests.triton_testing import build_test_serving_artifacts
 
     source = build_test_serving_artifacts(tmp_path / "bi", fault_injection="raise")

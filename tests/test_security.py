@@ -22,6 +22,7 @@ from recsys.credentials import (
     redact_command,
     secrets_dir,
 )
+from recsys.families.search.client import search
 from recsys.triton.control import TritonAuthError, TritonControl
 from recsys.triton.repository import (
     InvalidModelNameError,
@@ -67,7 +68,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory, artifacts: Path) -> Iterato
 
 def _still_serving_v1(harness: TritonHarness) -> None:
     assert TritonControl(harness.grpc_url).loaded_versions(MODEL) == [1]
-    assert TritonControl(harness.grpc_url, admin_key="").search(MODEL, QUERY, 1)[0][0] == "100009"
+    assert search(TritonControl(harness.grpc_url, admin_key=""), MODEL, QUERY, 1)[0][0] == "100009"
 
 
 # -- Triton model control -----------------------------------------------------------------
@@ -83,7 +84,7 @@ def test_grpc_model_control_needs_the_admin_key(triton: TritonHarness, key: str)
     with pytest.raises(TritonAuthError, match="admin key"):
         anonymous.loaded_versions(MODEL)
     # Inference needs no key, and the refused calls changed nothing.
-    assert anonymous.search(MODEL, QUERY, 3)[0][0] == "100009"
+    assert search(anonymous, MODEL, QUERY, 3)[0][0] == "100009"
     _still_serving_v1(triton)
 
 
@@ -359,12 +360,12 @@ def test_mlflow_refuses_anonymous_and_wrong_logins(mlflow_server: str, monkeypat
 
     from recsys import registry
 
-    search = f"{mlflow_server}/api/2.0/mlflow/experiments/search?max_results=1"
+    experiments = f"{mlflow_server}/api/2.0/mlflow/experiments/search?max_results=1"
     login = (os.environ[MLFLOW_USER_ENV], os.environ[MLFLOW_PASSWORD_ENV])
-    assert requests.get(search, timeout=10).status_code == 401
-    assert requests.get(search, auth=(login[0], "password1234"), timeout=10).status_code == 401
-    assert requests.get(search, auth=("admin", "wrong"), timeout=10).status_code == 401
-    assert requests.get(search, auth=login, timeout=10).status_code == 200
+    assert requests.get(experiments, timeout=10).status_code == 401
+    assert requests.get(experiments, auth=(login[0], "password1234"), timeout=10).status_code == 401
+    assert requests.get(experiments, auth=("admin", "wrong"), timeout=10).status_code == 401
+    assert requests.get(experiments, auth=login, timeout=10).status_code == 200
     assert requests.get(f"{mlflow_server}/health", timeout=10).text == "OK"
 
     # The platform's client authenticates from the environment ...
@@ -443,8 +444,8 @@ def test_stack_generates_private_secrets_and_never_prints_them(tmp_path, monkeyp
 
         # MLflow: anonymous refused, the CLI's client logs in from the secret file.
         uri = settings.mlflow_tracking_uri
-        search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
-        assert requests.get(search, timeout=10).status_code == 401
+        experiments = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert requests.get(experiments, timeout=10).status_code == 401
         assert registry.client(uri).search_experiments(max_results=1)
 
         # The PID files record each command, the Triton one with its key masked.
@@ -491,22 +492,22 @@ def test_audit_records_and_task_logs_hold_no_secrets(
     from recsys import registry
     from recsys.audit import read_records
     from recsys.data import product_catalog, read_relevance_csv
-    from recsys.export import build_serving_artifacts
-    from recsys.pipeline import deploy_model, register_model
+    from recsys.deploy import deploy_model, register_model
+    from recsys.families.search.export import build_serving_artifacts
 
     caplog.set_level(logging.DEBUG)
     catalog = product_catalog(read_relevance_csv(homedepot_sample))
     good = build_serving_artifacts(tiny_bert_dir, catalog, tmp_path / "good", model_name="x")
     run_id = registry.start_training_run(platform.mlflow_tracking_uri, "sec", "t", {}, {})
     v1 = register_model(platform, run_id, str(good), {"data_hash": "h"})["version"]
-    deploy_model(platform, v1, str(good), "angle bracket", 5)
+    deploy_model(platform, v1, str(good), {"query": "angle bracket", "top_k": 5})
 
     key = os.environ[TRITON_ADMIN_KEY_ENV]
     password = os.environ[MLFLOW_PASSWORD_ENV]
     # A deploy by someone without the key changes nothing that serves.
     monkeypatch.setenv(TRITON_ADMIN_KEY_ENV, "stolen-or-guessed-key")
     with pytest.raises(TritonAuthError):
-        deploy_model(platform, v1 + 1, str(good), "angle bracket", 5)
+        deploy_model(platform, v1 + 1, str(good), {"query": "angle bracket", "top_k": 5})
     monkeypatch.setenv(TRITON_ADMIN_KEY_ENV, key)
     assert TritonControl(platform.triton_grpc_url).loaded_versions(platform.model_name) == [v1]
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from recsys.families.search.client import search
 from tests.stack_testing import apply_environment, isolated_stack_environment, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -45,7 +46,7 @@ class Traffic(threading.Thread):
     def run(self) -> None:
         while not self.stop_event.is_set():
             try:  # varied queries: an answer from Triton's response cache proves nothing
-                self.control.search(self.model, f"{QUERY} {len(self.outcomes) % 11}", top_k=3)
+                search(self.control, self.model, f"{QUERY} {len(self.outcomes) % 11}", top_k=3)
                 ok = True
             except Exception:
                 ok = False
@@ -76,7 +77,7 @@ def test_rollback_runs_while_training_holds_every_training_slot(
     from recsys.airflow_client import AirflowClient
     from recsys.audit import read_records
     from recsys.cli import main
-    from recsys.pipeline import deploy_model, register_model
+    from recsys.deploy import deploy_model, register_model
     from recsys.scheduling import TRAINING_POOL
     from recsys.triton.control import TritonControl
     from tests.triton_testing import build_test_serving_artifacts
@@ -99,7 +100,7 @@ def test_rollback_runs_while_training_holds_every_training_slot(
         run_id = registry.start_training_run(uri, "stack-monitoring", "t", {}, {})
         versions.append(register_model(settings, run_id, str(artifacts), {})["version"])
     v1, v2 = versions
-    deploy_model(settings, v1, str(good), QUERY, 3)
+    deploy_model(settings, v1, str(good), {"query": QUERY, "top_k": 3})
 
     # A training run that holds both training slots for as long as the test lasts.
     airflow.wait_for_dag(PIPELINE)

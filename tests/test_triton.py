@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys.triton.control import ModelLoadError, SearchError, TritonControl, TritonUnavailableError
+from recsys.families.search.client import SearchError, search
+from recsys.families.search.family import smoke_check
+from recsys.triton.control import ModelLoadError, TritonControl, TritonUnavailableError
 from recsys.triton.repository import (
     COMPLETE_MARKER,
     IncompleteArtifactsError,
@@ -91,7 +93,7 @@ def test_search_ranks_catalogue_products(serving_v1: Path, control: TritonContro
     with np.load(serving_v1 / "products.npz") as products:
         known_ids = {str(i) for i in products["ids"]}
 
-    hits = control.search(MODEL, CATALOG["100003"], top_k=5)
+    hits = search(control, MODEL, CATALOG["100003"], top_k=5)
 
     assert len(hits) == 5
     assert {pid for pid, _ in hits} <= known_ids
@@ -101,9 +103,9 @@ def test_search_ranks_catalogue_products(serving_v1: Path, control: TritonContro
     assert hits[0][1] == pytest.approx(1.0, abs=1e-4)
     assert hits[1][1] < hits[0][1] - 1e-3
 
-    everything = control.search(MODEL, "cordless battery", top_k=N_PRODUCTS)
+    everything = search(control, MODEL, "cordless battery", top_k=N_PRODUCTS)
     assert sorted(pid for pid, _ in everything) == sorted(known_ids)
-    assert len(control.smoke_test(MODEL, "garden hose", top_k=3)) == 3
+    assert len(smoke_check(control, MODEL, "garden hose", top_k=3)) == 3
 
 
 def test_pinned_version_and_rollback(
@@ -113,13 +115,13 @@ def test_pinned_version_and_rollback(
 
     control.load_version(MODEL, 2, triton.repo)
     assert control.loaded_versions(MODEL) == [2]
-    assert control.search(MODEL, "wood stain", top_k=3, version=2)
+    assert search(control, MODEL, "wood stain", top_k=3, version=2)
     with pytest.raises(SearchError, match="version 1"):
-        control.search(MODEL, "wood stain", top_k=3, version=1)
+        search(control, MODEL, "wood stain", top_k=3, version=1)
 
     control.load_version(MODEL, 1, triton.repo)  # rollback
     assert control.loaded_versions(MODEL) == [1]
-    assert control.smoke_test(MODEL, "wood stain", top_k=3, version=1)
+    assert smoke_check(control, MODEL, "wood stain", top_k=3, version=1)
 
 
 def test_half_written_version_is_refused_and_current_keeps_serving(
@@ -139,7 +141,7 @@ def test_half_written_version_is_refused_and_current_keeps_serving(
         publish_version(triton.repo, MODEL, 7, artifacts)
 
     assert control.loaded_versions(MODEL) == [1]
-    assert control.search(MODEL, CATALOG["100009"], top_k=2)[0][0] == "100009"
+    assert search(control, MODEL, CATALOG["100009"], top_k=2)[0][0] == "100009"
 
 
 def test_incomplete_artifacts_are_not_published(
@@ -170,7 +172,7 @@ def test_failed_load_reports_server_message_and_keeps_current(
         control.load_version(MODEL, 4, triton.repo)
 
     assert control.loaded_versions(MODEL) == [1]
-    assert control.search(MODEL, CATALOG["100015"], top_k=1)[0][0] == "100015"
+    assert search(control, MODEL, CATALOG["100015"], top_k=1)[0][0] == "100015"
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "", "two words", "..", "x\x00y"])
@@ -200,13 +202,13 @@ def test_bad_inputs_get_clear_errors_and_server_keeps_serving(
     ]
     for query, top_k, message in cases:
         with pytest.raises(SearchError, match=message):
-            control.search(MODEL, query, top_k=top_k)
+            search(control, MODEL, query, top_k=top_k)
 
     # Bad requests batched together with good ones fail alone.
     def one(i: int) -> object:
         query, top_k = ("", 5) if i % 3 == 0 else (CATALOG["100010"], 2)
         try:
-            return control.search(MODEL, query, top_k=top_k)
+            return search(control, MODEL, query, top_k=top_k)
         except SearchError as exc:
             return exc
 
@@ -218,7 +220,7 @@ def test_bad_inputs_get_clear_errors_and_server_keeps_serving(
         else:
             assert isinstance(answer, list)
             assert answer[0][0] == "100010"
-    assert control.smoke_test(MODEL, "kitchen faucet", top_k=5)
+    assert smoke_check(control, MODEL, "kitchen faucet", top_k=5)
 
 
 def test_raise_fault_counts_as_inference_failures(
@@ -230,10 +232,10 @@ def test_raise_fault_counts_as_inference_failures(
     before = metric_value(triton.metrics_url, "failure", MODEL, "3")
 
     with pytest.raises(ModelLoadError, match="injected fault"):
-        control.smoke_test(MODEL, "drill")
+        smoke_check(control, MODEL, "drill")
     for _ in range(3):
         with pytest.raises(SearchError, match="injected fault"):
-            control.search(MODEL, "drill", top_k=3)
+            search(control, MODEL, "drill", top_k=3)
 
     after = settled_value(
         lambda: metric_value(triton.metrics_url, "failure", MODEL, "3"), before + 4
@@ -242,7 +244,7 @@ def test_raise_fault_counts_as_inference_failures(
     assert metric_value(triton.metrics_url, "success", MODEL, "3") == 0
 
     control.load_version(MODEL, 1, triton.repo)  # rollback restores service
-    assert control.search(MODEL, "drill", top_k=3)
+    assert search(control, MODEL, "drill", top_k=3)
 
 
 def test_delayed_and_slow_faults(
@@ -253,16 +255,16 @@ def test_delayed_and_slow_faults(
     )
     publish_version(triton.repo, MODEL, 5, late)
     control.load_version(MODEL, 5, triton.repo)
-    assert control.smoke_test(MODEL, "drill", top_k=2)
-    assert control.search(MODEL, "drill", top_k=2)
+    assert smoke_check(control, MODEL, "drill", top_k=2)
+    assert search(control, MODEL, "drill", top_k=2)
     with pytest.raises(SearchError, match="injected fault"):
-        control.search(MODEL, "drill", top_k=2)
+        search(control, MODEL, "drill", top_k=2)
 
     slow = copy_artifacts(artifacts, tmp_path / "slow", fault_injection={"sleep_ms": 400})
     publish_version(triton.repo, MODEL, 6, slow)
     control.load_version(MODEL, 6, triton.repo)
     started = time.monotonic()
-    assert control.search(MODEL, "drill", top_k=2)
+    assert search(control, MODEL, "drill", top_k=2)
     assert time.monotonic() - started >= 0.4
 
     control.load_version(MODEL, 1, triton.repo)
@@ -275,7 +277,7 @@ def test_unreachable_server_raises_unavailable(triton: TritonHarness) -> None:
 
     assert client.is_live() is False
     with pytest.raises(TritonUnavailableError, match=url):
-        client.search(MODEL, "drill")
+        search(client, MODEL, "drill")
     with pytest.raises(TritonUnavailableError, match=url):
         client.loaded_versions(MODEL)
     with pytest.raises(TritonUnavailableError, match=url):
@@ -313,7 +315,7 @@ def test_start_refuses_busy_port_and_stop_cleans_only_own_shm(
     assert not list(SHM_DIR.glob(f"{second.shm_prefix}*"))
     # The module server lost nothing: its stub's region is there and it still answers.
     assert list(SHM_DIR.glob(f"{triton.server.shm_prefix}*"))
-    assert TritonControl(triton.grpc_url).search(MODEL, CATALOG["100016"], 1)[0][0] == "100016"
+    assert search(TritonControl(triton.grpc_url), MODEL, CATALOG["100016"], 1)[0][0] == "100016"
 
 
 def test_response_cache_answers_repeated_query_from_cache(
@@ -350,15 +352,15 @@ def test_response_cache_answers_repeated_query_from_cache(
     assert config["response_cache"] == {"enable": True}
     control.load_version(MODEL, 9, triton.repo, config=config)
     try:
-        first = control.search(MODEL, CATALOG["100021"], top_k=3)
-        second = control.search(MODEL, CATALOG["100021"], top_k=3)
+        first = search(control, MODEL, CATALOG["100021"], top_k=3)
+        second = search(control, MODEL, CATALOG["100021"], top_k=3)
         assert first == second and first[0][0] == "100021"
         assert settled_value(lambda: samples("nv_cache_num_misses_per_model", "9"), 1) == 1
         assert settled_value(lambda: samples("nv_cache_num_hits_per_model", "9"), 1) == 1
         # The hit never reached the model.
         assert settled_value(lambda: samples("nv_inference_exec_count", "9"), 1) == 1
         # Another top_k is another cache key: a miss, and the model runs again.
-        assert len(control.search(MODEL, CATALOG["100021"], top_k=2)) == 2
+        assert len(search(control, MODEL, CATALOG["100021"], top_k=2)) == 2
         assert settled_value(lambda: samples("nv_cache_num_misses_per_model", "9"), 2) == 2
         assert samples("nv_cache_num_hits_per_model", "9") == 1
     finally:

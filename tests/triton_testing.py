@@ -105,9 +105,9 @@ def build_test_serving_artifacts(tmp_dir: Path | str, fault_injection: Any = Non
     """
     import pandas as pd
 
-    from recsys.export import build_serving_artifacts
-    from recsys.monitoring.drift_reference import write_query_reference
-    from recsys.tiny_model import build_tiny_bert
+    from recsys.families.search.drift_reference import write_query_reference
+    from recsys.families.search.export import build_serving_artifacts
+    from recsys.families.search.tiny_model import build_tiny_bert
 
     out = Path(tmp_dir)
     titles = list(CATALOG.values())
@@ -295,9 +295,9 @@ def build_test_reranker_artifacts(tmp_dir: Path | str, candidates: int = RERANK_
     words as queries of their own product), exported with ``reranker_dir``."""
     import pandas as pd
 
-    from recsys.export import build_serving_artifacts
-    from recsys.reranker import RerankerParams, fine_tune_reranker
-    from recsys.tiny_model import build_tiny_bert
+    from recsys.families.search.export import build_serving_artifacts
+    from recsys.families.search.reranker import RerankerParams, fine_tune_reranker
+    from recsys.families.search.tiny_model import build_tiny_bert
 
     out = Path(tmp_dir)
     titles = list(CATALOG.values())

@@ -3,7 +3,7 @@
 :func:`check_query_drift` reads the queries Triton's model sampled for the serving version since
 the last check (:mod:`recsys.monitoring.query_samples`), measures them with that version's own
 tokenizer and encoder, and judges them against the version's training reference
-(``query_reference.json`` in its folder; :mod:`recsys.monitoring.drift_policy` says how). The
+(``query_reference.json`` in its folder; :mod:`recsys.families.search.drift_policy` says how). The
 ``query_drift`` DAG runs it hourly, alerts and audits a drift (:func:`record_drift`) and, when
 asked to, requests retraining through an Airflow Asset (:func:`record_retraining_request`).
 
@@ -39,11 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.config import Settings, check_model_name, check_version_number
-from recsys.monitoring.drift_policy import DriftThresholds, drift_reasons, drift_stats
-from recsys.monitoring.drift_reference import (
-    QUERY_REFERENCE_FILE,
-    QueryReference,
-)
+from recsys.monitoring.drift_thresholds import DriftThresholds
 from recsys.monitoring.query_samples import SamplerHealth
 from recsys.statefile import read_json_state, state_lock, write_json_atomically
 
@@ -335,6 +331,7 @@ def check_query_drift(
     thresholds: DriftThresholds | None = None,
     *,
     commit: bool = True,
+    family_limits: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Judge the queries sampled for ``model`` (default: the platform's) ``version`` (default:
     the serving one, see :func:`serving_version`) since the last committed check.
@@ -350,11 +347,16 @@ def check_query_drift(
     judged sample is consumed and the state saved; without (``recsys drift``) the check only
     looks.
 
-    ``thresholds`` default to :func:`recsys.monitoring.config.load_drift_thresholds`.
+    ``thresholds`` default to :func:`recsys.monitoring.config.load_drift_thresholds`. What is
+    measured is the served version's family's business
+    (:meth:`recsys.families.base.ModelFamily.drift_check`: query lengths, vocabulary and
+    embeddings for search; unknown users and items and the item-popularity shift for
+    recommendation); ``family_limits`` overrides that family's own limits. This function only
+    reads the samples, decides whether there are enough, and keeps the state and history.
     """
     from recsys.monitoring.config import load_drift_thresholds
-    from recsys.monitoring.query_features import QueryFeaturizer, query_embeddings
     from recsys.monitoring.query_samples import read_new_samples, version_sample_dir
+    from recsys.triton.repository import IncompleteArtifactsError
 
     # Both become paths (version folder, sample folder): checked before anything is read.
     model = check_model_name(model or settings.model_name)
@@ -366,18 +368,20 @@ def check_query_drift(
     if version is None:
         return _verdict(model, None, [f"{model}: no version serves; nothing to judge"])
     version_dir = settings.triton_repo / model / str(version)
-    reference_path = version_dir / QUERY_REFERENCE_FILE
-    if not reference_path.is_file():
+    try:
+        family = family_of_version(version_dir)
+    except IncompleteArtifactsError as exc:
+        return _verdict(model, version, [f"{model} v{version} cannot be judged: {exc}"])
+    reference_file = family.drift_reference_file
+    if reference_file is None or not (version_dir / reference_file).is_file():
         return _verdict(
             model,
             version,
             [
-                f"{model} v{version} has no {QUERY_REFERENCE_FILE} (published before drift "
-                "references, or exported without training queries); no judgement"
+                f"{model} v{version} has no {reference_file or 'drift reference'} (published "
+                "before drift references, or exported without training data); no judgement"
             ],
         )
-    reference = QueryReference.load(reference_path)
-    reference.check_encoder(version_dir)
 
     notes: list[str] = []
     health: SamplerHealth | None = None
@@ -453,10 +457,7 @@ def check_query_drift(
         queries = read.queries
         if len(queries) > thresholds.max_queries:
             queries = random.Random(0).sample(queries, thresholds.max_queries)
-        features = QueryFeaturizer(version_dir / "tokenizer.json").features(queries)
-        embeddings = query_embeddings(version_dir, queries, reference.max_query_tokens)
-        stats = drift_stats(reference, features, embeddings)
-        reasons = drift_reasons(stats, thresholds)
+        stats, reasons = family.drift_check(version_dir, queries, thresholds, family_limits or {})
         drift = bool(reasons)
         last_request = history.last_retraining_request_at
         cooling = (
@@ -490,6 +491,13 @@ def check_query_drift(
         remember(consumed=True)
     _log_verdict(verdict)
     return verdict
+
+
+def family_of_version(version_dir: Path) -> Any:
+    """The :class:`recsys.families.base.ModelFamily` of a published version folder."""
+    from recsys.triton.repository import manifest_family, verify_version_dir
+
+    return manifest_family(verify_version_dir(version_dir))
 
 
 def _log_verdict(verdict: dict[str, Any]) -> None:

@@ -2,7 +2,7 @@
 
 :mod:`recsys.monitoring.config` reads these from the same file as the metrics thresholds, and
 the per-minute metrics monitor imports that module on every check: keeping the dataclass apart
-from :mod:`recsys.monitoring.drift_policy` (numpy, the reference and featurizer modules) keeps
+from :mod:`recsys.families.search.drift_policy` (numpy, the reference and featurizer modules) keeps
 those imports off the monitor's path.
 """
 

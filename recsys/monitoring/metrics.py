@@ -19,8 +19,9 @@ Facts about the real server that shape this module (seen in ``tests/fixtures/tri
 * Errors the model answers itself (an empty or oversized query, TOP_K out of range) are
   *successes* to Triton. The served model counts them in its own custom counter
   ``recsys_request_errors_total`` (labels ``model``, ``version``, ``instance``, ``reason``;
-  see :mod:`recsys.serving.triton_model`), kept here as ``rejected``: summed over instances and
-  reasons, split by reason in ``rejected_by_reason``. Like the success counters it disappears
+  every family's serving model counts them so, e.g. :mod:`recsys.families.search.serving_model`),
+  kept here as ``rejected``: summed over instances and reasons, split by reason in
+  ``rejected_by_reason``. Like the success counters it disappears
   when its version unloads and starts from zero on a reload.
 * ``nv_cpu_utilization`` (0-1) and ``nv_cpu_memory_used_bytes`` / ``_total_bytes`` are gauges of
   the whole host, without model labels, sampled by Triton every metrics interval; until the

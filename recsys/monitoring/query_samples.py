@@ -1,6 +1,6 @@
 """Read the served-query samples that Triton's model appends, from where the last check stopped.
 
-The writer (:class:`recsys.serving.triton_model.QuerySampler`) appends JSON lines to
+The writer (:class:`recsys.families.search.serving_model.QuerySampler`) appends JSON lines to
 ``<sample dir>/<model>/<version>/queries-<pid>-<n>.jsonl``, one writer per file, never
 rewriting a byte. So "since the last check" is a byte offset per file: everything after it is
 new, and a line without its newline yet is left for the next read (the writer may be
@@ -10,7 +10,7 @@ from the start or dropped; a malformed line is skipped and counted, never fatal.
 Files cannot say that the writer has stopped writing them, so the drift check compares them with
 Triton's own inference count of the version (:func:`parse_sampler_metrics`, from the
 ``:8002/metrics`` text): many inferences and no samples means the sampler cannot write. (The
-writer exports no custom metrics: see :mod:`recsys.serving.triton_model`.)
+writer exports no custom metrics: see :mod:`recsys.families.search.serving_model`.)
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ SAMPLE_GLOB = "queries-*.jsonl"
 class SampleRead:
     """The queries found after ``offsets`` and the offsets to store once they are consumed."""
 
-    queries: list[str] = field(default_factory=list)
+    queries: list[Any] = field(default_factory=list)
+    """Each sample: a query string (search), or a request object (families whose requests are
+    not text, e.g. recommendation's ``{"user": ..., "items": [...]}``)."""
     offsets: dict[str, int] = field(default_factory=dict)
     first_ts: float | None = None
     last_ts: float | None = None
@@ -47,7 +49,8 @@ def version_sample_dir(sample_dir: Path, model: str, version: int | str) -> Path
 
 
 def read_new_samples(folder: Path, offsets: dict[str, int]) -> SampleRead:
-    """Every complete sampled query in ``folder`` past ``offsets`` (file name -> bytes read).
+    """Every complete sample in ``folder`` past ``offsets`` (file name -> bytes read): each
+    line's ``query`` (non-empty text) or ``request`` (an object).
 
     The returned offsets cover exactly the files present now, so entries of deleted files
     fall out of the state by themselves.
@@ -74,9 +77,11 @@ def read_new_samples(folder: Path, offsets: dict[str, int]) -> SampleRead:
                 continue
             try:
                 record = json.loads(line)
-                query = record["query"]
+                query = record["query"] if "query" in record else record["request"]
                 ts = record.get("ts")
-                if not isinstance(query, str) or not query.strip():
+                if isinstance(query, dict):
+                    pass  # a request object: its family's drift check reads it
+                elif not isinstance(query, str) or not query.strip():
                     raise ValueError("no query text")
             except (ValueError, KeyError, TypeError, AttributeError):
                 result.bad_lines += 1

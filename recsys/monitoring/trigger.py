@@ -320,17 +320,19 @@ class MetricsWatchOperator(BaseOperator):
     trigger ends the task itself (see the module docstring), so ``execute_complete`` only runs
     where that end event is not honoured."""
 
-    def __init__(self, *, model_suffix: str = "", **kwargs: Any) -> None:
+    def __init__(self, *, model_suffix: str = "", family: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model_suffix = model_suffix
-        """Watch ``RECSYS_MODEL_NAME + model_suffix`` (see ``recsys.config.SERVED_MODEL_SUFFIXES``);
-        the name is resolved when the task runs, so the DAG file needs no settings to parse."""
+        self.family = family
+        """Watch ``RECSYS_MODEL_NAME + model_suffix``, or with ``family`` that family's model
+        name + ``model_suffix`` (:func:`recsys.config.served_model_settings`); the name is
+        resolved when the task runs, so the DAG file needs no settings to parse."""
 
     def execute(self, context: Mapping[str, Any]) -> None:
         from recsys.config import load_settings, served_model_settings
         from recsys.monitoring.config import THRESHOLD_FIELDS, load_thresholds
 
-        settings = served_model_settings(load_settings(), self.model_suffix)
+        settings = served_model_settings(load_settings(), self.model_suffix, self.family)
         params = context["params"]
         thresholds = load_thresholds(
             settings.model_name, overrides={name: params.get(name) for name in THRESHOLD_FIELDS}
@@ -365,7 +367,7 @@ class MetricsWatchOperator(BaseOperator):
 
         if isinstance(event, Mapping) and "should_rollback" in event:
             return dict(event)
-        settings = served_model_settings(load_settings(), self.model_suffix)
+        settings = served_model_settings(load_settings(), self.model_suffix, self.family)
         result = MonitorState.load(settings.monitor_state).last_verdicts.get(settings.model_name)
         if result is None or "watch" not in result:
             raise MetricsUnavailableError(

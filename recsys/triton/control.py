@@ -16,7 +16,6 @@ on the server side, and a pipeline task must fail instead of hanging with it.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -26,15 +25,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import numpy as np
-
 from recsys.credentials import TRITON_GRPC_ADMIN_HEADER
 from recsys.triton.repository import serving_config, validate_model_name, verify_version_dir
 
 log = logging.getLogger(__name__)
 
 _UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"}
-_INT32_MAX = 2**31 - 1
 
 RETIRE_TIMEOUT_ENV = "RECSYS_TRITON_RETIRE_TIMEOUT_S"
 DEFAULT_RETIRE_TIMEOUT_S = 30.0
@@ -111,12 +107,8 @@ def retire_timeout_from_env() -> float:
     return value
 
 
-class SearchError(RuntimeError):
-    """Triton answered a query with an error (bad input, model failure); message from server."""
-
-
 class TritonControl:
-    """gRPC client for model control and search against one Triton server.
+    """gRPC client for model control and inference against one Triton server.
 
     ``timeout_s`` bounds every call, loads included (``load_timeout_s`` overrides it for loads,
     which start a python stub and read the artifacts, and so take longest). ``retire_timeout_s``
@@ -125,7 +117,7 @@ class TritonControl:
 
     ``admin_key`` authorises model control; by default it is the platform's key
     (``$RECSYS_TRITON_ADMIN_KEY`` or the stack's secret file), looked up on the first
-    model-control call so that search-only clients never touch it.
+    model-control call so that inference-only clients never touch it.
     """
 
     def __init__(
@@ -379,93 +371,28 @@ class TritonControl:
 
     # -- inference ------------------------------------------------------------------------
 
-    def search(
+    def infer(
         self,
         model_name: str,
-        query: str | bytes,
-        top_k: int = 10,
+        inputs: list[Any],
+        outputs: list[Any],
         *,
         version: int | None = None,
-    ) -> list[tuple[str, float]]:
-        """The ``top_k`` best ``(product_id, score)`` pairs for ``query``, best first.
-
-        ``query`` may be raw bytes (sent as-is; the model rejects invalid UTF-8). Errors the
-        model reports (empty query, TOP_K out of range, failures) raise :class:`SearchError`.
-        """
-        return self.search_answered(model_name, query, top_k, version=version)[0]
-
-    def search_answered(
-        self,
-        model_name: str,
-        query: str | bytes,
-        top_k: int = 10,
-        *,
-        version: int | None = None,
-    ) -> tuple[list[tuple[str, float]], int | None]:
-        """:meth:`search`, and the version that answered (``None`` if Triton does not say).
-
-        Triton picks the version per request, and during a deploy or rollback two can be
-        loaded: whatever goes with the hits (e.g. product titles from the version folder) must
-        come from the version that ranked them, which only the response names."""
-        import tritonclient.grpc as grpcclient
-        from tritonclient.utils import InferenceServerException
-
-        if not -_INT32_MAX <= int(top_k) <= _INT32_MAX:
-            raise SearchError(f"top_k {top_k} does not fit TOP_K (INT32)")
-        raw = query if isinstance(query, bytes) else query.encode("utf-8")
-        query_input = grpcclient.InferInput("QUERY", [1, 1], "BYTES")
-        query_input.set_data_from_numpy(np.array([[raw]], dtype=np.object_))
-        top_k_input = grpcclient.InferInput("TOP_K", [1, 1], "INT32")
-        top_k_input.set_data_from_numpy(np.array([[int(top_k)]], dtype=np.int32))
-        outputs = [
-            grpcclient.InferRequestedOutput("PRODUCT_IDS"),
-            grpcclient.InferRequestedOutput("SCORES"),
-        ]
-        try:
-            result = self._call(
-                f"search on {model_name}",
-                "infer",
-                model_name,
-                [query_input, top_k_input],
-                model_version="" if version is None else str(int(version)),
-                outputs=outputs,
-            )
-        except InferenceServerException as exc:
-            raise SearchError(f"{model_name} on {self.url}: {exc.message()}") from exc
-        ids = result.as_numpy("PRODUCT_IDS")
-        scores = result.as_numpy("SCORES")
-        if ids is None or scores is None:
-            raise SearchError(f"{model_name} on {self.url} returned no PRODUCT_IDS/SCORES")
-        hits = [
-            (pid.decode("utf-8") if isinstance(pid, bytes) else str(pid), float(score))
-            for pid, score in zip(ids.reshape(-1), scores.reshape(-1), strict=True)
-        ]
-        answered = str(result.get_response().model_version)
-        return hits, int(answered) if answered.isdigit() else None
-
-    def smoke_test(
-        self, model_name: str, query: str, top_k: int = 5, version: int | None = None
-    ) -> list[tuple[str, float]]:
-        """Search once and insist on a well-formed answer: exactly ``top_k`` non-empty ids with
-        finite, descending scores. Raises :class:`ModelLoadError` otherwise, so a deploy fails
-        before a version that loads but cannot answer becomes champion."""
-        try:
-            hits = self.search(model_name, query, top_k, version=version)
-        except SearchError as exc:
-            raise ModelLoadError(f"smoke test of {model_name} failed: {exc}") from exc
-        scores = [score for _, score in hits]
-        problems = []
-        if len(hits) != top_k:
-            problems.append(f"{len(hits)} hits instead of {top_k}")
-        if any(not pid for pid, _ in hits):
-            problems.append("empty product id")
-        if not all(math.isfinite(s) for s in scores):
-            problems.append("non-finite score")
-        if any(a < b for a, b in itertools.pairwise(scores)):
-            problems.append("scores not in descending order")
-        if problems:
-            raise ModelLoadError(
-                f"smoke test of {model_name} query {query!r} returned a malformed answer: "
-                f"{'; '.join(problems)}: {hits}"
-            )
-        return hits
+        what: str | None = None,
+    ) -> Any:
+        """One gRPC inference request (``tritonclient.grpc`` ``InferInput`` /
+        ``InferRequestedOutput`` lists), pinned to ``version`` when given; returns the
+        ``InferResult``. Transport failures raise :class:`TritonUnavailableError` or
+        :class:`TritonAuthError` like every call; an error the model or server answered
+        (bad input, a failing ``execute``) raises ``tritonclient``'s
+        ``InferenceServerException``, for the family's client to word. Which tensors a model
+        takes is its family's business (e.g. :mod:`recsys.families.search.client`), never this
+        client's."""
+        return self._call(
+            what or f"inference on {model_name}",
+            "infer",
+            model_name,
+            inputs,
+            model_version="" if version is None else str(int(version)),
+            outputs=outputs,
+        )

@@ -6,6 +6,10 @@ fsynced, sealed with a ``COMPLETE`` marker written last, and only then renamed i
 half-written version that Triton could load; :func:`verify_version_dir` is the check the control
 client runs before every load, and the one that refuses a version folder written by anything
 else.
+
+The repository knows no model family: a folder's ``manifest.json`` names its ``family``, and
+:mod:`recsys.families` says which files that family requires, which python-backend model serves
+it and which Triton inputs and outputs it has.
 """
 
 from __future__ import annotations
@@ -20,17 +24,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-REQUIRED_ARTIFACTS = ("encoder.onnx", "tokenizer.json", "products.npz", "manifest.json")
-OPTIONAL_ARTIFACTS = ("query_reference.json",)
-"""Published with a version when the artifacts hold them, never required to serve it: the
-training-query reference of the online drift check (:mod:`recsys.monitoring.drift_reference`)."""
+from recsys.families import LEGACY_FAMILY, UnknownFamilyError, family_of, get_family
+from recsys.families.base import ManifestError, ModelFamily, UnsafeFileNameError
+
 MODEL_FILE = "model.py"
 COMPLETE_MARKER = "COMPLETE"
 STAGING_DIR = ".staging"
 CONFIG_FILE = "config.pbtxt"
-MODEL_SOURCE = Path(__file__).resolve().parent.parent / "serving" / "triton_model.py"
+MANIFEST_FILE = "manifest.json"
 
-DEFAULT_ONNX_FILE = "encoder.onnx"
 SERVING_KNOBS = (
     "max_batch_size",
     "instance_count",
@@ -43,8 +45,6 @@ SERVING_KNOBS = (
 """``serving_config`` keyword arguments a publisher may pin per version (manifest ``serving``)."""
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-_ONNX_FILE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*\.onnx$")
-_JSON_FILE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*\.json$")
 
 
 class RepositoryError(RuntimeError):
@@ -68,32 +68,30 @@ class VersionExistsError(RepositoryError):
     """The version folder already exists; published versions are immutable."""
 
 
-def served_onnx_file(manifest: dict[str, Any]) -> str:
-    """The encoder file the manifest names (``onnx_file``; ``encoder.onnx`` for manifests
-    written before INT8 existed). Only a plain ``*.onnx`` file name in the version folder is
-    accepted, so a manifest cannot make Triton read a file from elsewhere."""
-    name = manifest.get("onnx_file") or DEFAULT_ONNX_FILE
-    if not isinstance(name, str) or not _ONNX_FILE.fullmatch(name):
-        raise UnsafePathError(f"manifest onnx_file {name!r} is not a plain *.onnx file name")
-    return name
+def manifest_family(manifest: dict[str, Any]) -> ModelFamily:
+    """The family that exported ``manifest`` (see :func:`recsys.families.family_of`); an
+    unknown family makes the folder unusable (:class:`IncompleteArtifactsError`)."""
+    try:
+        return family_of(manifest)
+    except UnknownFamilyError as exc:
+        raise IncompleteArtifactsError(f"manifest names {exc}") from exc
+
+
+def required_files(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The files the manifest's family requires in every artifacts and version folder."""
+    return manifest_family(manifest).required_artifacts
 
 
 def served_files(manifest: dict[str, Any]) -> list[str]:
-    """Every file besides the required ones that the manifest makes Triton load: the served
-    encoder and, with a ``reranker`` section, the cross-encoder's ONNX graph and tokenizer.
-    Plain file names only (:class:`UnsafePathError` otherwise), like ``onnx_file``."""
-    files = [served_onnx_file(manifest)]
-    reranker = manifest.get("reranker")
-    if reranker is None:
-        return files
-    if not isinstance(reranker, dict):
-        raise IncompleteArtifactsError(f"manifest reranker must be an object, got {reranker!r}")
-    for key, pattern in (("onnx_file", _ONNX_FILE), ("tokenizer_file", _JSON_FILE)):
-        name = reranker.get(key)
-        if not isinstance(name, str) or not pattern.fullmatch(name) or name == "manifest.json":
-            raise UnsafePathError(f"manifest reranker {key} {name!r} is not a plain file name")
-        files.append(name)
-    return list(dict.fromkeys(files))
+    """Every file besides the required ones that the manifest makes Triton load (the family
+    says which: e.g. the INT8 encoder, a reranker). Plain file names only
+    (:class:`UnsafePathError` otherwise), so a manifest cannot make Triton read elsewhere."""
+    try:
+        return manifest_family(manifest).served_files(manifest)
+    except UnsafeFileNameError as exc:
+        raise UnsafePathError(str(exc)) from exc
+    except ManifestError as exc:
+        raise IncompleteArtifactsError(str(exc)) from exc
 
 
 def validate_model_name(model_name: str) -> str:
@@ -114,6 +112,7 @@ def _validate_version(version: int) -> int:
 def serving_config(
     model_name: str,
     *,
+    family: str = LEGACY_FAMILY,
     max_batch_size: int = 8,
     instance_count: int = 1,
     versions: list[int] | None = None,
@@ -129,24 +128,20 @@ def serving_config(
     the file and what the control client loads can never drift apart. ``versions`` pins the
     version policy to exactly those versions.
 
-    ``response_cache`` lets Triton answer a repeated (query, top_k) from its cache without
+    ``family`` (a :mod:`recsys.families` name) gives the inputs and outputs.
+    ``response_cache`` lets Triton answer a repeated request from its cache without
     running the model (search traffic repeats head queries a lot); it only takes effect on a
     server started with ``--cache-config local,size=<bytes>``. ``dynamic_batching=False`` makes
     every request its own execution (lowest latency at low load, no queue delay).
     """
     validate_model_name(model_name)
+    inputs, outputs = get_family(family).triton_io()
     config: dict[str, Any] = {
         "name": model_name,
         "backend": "python",
         "max_batch_size": max_batch_size,
-        "input": [
-            {"name": "QUERY", "data_type": "TYPE_STRING", "dims": [1]},
-            {"name": "TOP_K", "data_type": "TYPE_INT32", "dims": [1]},
-        ],
-        "output": [
-            {"name": "PRODUCT_IDS", "data_type": "TYPE_STRING", "dims": [-1]},
-            {"name": "SCORES", "data_type": "TYPE_FP32", "dims": [-1]},
-        ],
+        "input": inputs,
+        "output": outputs,
         "instance_group": [{"kind": "KIND_CPU", "count": instance_count}],
         "parameters": {"intra_op_threads": {"string_value": str(intra_op_threads)}},
     }
@@ -203,7 +198,7 @@ def write_config_pbtxt(model_dir: Path, config: dict[str, Any]) -> Path:
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise IncompleteArtifactsError(f"{folder}/manifest.json is unreadable: {exc}") from exc
     if not isinstance(manifest, dict):
@@ -217,12 +212,16 @@ def validate_artifacts(artifacts_dir: Path) -> dict[str, Any]:
     artifacts_dir = Path(artifacts_dir)
     if not artifacts_dir.is_dir():
         raise IncompleteArtifactsError(f"serving artifacts folder {artifacts_dir} does not exist")
-    missing = [name for name in REQUIRED_ARTIFACTS if not (artifacts_dir / name).is_file()]
+    if not (artifacts_dir / MANIFEST_FILE).is_file():
+        raise IncompleteArtifactsError(
+            f"serving artifacts in {artifacts_dir} are incomplete: missing {MANIFEST_FILE}"
+        )
+    manifest = _read_manifest(artifacts_dir)
+    missing = [name for name in required_files(manifest) if not (artifacts_dir / name).is_file()]
     if missing:
         raise IncompleteArtifactsError(
             f"serving artifacts in {artifacts_dir} are incomplete: missing {', '.join(missing)}"
         )
-    manifest = _read_manifest(artifacts_dir)
     for name in served_files(manifest):
         if not (artifacts_dir / name).is_file():
             raise IncompleteArtifactsError(
@@ -280,13 +279,17 @@ def verify_version_dir(path: Path) -> dict[str, Any]:
             f"version folder {path} has no {COMPLETE_MARKER} marker: it was not published "
             "atomically (half-written or copied by hand); republish it with publish_version"
         )
-    missing = [n for n in (*REQUIRED_ARTIFACTS, MODEL_FILE) if not (path / n).is_file()]
+    if not (path / MANIFEST_FILE).is_file():
+        raise IncompleteArtifactsError(f"version folder {path} lacks {MANIFEST_FILE}")
+    real = path.resolve()
+    _ensure_in_place(path / MANIFEST_FILE, real / MANIFEST_FILE)
+    manifest = _read_manifest(path)
+    required = (*required_files(manifest), MODEL_FILE)
+    missing = [n for n in required if not (path / n).is_file()]
     if missing:
         raise IncompleteArtifactsError(f"version folder {path} lacks {', '.join(missing)}")
-    real = path.resolve()
-    for name in (*REQUIRED_ARTIFACTS, MODEL_FILE, COMPLETE_MARKER):
+    for name in (*required, COMPLETE_MARKER):
         _ensure_in_place(path / name, real / name)
-    manifest = _read_manifest(path)
     for name in served_files(manifest):
         if not (path / name).is_file():
             raise IncompleteArtifactsError(f"version folder {path} lacks {name}")
@@ -307,17 +310,20 @@ def version_serving_config(repo: Path, model_name: str, version: int) -> dict[st
     top of the defaults): pass it as ``config=`` to ``TritonControl.load_version`` so a deploy
     or a rollback serves each version with its own batching, instances and cache."""
     manifest = verify_version_dir(Path(repo) / model_name / str(_validate_version(version)))
-    return serving_config(model_name, **_serving_knobs(manifest.get("serving")))
+    family = manifest_family(manifest).name
+    return serving_config(model_name, family=family, **_serving_knobs(manifest.get("serving")))
 
 
-def _holds_same_artifacts(final: Path, artifacts_dir: Path, served: list[str]) -> bool:
+def _holds_same_artifacts(
+    final: Path, artifacts_dir: Path, required: tuple[str, ...], served: list[str]
+) -> bool:
     """Whether a complete published version was made from exactly these artifact files (the
     manifest is excluded: publishing adds the version and serving knobs to it)."""
     try:
         recorded = json.loads((final / COMPLETE_MARKER).read_text())["sha256"]
     except (OSError, ValueError, KeyError):
         return False
-    names = [n for n in dict.fromkeys((*REQUIRED_ARTIFACTS, *served)) if n != "manifest.json"]
+    names = [n for n in dict.fromkeys((*required, *served)) if n != MANIFEST_FILE]
     return all(recorded.get(name) == file_sha256(artifacts_dir / name) for name in names)
 
 
@@ -345,8 +351,9 @@ def publish_version(
     repo = Path(repo).resolve()
     artifacts_dir = Path(artifacts_dir)
     manifest = validate_artifacts(artifacts_dir)
+    family = manifest_family(manifest)
     knobs = _serving_knobs(serving)
-    config = serving_config(model_name, **knobs)
+    config = serving_config(model_name, family=family.name, **knobs)
     render_config_pbtxt(config)  # fail before copying anything if Triton would reject it
     served = served_files(manifest)
     model_dir = repo / model_name
@@ -354,7 +361,7 @@ def publish_version(
     _ensure_in_place(model_dir, model_dir)  # repo is resolved: any symlink here leads away
     _ensure_in_place(repo / STAGING_DIR, repo / STAGING_DIR)
     if final.exists():
-        if _holds_same_artifacts(final, artifacts_dir, served):
+        if _holds_same_artifacts(final, artifacts_dir, family.required_artifacts, served):
             return final  # a retried deploy of the very same artifacts: nothing to do
         state = (
             "with different artifacts: does this repository belong to another MLflow registry?"
@@ -373,18 +380,18 @@ def publish_version(
     staging.mkdir()
     try:
         checksums = {}
-        optional = [name for name in OPTIONAL_ARTIFACTS if (artifacts_dir / name).is_file()]
-        for name in dict.fromkeys((*REQUIRED_ARTIFACTS, *served, *optional)):
-            if name == "manifest.json":
+        optional = [n for n in family.optional_artifacts if (artifacts_dir / n).is_file()]
+        for name in dict.fromkeys((*family.required_artifacts, *served, *optional)):
+            if name == MANIFEST_FILE:
                 continue
             _copy_durably(artifacts_dir / name, staging / name)
             checksums[name] = file_sha256(staging / name)
         manifest = {**manifest, "version": version}
         if serving is not None:
             manifest["serving"] = knobs
-        _write_durably(staging / "manifest.json", json.dumps(manifest, indent=2).encode())
-        _copy_durably(MODEL_SOURCE, staging / MODEL_FILE)
-        for name in ("manifest.json", MODEL_FILE):
+        _write_durably(staging / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+        _copy_durably(family.serving_model_source, staging / MODEL_FILE)
+        for name in (MANIFEST_FILE, MODEL_FILE):
             checksums[name] = file_sha256(staging / name)
         marker = {"model_name": model_name, "version": version, "sha256": checksums}
         _write_durably(staging / COMPLETE_MARKER, json.dumps(marker, indent=2).encode())
@@ -420,3 +427,20 @@ def list_versions(repo: Path, model_name: str) -> list[int]:
             continue
         versions.append(int(entry.name))
     return sorted(versions)
+
+
+def smoke_test_version(
+    control: Any,
+    repo: Path,
+    model_name: str,
+    version: int,
+    request: dict[str, Any] | None = None,
+) -> list[Any]:
+    """Smoke-test ``version`` of ``model_name`` (loaded in Triton behind ``control``) with its
+    family's check (:meth:`recsys.families.base.ModelFamily.smoke_test`), pinned to that
+    version; ``request`` overrides the question its export recorded. Returns the family's
+    summary of the answer; raises :class:`recsys.triton.control.ModelLoadError` when the
+    answer is an error or malformed."""
+    manifest = verify_version_dir(Path(repo) / model_name / str(_validate_version(version)))
+    family = manifest_family(manifest)
+    return family.smoke_test(control, model_name, version, manifest, request)

@@ -8,4 +8,11 @@
 * :mod:`.evaluate` ranks held-out items with a sampled (1 + 99 negatives) and a full-ranking
   protocol, the same code for every system.
 * :mod:`.baselines` holds popularity, item-kNN and BPR matrix factorisation.
+* :mod:`.sasrec` is the served model, a self-attentive sequential recommender.
+* :mod:`.export` writes a version folder, :mod:`.serving_model` serves it in Triton and
+  :mod:`.client` asks it; :mod:`.family` is what the platform sees (:data:`FAMILY`).
 """
+
+from recsys.families.recommend.family import FAMILY, RecommendFamily
+
+__all__ = ["FAMILY", "RecommendFamily"]

@@ -2,7 +2,7 @@
 
 The served model tokenises with its version folder's ``tokenizer.json`` and embeds with its
 encoder, so the features come from exactly those files: the training reference
-(:mod:`recsys.monitoring.drift_reference`) and the check on sampled traffic
+(:mod:`recsys.families.search.drift_reference`) and the check on sampled traffic
 (:mod:`recsys.monitoring.drift`) both go through :class:`QueryFeaturizer`, and differences
 between them are differences in the queries, never in how they were measured.
 
@@ -83,7 +83,7 @@ def query_embeddings(version_dir: Path, queries: Sequence[str], max_length: int)
     Always the fp32 graph, even where the manifest serves an INT8 one: the reference and every
     check must share one embedding space, and fp32 is the one every version has.
     """
-    from recsys.evaluation import onnx_embedder
+    from recsys.families.search.evaluation import onnx_embedder
 
     embed = onnx_embedder(
         version_dir / "encoder.onnx", version_dir / "tokenizer.json", max_length=max_length

@@ -146,8 +146,8 @@ def pair_classification_metrics(
 
 def torch_embedder(model_dir: Path, max_length: int = 64, device: Any = None) -> EmbedFn:
     """An :data:`EmbedFn` over the PyTorch checkpoint in ``model_dir``."""
-    from recsys.encoder import BiEncoder, encode_texts, load_tokenizer
-    from recsys.training import pick_device
+    from recsys.families.search.encoder import BiEncoder, encode_texts, load_tokenizer
+    from recsys.families.search.training import pick_device
 
     model = BiEncoder.from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)

@@ -6,9 +6,9 @@ manifest. Product
 embeddings are computed here once, at export time, so a served query costs one encoder call and
 one matrix product. The export is checked against PyTorch before anyone can deploy it.
 The manifest's ``onnx_file`` names the encoder Triton loads (``encoder.onnx`` here;
-:mod:`recsys.quantization` may add ``encoder.int8.onnx`` beside it and point there instead).
+:mod:`.quantization` may add ``encoder.int8.onnx`` beside it and point there instead).
 
-With a cross-encoder (:mod:`recsys.reranker`) the folder also holds ``reranker.onnx``, its
+With a cross-encoder (:mod:`.reranker`) the folder also holds ``reranker.onnx``, its
 ``reranker_tokenizer.json`` and the product titles (``titles`` in ``products.npz``), and the
 manifest a ``reranker`` section; Triton then reranks the bi-encoder's top candidates with it.
 Every folder carries the titles (``titles`` in ``products.npz``, aligned with ``ids``): the
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recsys.encoder import BiEncoder, encode_texts, load_tokenizer
+from recsys.families.search.encoder import BiEncoder, encode_texts, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,10 @@ def copy_fp32_artifacts(source_dir: Path, output_dir: Path, *, model_name: str) 
     source's quantization record nor its fault injection."""
     import shutil
 
-    from recsys.triton.repository import OPTIONAL_ARTIFACTS
+    from recsys.families.search.family import SearchFamily
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    for name in (ONNX_FILE, TOKENIZER_FILE, PRODUCTS_FILE, *OPTIONAL_ARTIFACTS):
+    for name in (ONNX_FILE, TOKENIZER_FILE, PRODUCTS_FILE, *SearchFamily.optional_artifacts):
         if (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, output_dir / name)
     manifest = json.loads((source_dir / MANIFEST_FILE).read_text())
@@ -193,7 +193,7 @@ def add_reranker(
 ) -> Path:
     """Turn a bi-encoder serving folder into a reranker model's, in place: ``reranker.onnx``
     and ``reranker_tokenizer.json`` (a cross-encoder checkpoint from
-    :func:`recsys.reranker.fine_tune_reranker`), the product titles in ``products.npz`` and the
+    :func:`.reranker.fine_tune_reranker`), the product titles in ``products.npz`` and the
     manifest's ``reranker`` section. Triton then reranks the bi-encoder's best
     ``max(candidates, TOP_K)`` products per query, pairs truncated to ``max_length`` tokens."""
     with np.load(artifacts_dir / PRODUCTS_FILE, allow_pickle=False) as stored:
@@ -229,7 +229,7 @@ def _export_reranker(
     Besides the export's own check against PyTorch (HF tokenizer), the served path is checked
     end to end: ``reranker_tokenizer.json`` + ONNX must give PyTorch's logits on catalogue pairs.
     """
-    from recsys.reranker import (
+    from recsys.families.search.reranker import (
         export_reranker_onnx,
         onnx_pair_scorer,
         reranker_onnx_inputs,

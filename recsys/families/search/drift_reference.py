@@ -4,7 +4,7 @@ Written at export time into the serving-artifacts folder as ``query_reference.js
 travels with the version it describes (MLflow logs it with the other artifacts, the Triton
 repository publishes it into the version folder) and a rolled-back version is judged against
 its own training data. It is measured with that folder's own ``tokenizer.json`` and fp32
-``encoder.onnx`` (:mod:`recsys.monitoring.query_features`), so the served encoder defines the
+``encoder.onnx`` (:mod:`recsys.families.search.query_features`), so the served encoder defines the
 space. It holds:
 
 * the query length distributions (tokens and words) over bins cut at the training quantiles,
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.monitoring.query_features import (
+from recsys.families.search.query_features import (
     QueryFeaturizer,
     normalised_centroid,
     query_embeddings,

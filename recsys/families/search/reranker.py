@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from recsys.evaluation import (
+from recsys.families.search.evaluation import (
     RANKING_DEPTH,
     EmbedFn,
     EvaluationResult,
@@ -43,8 +43,14 @@ from recsys.evaluation import (
     ranking_metrics,
     relevance_grade,
 )
+from recsys.families.search.training import (
+    TrainingResult,
+    optimise,
+    pick_device,
+    planned_steps,
+    training_result,
+)
 from recsys.progress import progress_bar
-from recsys.training import TrainingResult, optimise, pick_device, planned_steps, training_result
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +192,7 @@ def fine_tune_reranker(
     """Fine-tune a cross-encoder initialised from ``base_model_dir`` on the judged pairs of
     ``train_frame`` and save weights + tokenizer to ``output_dir``. ``on_epoch_end(epoch,
     mean_loss)`` lets the caller log to MLflow. ``TrainingResult.pairs`` counts judged pairs."""
-    from recsys.encoder import load_tokenizer
+    from recsys.families.search.encoder import load_tokenizer
 
     pairs = training_pairs(train_frame)
     if not pairs:
@@ -260,7 +266,7 @@ def torch_pair_scorer(
     model_dir: Path, max_length: int = 96, batch_size: int = 64, device: Any = None
 ) -> PairScoreFn:
     """A :data:`PairScoreFn` over the PyTorch cross-encoder checkpoint in ``model_dir``."""
-    from recsys.encoder import load_tokenizer
+    from recsys.families.search.encoder import load_tokenizer
 
     model = load_cross_encoder(model_dir).eval()
     tokenizer = load_tokenizer(model_dir)
@@ -285,7 +291,7 @@ def onnx_pair_scorer(
 ) -> PairScoreFn:
     """A :data:`PairScoreFn` over an exported cross-encoder, tokenised exactly as the Triton
     model tokenises pairs (``tokenizer.json``, longest-first truncation, padding)."""
-    from recsys.evaluation import OnnxTokenizedSession
+    from recsys.families.search.evaluation import OnnxTokenizedSession
 
     cross_encoder = OnnxTokenizedSession(onnx_path, tokenizer_path, max_length)
 
@@ -354,7 +360,7 @@ def evaluate_reranked(
 ) -> EvaluationResult:
     """Retrieve over the whole ``catalog`` with the bi-encoder, rerank each query's
     ``candidates`` best with the cross-encoder and score the run with the same ranx metrics as
-    :func:`recsys.evaluation.evaluate_embeddings`. Precision/recall/F1 judge the held-out pairs
+    :func:`.evaluation.evaluate_embeddings`. Precision/recall/F1 judge the held-out pairs
     by ``sigmoid(logit) >= score_threshold`` against ``relevance >= positive_threshold``."""
     query_texts = judged_queries(test_frame)
     product_ids = catalog["product_uid"].astype(str).tolist()
@@ -423,8 +429,8 @@ def export_reranker_onnx(
     by the logits' magnitude)."""
     import onnxruntime as ort
 
-    from recsys.encoder import load_tokenizer
-    from recsys.export import ExportVerificationError
+    from recsys.families.search.encoder import load_tokenizer
+    from recsys.families.search.export import ExportVerificationError
 
     model = load_cross_encoder(model_dir).cpu().eval()
     tokenizer = load_tokenizer(model_dir)

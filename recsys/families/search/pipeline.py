@@ -17,20 +17,12 @@ import pandas as pd
 from recsys.config import Settings
 
 if TYPE_CHECKING:
-    from recsys.training import TrainingResult
+    from recsys.families.search.training import TrainingResult
 
 log = logging.getLogger(__name__)
 
 QUALITY_SUITES = ("products", "queries", "relevance_labels")
 EXPERIMENT = "product_search"
-
-
-def run_dir_for(settings: Settings, run_id: str) -> Path:
-    """The working folder of one pipeline run (safe for any Airflow run id)."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
-    path = settings.runs_dir / safe
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def validate_data(data_path: str, run_dir: Path, max_rows: int = 0) -> dict[str, Any]:
@@ -103,8 +95,8 @@ def fine_tune_model(
     lineage: dict[str, Any],
 ) -> dict[str, Any]:
     """Fine-tune the bi-encoder; open the MLflow run and log params and per-epoch loss."""
-    from recsys.encoder import resolve_base_model
-    from recsys.training import TrainingParams, fine_tune
+    from recsys.families.search.encoder import resolve_base_model
+    from recsys.families.search.training import TrainingParams, fine_tune
 
     training_params = TrainingParams(**params)
     run_id, result = train_in_mlflow_run(
@@ -167,7 +159,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Score the fine-tuned model on held-out queries and log the metrics to its run."""
     from recsys import registry
-    from recsys.evaluation import evaluate_encoder
+    from recsys.families.search.evaluation import evaluate_encoder
 
     result = evaluate_encoder(
         Path(checkpoint),
@@ -195,13 +187,13 @@ def export_model(
 
     With ``quantize`` (forced by ``precision`` "int8"/"auto") an INT8 encoder is written beside
     the fp32 one and both are scored on the held-out queries; ``precision`` picks what the
-    manifest serves (see :func:`recsys.quantization.choose_precision`: "int8" fails the task
+    manifest serves (see :func:`.quantization.choose_precision`: "int8" fails the task
     when the gate refuses INT8, "auto" falls back to fp32). Both NDCGs, the fp32/INT8 cosines
     and the decision are recorded in the manifest under ``quantization``.
     """
-    from recsys import quantization
-    from recsys.export import build_serving_artifacts
-    from recsys.promotion import evaluate_serving_artifacts
+    from recsys.families.search import quantization
+    from recsys.families.search.export import build_serving_artifacts
+    from recsys.families.search.promotion import evaluate_serving_artifacts
 
     catalog = read_split_frame(split["catalog_path"])
     artifacts = build_serving_artifacts(
@@ -259,7 +251,7 @@ def export_model(
 def write_training_reference(artifacts_dir: Path, split: dict[str, Any]) -> Path:
     """The training queries' profile (lengths, vocabulary, embedding centroid) in the version
     folder, which the ``query_drift`` DAG compares served queries with."""
-    from recsys.monitoring.drift_reference import write_query_reference
+    from recsys.families.search.drift_reference import write_query_reference
 
     train = read_split_frame(split["train_path"])
     return write_query_reference(artifacts_dir, train["search_term"].astype(str).tolist())
@@ -277,8 +269,8 @@ def evaluate_baselines(
     """BM25 and the un-fine-tuned base model on the held-out queries, next to the fine-tuned
     model's metrics (``challenger_metrics``, from :func:`evaluate_model`). The table is written
     as JSON and CSV and, with ``run_id``, logged to that MLflow run under ``evaluation/``."""
-    from recsys import baselines
-    from recsys.encoder import resolve_base_model
+    from recsys.families.search import baselines
+    from recsys.families.search.encoder import resolve_base_model
 
     test, catalog = read_split_frame(split["test_path"]), read_split_frame(split["catalog_path"])
     results: dict[str, Any] = {
@@ -306,11 +298,12 @@ def write_evaluation_table(
 ) -> list[Path]:
     """Write a comparison table as JSON, CSV and a bar-chart PNG and, with ``run_id``, log
     all three to that MLflow run under ``evaluation/`` (the registry UI links the run)."""
-    from recsys import baselines, registry
+    from recsys import registry, tables
+    from recsys.families.search import baselines
 
-    paths = baselines.write_table(table, path_stem)
+    paths = tables.write_table(table, path_stem)
     paths.append(
-        baselines.plot_table(
+        tables.plot_table(
             table, Path(path_stem).with_suffix(".png"), keys or baselines.TABLE_KEYS, title
         )
     )
@@ -347,8 +340,9 @@ def compare_with_champion(
     ``challenger_metrics``: the challenger folder's metrics on this split, when its export
     already scored it as it serves (:func:`export_model` does so when it quantizes).
     """
-    from recsys import baselines
-    from recsys.promotion import evaluate_serving_artifacts, should_promote
+    from recsys.families.search import baselines
+    from recsys.families.search.promotion import evaluate_serving_artifacts
+    from recsys.model_pipeline import find_champion, should_promote
 
     test, catalog = read_split_frame(split["test_path"]), read_split_frame(split["catalog_path"])
     challenger = challenger_metrics or (
@@ -358,7 +352,7 @@ def compare_with_champion(
     )
     champion_version, source, champion = None, "none", None
     if champion_dir is None:
-        champion_version, champion_dir, champion = _find_champion(settings, metric)
+        champion_version, champion_dir, champion = find_champion(settings, metric)
         source = "recorded" if champion is not None else source
     if champion_dir is not None:
         champion = evaluate_serving_artifacts(
@@ -388,166 +382,4 @@ def compare_with_champion(
         "table": table,
         "champion_version": champion_version,
         "champion_source": source,
-    }
-
-
-def _find_champion(
-    settings: Settings, metric: str
-) -> tuple[int | None, str | None, dict[str, float] | None]:
-    """``(version, version folder or None, recorded metrics or None)`` of the champion."""
-    from recsys import registry
-    from recsys.triton.repository import IncompleteArtifactsError, verify_version_dir
-
-    model = settings.model_name
-    version = registry.alias_version(settings.mlflow_tracking_uri, model, registry.CHAMPION)
-    if version is None:
-        return None, None, None
-    folder = settings.triton_repo / model / str(version)
-    try:
-        verify_version_dir(folder)
-        return version, str(folder), None
-    except IncompleteArtifactsError:
-        log.warning("champion v%d has no complete folder at %s", version, folder)
-    uri = settings.mlflow_tracking_uri
-    mlflow_client = registry.client(uri)
-    with registry.registry_request(uri, f"reading champion v{version}'s recorded metrics"):
-        run_id = mlflow_client.get_model_version(model, str(version)).run_id
-        recorded = mlflow_client.get_run(run_id).data.metrics
-    if metric not in recorded:
-        raise RuntimeError(
-            f"champion v{version} has neither a published folder at {folder} nor a recorded "
-            f"{metric!r}; cannot compare (deploy it again with `recsys deploy --version {version}`)"
-        )
-    return version, None, {metric: float(recorded[metric])}
-
-
-def register_model(
-    settings: Settings, run_id: str, artifacts_dir: str, lineage: dict[str, Any]
-) -> dict[str, Any]:
-    from recsys import registry
-
-    version = registry.register_serving_model(
-        settings.mlflow_tracking_uri, run_id, settings.model_name, Path(artifacts_dir), lineage
-    )
-    return {"version": version.version, "run_id": run_id}
-
-
-def deploy_model(
-    settings: Settings,
-    version: int,
-    artifacts_dir: str | None,
-    smoke_query: str,
-    top_k: int,
-    serving: dict[str, Any] | None = None,
-    reason: str | None = None,
-) -> dict[str, Any]:
-    """Publish ``version`` atomically into the Triton repository (skipped when
-    ``artifacts_dir`` is None: the immutable version folder is already there), load it,
-    smoke-test it (pinned to ``version``: the version it replaces may still answer while it
-    drains), and only then make it ``champion``.
-
-    A version that fails to load or answer is replaced by what Triton served before the
-    attempt (read from Triton, not the registry): that version is loaded again, or, when it is
-    ``version`` itself (a retried task, ``recsys deploy --version <champion>``), the last
-    known-good version before it; with nothing served before, ``version`` is unloaded. The
-    audit log records the failure and what was restored, and the task fails with
-    :class:`~recsys.rollback.DeployFailedError` saying what serves now (Triton being down or
-    refusing the admin key re-raises that error as is). A registry that cannot be read fails
-    the deploy before Triton is touched. When the older version is still loaded after Triton's
-    retire timeout, the deploy is completed (promoted, audited, alerted) and then raises
-    :class:`~recsys.triton.control.VersionsNotRetiredError`.
-
-    ``serving`` (``max_batch_size``, ``instance_count``, ``dynamic_batching``,
-    ``max_queue_delay_us``, ``response_cache``, ...) is pinned into the published version and
-    every load of a version uses the knobs it was published with; without it a version gets
-    ``settings.triton_instances`` instances. ``reason`` (the promotion
-    decision, or why it was forced) goes into the audit record."""
-    from recsys import audit, registry
-    from recsys.alerts import mark_alerted
-    from recsys.locking import model_lock
-    from recsys.rollback import restore_after_failed_deploy
-    from recsys.triton.control import (
-        TritonAuthError,
-        TritonControl,
-        TritonUnavailableError,
-        VersionsNotRetiredError,
-    )
-    from recsys.triton.repository import publish_version, version_serving_config
-
-    model = settings.model_name
-    control = TritonControl(settings.triton_grpc_url)
-    not_retired: VersionsNotRetiredError | None = None
-    with model_lock(settings.home / "locks", model):
-        # Fails (RegistryUnavailableError) before Triton is touched when the registry cannot be
-        # read: a version that could not be promoted must not be loaded.
-        registry.alias_version(settings.mlflow_tracking_uri, model, registry.CHAMPION)
-        if artifacts_dir is not None:
-            publish_version(
-                settings.triton_repo,
-                model,
-                version,
-                Path(artifacts_dir),
-                serving=serving or {"instance_count": settings.triton_instances},
-            )
-        repo = settings.triton_repo
-        served_before: list[int] | None = None
-        try:
-            # What a failure restores is what Triton served, whatever the registry says.
-            served_before = control.loaded_versions(model)
-            config = version_serving_config(repo, model, version)
-            try:
-                control.load_version(model, version, repo, config=config)
-            except VersionsNotRetiredError as exc:
-                not_retired = exc  # version is READY and pinned; reported once the rest is done
-            answer = control.smoke_test(model, smoke_query, top_k=top_k, version=version)
-        except Exception as exc:
-            failure = restore_after_failed_deploy(
-                settings,
-                control,
-                version,
-                served_before,
-                exc,
-                smoke_query=smoke_query,
-                top_k=top_k,
-            )
-            if isinstance(exc, TritonUnavailableError | TritonAuthError):
-                exc.add_note(str(failure))  # keep the type: the CLI maps it to its exit code
-                raise
-            raise failure from exc
-        old = registry.promote_to_champion(settings.mlflow_tracking_uri, model, version)
-        extra = {}
-        if not_retired is not None:
-            extra["not_retired"] = {str(v): s for v, s in not_retired.still_loaded.items()}
-        audit.append_record(
-            settings.audit_log,
-            "deploy",
-            model,
-            version=version,
-            replaced=old,
-            reason=reason,
-            smoke_query=smoke_query,
-            smoke_top=answer[:3],
-            **extra,
-        )
-    from recsys.monitoring.policy import rebaseline
-
-    # The monitor judges the new version from this moment on, not from a window that mixes in
-    # the version it replaced.
-    rebaseline(settings.monitor_state, model, settings.triton_metrics_url)
-    log.info("version %d serves; smoke query %r -> %s", version, smoke_query, answer[:3])
-    if not_retired is not None:
-        done = "deployed: it passed its smoke query and is champion" + (
-            f", replacing v{old}" if old is not None and old != version else ""
-        )
-        error = not_retired.with_done(done)
-        audit.send_alert(
-            settings.alerts_log,
-            f"{model} v{version} deployed, but older versions are still loaded",
-            {"model": model, "version": version, "replaced": old, **extra, "error": str(error)},
-        )
-        raise mark_alerted(error) from not_retired
-    return {
-        "version": version,
-        "replaced": old,
-        "smoke": [[pid, float(score)] for pid, score in answer],
     }

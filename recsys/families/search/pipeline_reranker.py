@@ -1,10 +1,10 @@
-"""The reranker branch of the pipeline: one function per Airflow task, like ``recsys.pipeline``.
+"""The reranker branch of the pipeline: one function per Airflow task, like ``.pipeline``.
 
 The cross-encoder is a second served model (``<model>_reranker``): its version folders hold the
 fine-tuned bi-encoder (retrieval over the whole catalogue) plus the cross-encoder that reorders
 the bi-encoder's top candidates. It gets its own MLflow run, its own registry versions and
 aliases, and goes through the same champion gate, publish, load and smoke test as the
-bi-encoder (``recsys.pipeline.compare_with_champion`` / ``register_model`` / ``deploy_model``
+bi-encoder (``.pipeline.compare_with_champion`` / ``register_model`` / ``deploy_model``
 with :func:`reranker_settings`), so a bad reranker can be rolled back on its own.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.config import SERVED_MODEL_SUFFIXES, Settings, served_model_settings
-from recsys.pipeline import read_split_frame, train_in_mlflow_run
+from recsys.families.search.pipeline import read_split_frame, train_in_mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ def fine_tune_reranker_model(
     lineage: dict[str, Any],
 ) -> dict[str, Any]:
     """Fine-tune the cross-encoder on the graded training pairs in its own MLflow run."""
-    from recsys.encoder import resolve_base_model
-    from recsys.reranker import RerankerParams, fine_tune_reranker
+    from recsys.families.search.encoder import resolve_base_model
+    from recsys.families.search.reranker import RerankerParams, fine_tune_reranker
 
     reranker_params = RerankerParams(**params)
     run_id, result = train_in_mlflow_run(
@@ -68,8 +68,8 @@ def evaluate_reranker_model(
     """Bi-encoder retrieval + cross-encoder reranking on the held-out queries, logged to the
     reranker's run (the same metric keys as the bi-encoder's, so the rows compare)."""
     from recsys import registry
-    from recsys.evaluation import torch_embedder
-    from recsys.reranker import evaluate_reranked, torch_pair_scorer
+    from recsys.families.search.evaluation import torch_embedder
+    from recsys.families.search.reranker import evaluate_reranked, torch_pair_scorer
 
     result = evaluate_reranked(
         torch_embedder(Path(bi_encoder_checkpoint)),
@@ -95,7 +95,7 @@ def export_reranked_model(
     """The reranker model's serving folder: the bi-encoder's fp32 export of this run (ONNX
     encoder, catalogue embeddings, drift reference; exported once, by ``export_onnx``) plus the
     ONNX cross-encoder, served fp32 (the reranker sees only ``candidates`` pairs per query)."""
-    from recsys.export import add_reranker, copy_fp32_artifacts
+    from recsys.families.search.export import add_reranker, copy_fp32_artifacts
 
     artifacts = copy_fp32_artifacts(
         Path(bi_encoder_artifacts),
@@ -127,7 +127,7 @@ def gate_reranker(
     """The reranker model's champion gate, plus one more condition: a reranker is only worth
     its latency when it ranks better than the bi-encoder it reorders. Both are scored as they
     serve on the same held-out queries (the bi-encoder's row comes from its own gate's table)."""
-    from recsys.pipeline import compare_with_champion
+    from recsys.families.search.pipeline import compare_with_champion
 
     metric = "ndcg_at_10"
     decision = compare_with_champion(

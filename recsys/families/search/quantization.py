@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.evaluation import onnx_embedder
+from recsys.families.search.evaluation import onnx_embedder
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from recsys.monitoring.drift_reference import MAX_EMBEDDED_QUERIES, LengthHistogram, QueryReference
+from recsys.families.search.drift_reference import (
+    MAX_EMBEDDED_QUERIES,
+    LengthHistogram,
+    QueryReference,
+)
+from recsys.families.search.query_features import QueryFeatures, normalised_centroid
 from recsys.monitoring.drift_thresholds import DriftThresholds
-from recsys.monitoring.query_features import QueryFeatures, normalised_centroid
 
 
 def psi(reference_counts: Sequence[int], sample_counts: Sequence[int]) -> float:

@@ -13,49 +13,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import NamedTuple
 
 import pandas as pd
 
-from recsys.evaluation import EvaluationResult, evaluate_embeddings, onnx_embedder
+from recsys.families.search.evaluation import EvaluationResult, evaluate_embeddings, onnx_embedder
 
 log = logging.getLogger(__name__)
-
-
-class PromotionDecision(NamedTuple):
-    promote: bool
-    reason: str
-
-
-def should_promote(
-    challenger_metrics: dict[str, float],
-    champion_metrics: dict[str, float] | None,
-    metric: str = "ndcg_at_10",
-    min_gain: float = 0.0,
-) -> PromotionDecision:
-    """Promote when the challenger beats the champion on ``metric`` by more than ``min_gain``
-    (``min_gain=0``: any strict improvement; a tie keeps the champion, since a swap costs a
-    deploy and risks a regression for nothing). No champion: promote."""
-    if metric not in challenger_metrics:
-        raise KeyError(f"challenger metrics lack {metric!r}: {sorted(challenger_metrics)}")
-    challenger = float(challenger_metrics[metric])
-    if champion_metrics is None:
-        return PromotionDecision(True, f"no champion yet; challenger {metric}={challenger:.4f}")
-    if metric not in champion_metrics:
-        raise KeyError(f"champion metrics lack {metric!r}: {sorted(champion_metrics)}")
-    champion = float(champion_metrics[metric])
-    gain = challenger - champion
-    if gain > min_gain:
-        return PromotionDecision(
-            True,
-            f"challenger {metric}={challenger:.4f} beats champion {champion:.4f} "
-            f"by {gain:+.4f} (> min_gain {min_gain:.4f})",
-        )
-    return PromotionDecision(
-        False,
-        f"challenger {metric}={challenger:.4f} vs champion {champion:.4f}: gain {gain:+.4f} "
-        f"is not > min_gain {min_gain:.4f}; keeping the champion",
-    )
 
 
 def evaluate_serving_artifacts(
@@ -69,7 +32,7 @@ def evaluate_serving_artifacts(
     encoder its manifest names (fp32 or INT8), the catalogue through its fp32 ``encoder.onnx``,
     and, for a reranker model (a ``reranker`` manifest section), the top candidates through its
     cross-encoder."""
-    from recsys.triton.repository import served_onnx_file
+    from recsys.families.search.family import served_onnx_file
 
     artifacts_dir = Path(artifacts_dir)
     manifest = json.loads((artifacts_dir / "manifest.json").read_text())
@@ -78,7 +41,7 @@ def evaluate_serving_artifacts(
     query_embed = onnx_embedder(artifacts_dir / served_onnx_file(manifest), tokenizer, max_length)
     product_embed = onnx_embedder(artifacts_dir / "encoder.onnx", tokenizer, max_length)
     if "reranker" in manifest:
-        from recsys.reranker import evaluate_reranked, onnx_pair_scorer
+        from recsys.families.search.reranker import evaluate_reranked, onnx_pair_scorer
 
         section = manifest["reranker"]
         if not isinstance(section, dict):

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from recsys.encoder import BiEncoder, load_tokenizer
+from recsys.families.search.encoder import BiEncoder, load_tokenizer
 from recsys.progress import progress_bar
 
 log = logging.getLogger(__name__)
