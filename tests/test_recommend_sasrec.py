@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from recsys.families.recommend.baselines import Popularity, RandomScorer
-from recsys.families.recommend.data import read_interactions
+from recsys.families.recommend.data import read_interactions, read_item_meta
 from recsys.families.recommend.evaluate import build_cases, evaluate_sampled, sample_negatives
 from recsys.families.recommend.sasrec import (
     ONNX_INPUT,
@@ -177,3 +177,121 @@ def test_onnx_export_matches_torch_for_batches_of_one_and_three(split, model, tm
         np.testing.assert_allclose(onnx_scores, torch_scores, atol=1e-4, rtol=0)
         # the evaluation path trims all-padding columns: same scores as the padded input
         np.testing.assert_allclose(model.scores(batch, "test"), torch_scores, atol=1e-5, rtol=0)
+
+
+# --- loss, early stopping and item relations ---------------------------------------------
+
+
+def test_both_losses_train_and_the_default_is_cross_entropy(split, model):
+    assert SASRecParams().loss == "ce" and model.params.loss == "ce"
+    bce = SASRec(replace(SMALL, loss="bce", eval_every=0)).fit(split)
+    assert len(bce.loss_history) == SMALL.epochs and all(np.isfinite(bce.loss_history))
+    assert np.mean(bce.loss_history[-2:]) < bce.loss_history[0] - 0.05
+    # cross-entropy over the catalogue starts near log(n_items) and goes down
+    assert abs(model.loss_history[0] - np.log(split.n_items)) < 1.0
+    with pytest.raises(ValueError, match="loss"):
+        SASRecParams(loss="mse")  # type: ignore[arg-type]
+
+
+def test_early_stopping_keeps_the_best_validation_epoch(split):
+    params = replace(SMALL, epochs=40, eval_every=2, patience=3)
+    fitted = SASRec(params).fit(split)
+    curve = fitted.validation_curve
+    summary = fitted.describe()
+    assert [epoch for epoch, _ in curve] == list(range(2, 2 * len(curve) + 1, 2))
+    best_epoch, best_score = max(curve, key=lambda point: (point[1], -point[0]))
+    assert fitted.best_epoch == summary["best_epoch"] == best_epoch
+    assert summary["validation_curve"] == [list(point) for point in curve]
+    # it stopped `patience` checks after the best one, and kept that epoch's weights
+    assert len(fitted.loss_history) == summary["epochs_run"] < params.epochs
+    assert curve[-1][0] == best_epoch + params.eval_every * params.patience
+    assert round(fitted._validation_score(*fitted._validation_probe(split)), 5) == best_score
+    # the test frame plays no part in the fit (not even in the validation negatives)
+    shuffled_test = split.test.assign(**{ITEM_IDX: np.roll(split.test[ITEM_IDX].to_numpy(), 1)})
+    blind = SASRec(params).fit(replace(split, test=shuffled_test))
+    assert blind.validation_curve == curve and blind.loss_history == fitted.loss_history
+    # the kept weights are the ones a run of exactly best_epoch epochs ends with
+    exact = SASRec(replace(params, epochs=best_epoch, eval_every=0)).fit(split)
+    users = np.arange(split.n_users)
+    np.testing.assert_allclose(
+        fitted.scores(users, "test"), exact.scores(users, "test"), atol=1e-5, rtol=0
+    )
+
+
+def _related_chain(n_users=240, n_items=140, seed=3):
+    """The chain data, and item metadata whose also-bought list of every item holds its
+    successor among 4 random items: the relation alone predicts the next item."""
+    frame = _chain_data(n_users, n_items, seed)
+    rng = np.random.default_rng(seed)
+    successor = rng.permutation(n_items)  # the same permutation _chain_data draws first
+    rows = []
+    for item in range(n_items):
+        related = [int(successor[item]), *rng.choice(n_items, 4, replace=False).tolist()]
+        rng.shuffle(related)
+        rows.append((f"i{item}", "0", tuple(f"i{r}" for r in related), ()))
+    meta = pd.DataFrame(rows, columns=["item_id", "i_category", "r_complement", "r_substitute"])
+    return frame, meta
+
+
+def test_relations_are_learned_and_optional():
+    frame, meta = _related_chain()
+    chain = leave_one_out(frame)
+    params = SASRecParams(dim=8, blocks=1, max_len=12, epochs=3, batch_size=32, lr=3e-2)
+    with_relations = SASRec(params, meta).fit(chain)
+    without = SASRec(params).fit(chain)
+    assert without.describe()["relations"] is None and without.net.window == 0
+    summary = with_relations.describe()
+    assert summary["relations"][0] == 1  # r_substitute is empty: one relation kept
+    assert summary["relations"][1] == chain.n_items + 1
+    weight = np.array(summary["relation_weight"])
+    assert weight.shape == (1, params.relation_window) and weight[0, 0] > 0
+    assert weight[0, 0] > abs(weight[0, 1:]).max()  # the latest item's relations count most
+    cases = build_cases(chain, "test")
+    negatives = sample_negatives(cases, seed=7)
+    related = evaluate_sampled(with_relations.scorer("test"), cases, negatives)
+    plain = evaluate_sampled(without.scorer("test"), cases, negatives)
+    assert related["NDCG@5"] > plain["NDCG@5"] + 0.1, (related, plain)
+    # no related item is the item itself or padding; relation_window 0 switches them off
+    table = with_relations.relations.numpy()
+    tokens = np.arange(chain.n_items + 1)[:, None]
+    assert not (table[0, 1:] == tokens[1:]).any() and not table[0, PAD].any()
+    assert SASRec(replace(params, relation_window=0, epochs=0), meta).fit(chain).net.window == 0
+
+
+def test_onnx_export_with_relations_matches_torch(split, tmp_path):
+    import onnxruntime as ort
+
+    meta = read_item_meta(SAMPLE / "item_meta.tsv")
+    fitted = SASRec(replace(SMALL, epochs=2), meta).fit(split)
+    assert fitted.net.window == SMALL.relation_window
+    with torch.no_grad():
+        fitted.net.relation_weight.add_(0.5)  # make the bonus matter in the comparison
+    session = ort.InferenceSession(
+        str(export_onnx(fitted, tmp_path / "related.onnx")), providers=["CPUExecutionProvider"]
+    )
+    users = np.arange(split.n_users)
+    tokens = fitted.histories(users, "test")
+    (onnx_scores,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: tokens})
+    with torch.no_grad():
+        torch_scores = fitted.net(torch.from_numpy(tokens)).numpy()
+        plain = fitted.net.item_vectors() @ fitted.net.hidden(torch.from_numpy(tokens))[:, -1].T
+    assert np.abs(torch_scores - plain.T.numpy()).max() > 0.4  # the relations are in the graph
+    np.testing.assert_allclose(onnx_scores, torch_scores, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(fitted.scores(users, "test"), torch_scores, atol=1e-5, rtol=0)
+
+
+def test_refit_trains_the_best_epoch_count_on_train_plus_validation(split):
+    params = replace(SMALL, epochs=20, eval_every=2, patience=2, refit=True)
+    fitted = SASRec(params).fit(split)
+    summary = fitted.describe()
+    first = summary["first_fit"]
+    assert summary["refitted"] and fitted.best_epoch == summary["best_epoch"]
+    assert len(fitted.loss_history) == fitted.best_epoch <= len(first["loss_history"])
+    # same seed, more targets (the validation items): another loss curve
+    assert fitted.loss_history != first["loss_history"][: fitted.best_epoch]
+    again = SASRec(params).fit(split)
+    assert again.loss_history == fitted.loss_history
+    # histories are the same as without refit: the test item stays out
+    users = split.test[USER_IDX].to_numpy()
+    plain = SASRec(replace(params, refit=False, epochs=0)).fit(split)
+    np.testing.assert_array_equal(fitted.histories(users, "test"), plain.histories(users, "test"))

@@ -85,7 +85,7 @@ class RecommendFamily(ModelFamily):
             "epochs": {**integer, "default": None, "description": "null = the model default"},
             "sasrec_dim": {**integer, "default": None},
             "sasrec_max_len": {**integer, "default": None},
-            "bpr_epochs": {"default": 20, "type": "integer", "minimum": 1},
+            "bpr_epochs": {"default": 30, "type": "integer", "minimum": 1},
             "negatives_seed": {"default": 2024, "type": "integer"},
         }
 
