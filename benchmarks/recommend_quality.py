@@ -61,14 +61,6 @@ PUBLISHED = {
         "kda": {"hr_at_5": 0.5174, "ndcg_at_5": 0.3876},
     },
 }
-METRIC_KEYS = {
-    "HR@5": "hr_at_5",
-    "NDCG@5": "ndcg_at_5",
-    "HR@10": "hr_at_10",
-    "NDCG@10": "ndcg_at_10",
-    "Recall@20": "recall_at_20",
-    "NDCG@20": "ndcg_at_20",
-}
 
 
 def main() -> int:
@@ -112,6 +104,7 @@ def main() -> int:
         evaluate_sampled,
         sample_negatives,
     )
+    from recsys.families.recommend.pipeline import METRIC_NAMES as METRIC_KEYS
     from recsys.families.recommend.sasrec import SASRec, SASRecParams
     from recsys.families.recommend.split import leave_one_out
 

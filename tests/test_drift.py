@@ -605,6 +605,18 @@ def test_drift_dag_feeds_the_pipeline_through_the_retraining_asset(dagbag) -> No
     assert dagbag.get_dag("search_model_pipeline").timetable.asset_condition == RETRAINING_REQUEST
 
 
+def test_each_family_retrains_on_its_own_asset(dagbag) -> None:
+    """The recommender's drift DAG asks for a recommender retrain, never a search one."""
+    from recsys.assets import RETRAINING_REQUEST, retraining_request
+
+    asset = retraining_request("recommend")
+    assert asset.uri == "recsys://recommend/retraining-request" and asset != RETRAINING_REQUEST
+    drift = dagbag.get_dag("input_drift_recommend")
+    assert drift.get_task("request_retraining").outlets == [asset]
+    assert dagbag.get_dag("recommend_model_pipeline").timetable.asset_condition == asset
+    assert set(drift.params) >= {"max_unknown_user_share", "max_popularity_psi"}
+
+
 def test_drift_dag_runs_unpaused_in_its_pool_and_alerts_once_per_failure(dagbag) -> None:
     """The drift DAG's tasks share the default pool at the drift priority (absolute weights, so
     a long pipeline never outranks it), only tasks alert on failure (a DAG-level callback would
