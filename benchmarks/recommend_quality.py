@@ -98,13 +98,13 @@ def main() -> int:
 
     from recsys.families.recommend.baselines import BPR, ItemKNN, Popularity, RandomScorer
     from recsys.families.recommend.data import read_interactions, read_item_meta
+    from recsys.families.recommend.evaluate import METRIC_NAMES as METRIC_KEYS
     from recsys.families.recommend.evaluate import (
         build_cases,
         evaluate_full,
         evaluate_sampled,
         sample_negatives,
     )
-    from recsys.families.recommend.pipeline import METRIC_NAMES as METRIC_KEYS
     from recsys.families.recommend.sasrec import SASRec, SASRecParams
     from recsys.families.recommend.split import leave_one_out
 

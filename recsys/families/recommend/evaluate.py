@@ -141,6 +141,37 @@ def _scores(scorer: Scorer, users: np.ndarray, n_items: int) -> np.ndarray:
     return scores
 
 
+def _sampled_batch_ranks(
+    scores: np.ndarray, targets: np.ndarray, negatives: np.ndarray
+) -> np.ndarray:
+    """Sampled-protocol ranks of one batch (rows of ``scores`` = cases)."""
+    seen = targets >= 0
+    target_scores = scores[np.arange(len(targets)), np.where(seen, targets, 0)]
+    negative_scores = np.take_along_axis(scores, negatives, axis=1)
+    beaten_or_tied = (negative_scores >= target_scores[:, None]).sum(axis=1)
+    return np.where(seen, 1.0 + beaten_or_tied, np.inf)
+
+
+def _full_batch_ranks(
+    scores: np.ndarray, targets: np.ndarray, exclude: sp.csr_matrix
+) -> np.ndarray:
+    """Full-ranking ranks of one batch; ``exclude`` holds the batch's rows of excluded items."""
+    seen = targets >= 0
+    arange = np.arange(len(targets))
+    safe = np.where(seen, targets, 0)
+    beaten_or_tied = scores >= scores[arange, safe][:, None]
+    beaten_or_tied &= ~exclude.toarray().astype(bool)
+    beaten_or_tied[arange, safe] = False  # the item itself
+    return np.where(seen, 1.0 + beaten_or_tied.sum(axis=1), np.inf)
+
+
+def _batches(scorer: Scorer, cases: EvalCases, batch_size: int):
+    """``(rows, scores)`` of each batch of cases: the scorer is asked once per batch."""
+    for start in range(0, len(cases), batch_size):
+        rows = slice(start, start + batch_size)
+        yield rows, _scores(scorer, cases.users[rows], cases.n_items)
+
+
 def sampled_ranks(
     scorer: Scorer, cases: EvalCases, negatives: np.ndarray, batch_size: int = DEFAULT_BATCH
 ) -> np.ndarray:
@@ -149,15 +180,8 @@ def sampled_ranks(
     if negatives.shape[0] != len(cases):
         raise ValueError("negatives must have one row per case")
     ranks = np.full(len(cases), np.inf)
-    for start in range(0, len(cases), batch_size):
-        rows = slice(start, start + batch_size)
-        scores = _scores(scorer, cases.users[rows], cases.n_items)
-        targets = cases.targets[rows]
-        seen = targets >= 0
-        target_scores = scores[np.arange(len(targets)), np.where(seen, targets, 0)]
-        negative_scores = np.take_along_axis(scores, negatives[rows], axis=1)
-        beaten_or_tied = (negative_scores >= target_scores[:, None]).sum(axis=1)
-        ranks[rows] = np.where(seen, 1.0 + beaten_or_tied, np.inf)
+    for rows, scores in _batches(scorer, cases, batch_size):
+        ranks[rows] = _sampled_batch_ranks(scores, cases.targets[rows], negatives[rows])
     return ranks
 
 
@@ -165,17 +189,8 @@ def full_ranks(scorer: Scorer, cases: EvalCases, batch_size: int = DEFAULT_BATCH
     """Rank (1 = best, pessimistic ties) of each held-out item among every item not excluded
     for its user (the held-out item itself is always a candidate); ``inf`` when unseen."""
     ranks = np.full(len(cases), np.inf)
-    for start in range(0, len(cases), batch_size):
-        rows = slice(start, start + batch_size)
-        scores = _scores(scorer, cases.users[rows], cases.n_items)
-        targets = cases.targets[rows]
-        seen = targets >= 0
-        arange = np.arange(len(targets))
-        safe = np.where(seen, targets, 0)
-        beaten_or_tied = scores >= scores[arange, safe][:, None]
-        beaten_or_tied &= ~cases.exclude[rows].toarray().astype(bool)
-        beaten_or_tied[arange, safe] = False  # the item itself
-        ranks[rows] = np.where(seen, 1.0 + beaten_or_tied.sum(axis=1), np.inf)
+    for rows, scores in _batches(scorer, cases, batch_size):
+        ranks[rows] = _full_batch_ranks(scores, cases.targets[rows], cases.exclude[rows])
     return ranks
 
 
@@ -227,6 +242,40 @@ def evaluate_full(
         metrics[f"Recall@{k}"] = hit_rate(ranks, k)
         metrics[f"NDCG@{k}"] = ndcg(ranks, k)
     return metrics
+
+
+METRIC_NAMES = {
+    "HR@5": "hr_at_5",
+    "NDCG@5": "ndcg_at_5",
+    "HR@10": "hr_at_10",
+    "NDCG@10": "ndcg_at_10",
+    "Recall@20": "recall_at_20",
+    "NDCG@20": "ndcg_at_20",
+}
+"""The metrics a pipeline run reports, as :func:`evaluate_sampled` / :func:`evaluate_full` name
+them -> the registry's names (MLflow metric keys cannot hold ``@``)."""
+
+
+def evaluate_both(
+    scorer: Scorer, cases: EvalCases, negatives: np.ndarray, batch_size: int = DEFAULT_BATCH
+) -> dict[str, float]:
+    """Both protocols at the pipeline's cut-offs (:data:`METRIC_NAMES`: sampled HR/NDCG@5/10,
+    full Recall/NDCG@20) from ONE scoring pass: each batch of users is scored once and ranked
+    both ways, the same numbers as :func:`evaluate_sampled` plus :func:`evaluate_full` of a
+    deterministic scorer for half the model calls."""
+    if negatives.shape[0] != len(cases):
+        raise ValueError("negatives must have one row per case")
+    sampled = np.full(len(cases), np.inf)
+    full = np.full(len(cases), np.inf)
+    for rows, scores in _batches(scorer, cases, batch_size):
+        targets = cases.targets[rows]
+        sampled[rows] = _sampled_batch_ranks(scores, targets, negatives[rows])
+        full[rows] = _full_batch_ranks(scores, targets, cases.exclude[rows])
+    metrics = {}
+    for k in (5, 10):
+        metrics[f"HR@{k}"], metrics[f"NDCG@{k}"] = hit_rate(sampled, k), ndcg(sampled, k)
+    metrics["Recall@20"], metrics["NDCG@20"] = hit_rate(full, 20), ndcg(full, 20)
+    return {METRIC_NAMES[name]: value for name, value in metrics.items()}
 
 
 def results_table(results: dict[str, dict[str, float]]) -> pd.DataFrame:

@@ -45,8 +45,7 @@ from recsys.families.recommend.data import ITEM
 from recsys.families.recommend.evaluate import (
     Stage,
     build_cases,
-    evaluate_full,
-    evaluate_sampled,
+    evaluate_both,
     sample_negatives,
 )
 from recsys.families.recommend.family import ITEMS_FILE, ONNX_FILE, REFERENCE_FILE, USERS_FILE
@@ -57,15 +56,6 @@ if TYPE_CHECKING:
 
 FAMILY_NAME = "recommend"
 PAD = 0
-METRIC_NAMES = {
-    ("sampled", "HR@5"): "hr_at_5",
-    ("sampled", "NDCG@5"): "ndcg_at_5",
-    ("sampled", "HR@10"): "hr_at_10",
-    ("sampled", "NDCG@10"): "ndcg_at_10",
-    ("full", "Recall@20"): "recall_at_20",
-    ("full", "NDCG@20"): "ndcg_at_20",
-}
-""":mod:`.evaluate`'s metric names, per protocol, -> the platform's (MLflow-safe) names."""
 
 
 def _user_sequences(frames: Sequence[pd.DataFrame], n_users: int) -> list[np.ndarray]:
@@ -258,13 +248,6 @@ def score_artifacts(
         return session.run(["SCORES"], {"HISTORY": tokens})[0]
 
     cases = build_cases(split, stage)
-    negatives = sample_negatives(cases, seed=negatives_seed)
-    protocols = {
-        "sampled": evaluate_sampled(scorer, cases, negatives, ks=(5, 10)),
-        "full": evaluate_full(scorer, cases, ks=(20,)),
-    }
-    metrics = {
-        name: float(protocols[protocol][key]) for (protocol, key), name in METRIC_NAMES.items()
-    }
+    metrics = evaluate_both(scorer, cases, sample_negatives(cases, seed=negatives_seed))
     metrics["n_cases"] = float(len(cases))
     return metrics

@@ -28,15 +28,6 @@ DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data" / "amazon_grocery" / "tra
 CLEAN_FILE = "interactions_clean.csv"
 CHECKPOINT_FILE = "sasrec.pt"
 NEGATIVES_SEED = 2024
-METRIC_NAMES = {
-    "HR@5": "hr_at_5",
-    "NDCG@5": "ndcg_at_5",
-    "HR@10": "hr_at_10",
-    "NDCG@10": "ndcg_at_10",
-    "Recall@20": "recall_at_20",
-    "NDCG@20": "ndcg_at_20",
-}
-"""The evaluation's metric names -> the registry's (MLflow metric keys cannot hold ``@``)."""
 
 
 def default_data_path() -> Path:
@@ -56,11 +47,6 @@ def default_item_meta(data_path: Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def metric_keys(metrics: dict[str, float]) -> dict[str, float]:
-    """The evaluation's ``HR@5``-style names as ``hr_at_5`` keys (case counts dropped)."""
-    return {METRIC_NAMES[k]: float(v) for k, v in metrics.items() if k in METRIC_NAMES}
 
 
 def validate(data_path: str, run_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
@@ -192,12 +178,7 @@ def evaluate(
     both protocols: sampled (1 + 99 seeded negatives; HR/NDCG@5/10) and full ranking
     (Recall/NDCG@20)."""
     from recsys.families.recommend.baselines import BPR, ItemKNN, Popularity
-    from recsys.families.recommend.evaluate import (
-        build_cases,
-        evaluate_full,
-        evaluate_sampled,
-        sample_negatives,
-    )
+    from recsys.families.recommend.evaluate import build_cases, evaluate_both, sample_negatives
 
     split = load_split(split_info)
     cases = build_cases(split, "test")
@@ -215,11 +196,7 @@ def evaluate(
     }
     systems = {}
     for name, scorer in scorers.items():
-        metrics = {
-            **evaluate_sampled(scorer, cases, negatives),
-            **evaluate_full(scorer, cases),
-        }
-        systems[name] = metric_keys(metrics)
+        systems[name] = evaluate_both(scorer, cases, negatives)
         log.info("%s: %s", name, json.dumps(systems[name]))
     return {"metrics": systems["sasrec"], "systems": systems}
 
