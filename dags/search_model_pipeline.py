@@ -12,6 +12,8 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 from recsys.alerts import task_failure_alert
 from recsys.config import SERVED_MODEL_SUFFIXES, pipeline_schedule
+from recsys.model_pipeline import data_lineage
+from recsys.model_pipeline import version_lineage as version_tags
 from recsys.scheduling import TRAINING_POOL, TRAINING_PRIORITY, TRAINING_QUEUE, WEIGHT_RULE
 
 DOC = """
@@ -131,28 +133,11 @@ def search_model_pipeline():
         context = get_current_context()
         return settings, run_dir_for(settings, context["run_id"]), context["params"]
 
-    def lineage_of(validated: dict) -> dict:
-        from recsys.registry import git_sha
-
-        return {
-            "data_hash": validated["data_hash"],
-            "data_path": validated["data_path"],
-            "git_sha": git_sha(),
-        }
-
     def version_lineage(validated: dict, evaluation: dict, decision: dict) -> dict:
-        """Registry tags every version carries: data, GX result, params, metrics, git sha,
-        the run that made it and the champion gate's decision."""
+        """Registry tags every version carries (:func:`recsys.model_pipeline.version_lineage`)."""
         context = get_current_context()
-        return {
-            **lineage_of(validated),
-            "gx_success": str(validated["quality"]["success"]),
-            "gx_result": validated["quality"],
-            "params": dict(context["params"]),
-            "metrics": evaluation["metrics"],
-            "promotion": decision["reason"],
-            "airflow_run_id": context["run_id"],
-        }
+        metrics = evaluation["metrics"]
+        return version_tags(validated, context["params"], metrics, decision, context["run_id"])
 
     @task
     def validate_data() -> dict:
@@ -189,7 +174,7 @@ def search_model_pipeline():
             params["base_model"],
             {k: params[k] for k in keys},
             get_current_context()["run_id"],
-            lineage_of(validated),
+            data_lineage(validated),
         )
 
     @task
@@ -330,7 +315,7 @@ def search_model_pipeline():
             params["base_model"],
             reranker_params,
             get_current_context()["run_id"],
-            lineage_of(validated),
+            data_lineage(validated),
         )
 
     @task

@@ -75,6 +75,38 @@ def family_settings(family: str) -> Settings:
     return served_model_settings(load_settings(), "", family)
 
 
+def data_lineage(validated: dict[str, Any]) -> dict[str, Any]:
+    """What a model was trained from: the gate's data hash and path, and the code's git sha
+    (the MLflow run's tags, and part of every registered version's)."""
+    from recsys.registry import git_sha
+
+    return {
+        "data_hash": validated["data_hash"],
+        "data_path": validated["data_path"],
+        "git_sha": git_sha(),
+    }
+
+
+def version_lineage(
+    validated: dict[str, Any],
+    params: dict[str, Any],
+    metrics: dict[str, Any],
+    decision: dict[str, Any],
+    airflow_run_id: str,
+) -> dict[str, Any]:
+    """Registry tags every version carries, whatever its family: data, GX result, params,
+    held-out metrics, git sha, the Airflow run that made it and the champion gate's decision."""
+    return {
+        **data_lineage(validated),
+        "gx_success": str(validated["quality"]["success"]),
+        "gx_result": validated["quality"],
+        "params": dict(params),
+        "metrics": metrics,
+        "promotion": decision["reason"],
+        "airflow_run_id": airflow_run_id,
+    }
+
+
 def train_in_run(
     settings: Settings,
     family: Any,
@@ -328,15 +360,9 @@ Trigger with params to point it at another export (`data_path`). `fault_injectio
 
         @task
         def train(validated: dict, split: dict) -> dict:
-            from recsys.registry import git_sha
-
             settings, run_dir, values = context_parts()
-            lineage = {
-                "data_hash": validated["data_hash"],
-                "data_path": validated["data_path"],
-                "git_sha": git_sha(),
-            }
             run_name = get_current_context()["run_id"]
+            lineage = data_lineage(validated)
             return train_in_run(settings, family, split, run_dir, values, run_name, lineage)
 
         @task
@@ -361,21 +387,13 @@ Trigger with params to point it at another export (`data_path`). `fault_injectio
             validated: dict, trained: dict, evaluation: dict, exported: dict, decision: dict
         ) -> dict:
             from recsys.deploy import register_model
-            from recsys.registry import git_sha
 
             settings, _, values = context_parts()
+            run_id = get_current_context()["run_id"]
             lineage = {
-                "data_hash": validated["data_hash"],
-                "data_path": validated["data_path"],
-                "git_sha": git_sha(),
-                "gx_success": str(validated["quality"]["success"]),
-                "gx_result": validated["quality"],
-                "params": values,
-                "metrics": evaluation["metrics"],
+                **version_lineage(validated, values, evaluation["metrics"], decision, run_id),
                 "baselines": evaluation["systems"],
                 "served_metrics": exported.get("metrics"),
-                "promotion": decision["reason"],
-                "airflow_run_id": get_current_context()["run_id"],
                 "fault_injection": values.get("fault_injection"),
             }
             return register_model(settings, trained["run_id"], exported["artifacts_dir"], lineage)
