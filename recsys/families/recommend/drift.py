@@ -21,11 +21,9 @@ through :meth:`recsys.families.recommend.family.RecommendFamily.drift_check`.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,11 +87,6 @@ def build_reference(item_ids: np.ndarray, train_counts: np.ndarray, n_users: int
         "bucket_shares": shares,
         "item_bucket": bucket_of,
     }
-
-
-def write_reference(reference: dict, path: Path) -> Path:
-    path.write_text(json.dumps(reference, separators=(",", ":")))
-    return path
 
 
 def _psi(expected: Iterable[float], observed: Iterable[float]) -> float:

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
 from recsys.families.recommend.split import (
@@ -276,8 +275,3 @@ def evaluate_both(
         metrics[f"HR@{k}"], metrics[f"NDCG@{k}"] = hit_rate(sampled, k), ndcg(sampled, k)
     metrics["Recall@20"], metrics["NDCG@20"] = hit_rate(full, 20), ndcg(full, 20)
     return {METRIC_NAMES[name]: value for name, value in metrics.items()}
-
-
-def results_table(results: dict[str, dict[str, float]]) -> pd.DataFrame:
-    """Systems as rows, metrics as columns: the comparison a report or MLflow run logs."""
-    return pd.DataFrame.from_dict(results, orient="index")
