@@ -14,6 +14,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from recsys.alerts import FailureAlert
 from recsys.assets import retraining_request
 from recsys.families import available, drift_dag_id, get_family
+from recsys.model_pipeline import family_settings
 from recsys.scheduling import DEFAULT_POOL, DRIFT_PRIORITY, WEIGHT_RULE
 
 DOC = """
@@ -83,7 +84,7 @@ def drift_dag(family: str):
             from recsys.monitoring.config import DRIFT_THRESHOLD_FIELDS, load_drift_thresholds
             from recsys.monitoring.drift import check_query_drift
 
-            settings = family_settings()
+            settings = family_settings(family)
             params = get_current_context()["params"]
             overrides = {k: v for k, v in params.items() if k in DRIFT_THRESHOLD_FIELDS}
             limits = {
@@ -102,7 +103,7 @@ def drift_dag(family: str):
         def alert_and_audit(verdict: dict) -> None:
             from recsys.monitoring.drift import record_drift
 
-            record_drift(family_settings(), verdict)
+            record_drift(family_settings(family), verdict)
 
         @task.short_circuit
         def retraining_wanted(verdict: dict) -> bool:
@@ -114,7 +115,7 @@ def drift_dag(family: str):
         def request_retraining(verdict: dict) -> None:
             from recsys.monitoring.drift import record_retraining_request
 
-            record = record_retraining_request(family_settings(), verdict)
+            record = record_retraining_request(family_settings(family), verdict)
             get_current_context()["outlet_events"][asset].extra = {
                 "model": record["model"],
                 "version": record["version"],
@@ -129,7 +130,7 @@ def drift_dag(family: str):
         def alert_blind(verdict: dict) -> None:
             from recsys.monitoring.drift import record_blind
 
-            record_blind(family_settings(), verdict)
+            record_blind(family_settings(family), verdict)
 
         @task.short_circuit
         def seeing_again(verdict: dict) -> bool:
@@ -139,7 +140,7 @@ def drift_dag(family: str):
         def audit_seeing_again(verdict: dict) -> None:
             from recsys.monitoring.drift import record_seeing_again
 
-            record_seeing_again(family_settings(), verdict)
+            record_seeing_again(family_settings(family), verdict)
 
         verdict = check_drift()
         (
@@ -152,15 +153,6 @@ def drift_dag(family: str):
         seeing_again(verdict) >> audit_seeing_again(verdict)
 
     return query_drift()
-
-
-def family_settings():
-    """The platform settings aimed at the running DAG's family's served model."""
-    from recsys.config import load_settings, served_model_settings
-
-    dag_id = get_current_context()["dag"].dag_id
-    family = next(name for name in available() if drift_dag_id(name) == dag_id)
-    return served_model_settings(load_settings(), "", family)
 
 
 for _family in available():
