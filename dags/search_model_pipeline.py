@@ -12,7 +12,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 from recsys.alerts import task_failure_alert
 from recsys.config import SERVED_MODEL_SUFFIXES, pipeline_schedule
-from recsys.model_pipeline import data_lineage
+from recsys.model_pipeline import ROLLOUT_PARAMS, data_lineage, rollout_handoff
 from recsys.model_pipeline import version_lineage as version_tags
 from recsys.scheduling import TRAINING_POOL, TRAINING_PRIORITY, TRAINING_QUEUE, WEIGHT_RULE
 
@@ -97,6 +97,7 @@ monitor and its rollback need. The schedule is manual and drift-triggered unless
         "force_deploy": Param(
             False, type="boolean", description="Skip the champion gate (rehearsals only)"
         ),
+        **{name: Param(**schema) for name, schema in ROLLOUT_PARAMS.items()},
         "train_reranker": Param(True, type="boolean"),
         "reranker_epochs": Param(1, type="integer", minimum=1),
         "reranker_batch_size": Param(16, type="integer", minimum=2),
@@ -265,14 +266,18 @@ def search_model_pipeline():
         """Serve the registered version of the bi-encoder (or, with ``model_suffix``, of
         another served model of this run), saying in the audit record why."""
         from recsys.config import served_model_settings
-        from recsys.deploy import deploy_model
+        from recsys.model_pipeline import deploy_or_roll_out
 
         settings, _, params = settings_and_dir()
         forced = params["force_deploy"] and not decision["promote"]
-        return deploy_model(
+        # The reranker model is always deployed all at once (its rollout DAG can still be
+        # triggered by hand with `recsys deploy --canary --model <model>_reranker`).
+        values = params if not model_suffix else {**params, "rollout": "all_at_once"}
+        return deploy_or_roll_out(
             served_model_settings(settings, model_suffix),
             registered["version"],
             exported["artifacts_dir"],
+            values,
             {"query": params["smoke_query"], "top_k": params["top_k"]},
             reason=("forced (force_deploy): " if forced else "") + decision["reason"],
         )
@@ -285,7 +290,9 @@ def search_model_pipeline():
     exported = export_onnx(split, trained)
     decision = champion_gate(split, trained, exported)
     registered = register(validated, trained, evaluation, exported, decision)
-    promoted(decision) >> deploy(registered, exported, decision)
+    deployed = deploy(registered, exported, decision)
+    promoted(decision) >> deployed
+    rollout_handoff("search", "", deployed)
 
     # The reranker: a second served model over the same split and bi-encoder.
     @task.short_circuit

@@ -5,6 +5,11 @@ recsys data validate PATH            run the Great Expectations gate on a releva
 recsys train [--wait]                trigger search_model_pipeline on the running stack
                                      (--family recommend: recommend_model_pipeline)
 recsys deploy --version N            serve a registered version (rebuilt from MLflow if needed)
+recsys deploy --version N --canary   roll it out step by step behind the model's router
+                                     (--shadow: mirror traffic to it); the rollout DAG judges it
+recsys canary status|promote|abort   the rollout under way (weight PERCENT: move it by hand)
+recsys experiment start|status|stop  an A/B experiment: fixed split, per-arm click-through
+recsys feedback --request-id R       log a click/purchase against a routed answer
 recsys rollback [--to N]             put the previous (or given) version back into service
                                      (deploy, rollback, query: --model M for another served
                                      model, e.g. the reranker model <model>_reranker)
@@ -253,6 +258,10 @@ def _settings_for(args: argparse.Namespace) -> Settings:
 def _deploy(args: argparse.Namespace) -> int:
     from recsys.operations import deploy_registered_version
 
+    if args.canary:
+        return _start_rollout(args, "canary", {"steps": args.steps})
+    if args.shadow is not None:
+        return _start_rollout(args, "shadow", {"shadow_share": args.shadow / 100.0})
     settings = _settings_for(args)
     request = dict(args.smoke_request or {})
     if args.smoke_query is not None:
@@ -265,6 +274,161 @@ def _deploy(args: argparse.Namespace) -> int:
     print(f"{settings.model_name} v{result['version']} {how}; champion now (replaced {replaced})")
     top = ", ".join(f"{pid} {score:.3f}" for pid, score, *_ in result["smoke"][:3])
     print(f"  smoke test ({json.dumps(request) if request else 'as exported'}): {top}")
+    return 0
+
+
+def _rollout_dag(settings: Settings) -> str:
+    """The rollout DAG of the served model ``settings.model_name``."""
+    from recsys.config import served_model_settings
+    from recsys.families import rollout_dag_id, served_models
+
+    base = load_settings()
+    for family, suffixes in served_models().items():
+        for suffix in suffixes:
+            if served_model_settings(base, suffix, family).model_name == settings.model_name:
+                return rollout_dag_id(family, suffix)
+    raise ValueError(f"{settings.model_name} is not a served model of any family")
+
+
+def _start_rollout(args: argparse.Namespace, mode: str, conf: dict[str, Any]) -> int:
+    """Start a rollout of ``args.version`` here (load, smoke test, router), then hand it to
+    the model's rollout DAG, which judges it and promotes or aborts."""
+    from recsys import operations
+
+    settings = _settings_for(args)
+    dag_id = _rollout_dag(settings)
+    weight = {"canary": conf.get("steps", [5])[0], "experiment": conf.get("split", 50)}.get(mode, 0)
+    started = operations.start_registered_rollout(
+        settings,
+        args.version,
+        mode=mode,
+        weight=float(weight) / 100.0,
+        shadow_share=float(conf.get("shadow_share", 0.0)),
+        smoke_request=getattr(args, "smoke_request", None),
+        reason=f"recsys {args.command}",
+    )
+    share = (
+        f"{started['shadow_share']:.0%} of traffic mirrored"
+        if mode == "shadow"
+        else f"{started['weight']:.0%} of routed traffic"
+    )
+    print(
+        f"{settings.model_name}: {mode} of v{started['candidate']} against "
+        f"v{started['stable']} started ({started['rollout_id']}), {share}"
+    )
+    print(f"  clients take part through the router: model {settings.model_name}_router")
+    if getattr(args, "no_analysis", False):
+        print("  no analysis DAG: move it with `recsys canary weight|promote|abort`")
+        return 0
+    extra = dict(getattr(args, "analysis", None) or {})
+    try:
+        client = operations.airflow_client(settings)
+        run_id = client.trigger(dag_id, {**extra, **conf, "version": args.version, "mode": mode})
+    except Exception as exc:
+        # The rollout runs: say so, and how to finish it, whatever kept the DAG from starting.
+        raise type(exc)(
+            f"{mode} of v{args.version} started but its analysis DAG {dag_id} could not be "
+            f"triggered ({exc}); trigger it from the Airflow UI with "
+            f'{{"version": {args.version}, "mode": "{mode}"}} or finish by hand with '
+            f"`recsys canary promote|abort`"
+        ) from exc
+    print(f"  analysis: {dag_id} run {run_id}: {client.ui_run_url(dag_id, run_id)}")
+    return 0
+
+
+def _canary(args: argparse.Namespace) -> int:
+    from recsys.delivery import rollout
+    from recsys.delivery.analysis import read_state
+
+    settings = _settings_for(args)
+    if args.action == "status":
+        return _print_rollout_status(settings, read_state(settings.home, settings.model_name))
+    if args.action == "weight":
+        if args.percent is None:
+            raise ValueError("canary weight needs PERCENT (0-100)")
+        updated = rollout.set_weight(settings, args.percent / 100.0, args.reason)
+        print(f"{settings.model_name}: candidate v{updated.candidate} now gets "
+              f"{updated.candidate_weight:.0%} of routed traffic")  # fmt: skip
+        return 0
+    if args.action == "promote":
+        done = rollout.promote_rollout(settings, args.reason)
+        print(f"{settings.model_name} v{done['promoted']} promoted (replaced v{done['replaced']})")
+        return 0
+    done = rollout.abort_rollout(settings, args.reason)
+    print(f"{settings.model_name}: v{done['aborted']} aborted; v{done['serving']} serves alone")
+    return 0
+
+
+def _print_rollout_status(settings: Settings, state: Any) -> int:
+    from recsys.delivery.rollout import active_rollout
+
+    routing = active_rollout(settings)
+    if routing is None:
+        print(f"{settings.model_name}: no rollout under way")
+    else:
+        weight = (
+            f"shadow share {routing.shadow_share:.0%}"
+            if routing.mode == "shadow"
+            else f"candidate weight {routing.candidate_weight:.0%}"
+        )
+        print(
+            f"{settings.model_name}: {routing.mode} {routing.rollout_id}: stable "
+            f"v{routing.stable}, candidate v{routing.candidate}, {weight}"
+        )
+    if state is None:
+        return 0
+    print(f"analysis of {state.rollout_id} ({state.mode}): step {state.step_index + 1}, "
+          f"{state.windows_passed} window(s) passed in this step")  # fmt: skip
+    for window in state.windows[-5:]:
+        when = datetime.fromtimestamp(window["at"]).strftime("%H:%M:%S")
+        print(f"  {when} {window['outcome']}: {'; '.join(window['reasons'])}")
+    if state.result is not None:
+        print(f"decided: {state.result['decision']}: {'; '.join(state.result['reasons'])}")
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from recsys.delivery import rollout
+    from recsys.delivery.feedback import FeedbackLog, feedback_log_path
+    from recsys.delivery.stats import compare_arms
+
+    settings = _settings_for(args)
+    if args.action == "start":
+        if args.version is None:
+            raise ValueError("experiment start needs --version")
+        conf = {
+            "split": args.split,
+            "duration_minutes": args.minutes,
+            "sample_size": args.sample_size,
+            "promote_if_better": args.promote_if_better,
+        }
+        return _start_rollout(args, "experiment", conf)  # fmt: skip
+    routing = rollout.active_rollout(settings)
+    if args.action == "stop":
+        done = rollout.end_rollout(settings, args.reason)
+        print(f"{settings.model_name}: experiment over, v{done['ended']} unloaded, "
+              f"v{done['serving']} serves alone")  # fmt: skip
+        return 0
+    if routing is None or routing.mode != "experiment":
+        print(f"{settings.model_name}: no experiment under way")
+        return 0
+    summary = FeedbackLog(feedback_log_path(settings.home, settings.model_name)).arm_outcomes(
+        routing.rollout_id
+    )
+    comparison = compare_arms(summary.stable, summary.candidate)
+    print(f"{settings.model_name}: experiment {routing.rollout_id}: v{routing.candidate} gets "
+          f"{routing.candidate_weight:.0%}")  # fmt: skip
+    print(f"  {comparison.summary}")
+    return 0
+
+
+def _feedback(args: argparse.Namespace) -> int:
+    from recsys.delivery.feedback import FeedbackLog, feedback_log_path
+
+    settings = _settings_for(args)
+    log = FeedbackLog(feedback_log_path(settings.home, settings.model_name))
+    log.record_event(args.request_id, args.event, args.item)
+    print(f"{settings.model_name}: {args.event} on {args.item} logged for {args.request_id}")
     return 0
 
 
@@ -456,6 +620,25 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _percent(value: str) -> float:
+    """A share of traffic in percent, 0-100."""
+    try:
+        number = float(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a percentage, got {value!r}") from exc
+    if not 0 <= number <= 100:
+        raise argparse.ArgumentTypeError(f"a percentage is within 0-100, got {number:g}")
+    return number
+
+
+def _percent_steps(value: str) -> list[float]:
+    """Ascending canary weights in percent, e.g. ``5,25,50,100``."""
+    steps = [_percent(part) for part in value.split(",") if part.strip()]
+    if not steps or steps != sorted(steps) or steps[0] <= 0:
+        raise argparse.ArgumentTypeError(f"steps must be ascending percentages > 0, got {value!r}")
+    return steps
+
+
 def _item_ids(value: str) -> list[str]:
     """A comma-separated list of item ids, oldest first (``11,52,7``)."""
     items = [part.strip() for part in value.split(",")]
@@ -561,7 +744,60 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-k", type=_positive_int, default=None, help="hits the smoke test must return"
     )
     deploy.add_argument("--model", type=_model_name, default=None, help=MODEL_HELP)
+    progressive = deploy.add_mutually_exclusive_group()
+    progressive.add_argument(
+        "--canary", action="store_true", help="roll out step by step behind the router"
+    )
+    progressive.add_argument(
+        "--shadow", type=_percent, default=None, metavar="PERCENT",
+        help="mirror PERCENT of traffic to it, answers discarded",
+    )  # fmt: skip
+    deploy.add_argument(
+        "--steps", type=_percent_steps, default=[5.0, 25.0, 50.0, 100.0],
+        help="canary weights in percent (default 5,25,50,100)",
+    )  # fmt: skip
+    deploy.add_argument(
+        "--no-analysis", action="store_true",
+        help="start the rollout without its DAG (move it with `recsys canary`)",
+    )  # fmt: skip
+    deploy.add_argument(
+        "--analysis", type=_json_object, default=None,
+        help='more rollout DAG params as JSON, e.g. \'{"window_s": 10, "windows_per_step": 1}\'',
+    )  # fmt: skip
     deploy.set_defaults(func=_deploy)
+
+    canary = sub.add_parser("canary", help="the rollout under way: status, weight, promote, abort")
+    canary.add_argument("action", choices=["status", "weight", "promote", "abort"])
+    canary.add_argument("percent", type=_percent, nargs="?", help="weight: the candidate's share")
+    canary.add_argument("--reason", default="by hand (recsys canary)")
+    canary.add_argument("--model", type=_model_name, default=None, help=MODEL_HELP)
+    canary.set_defaults(func=_canary)
+
+    experiment = sub.add_parser("experiment", help="A/B experiment: start, status, stop")
+    experiment.add_argument("action", choices=["start", "status", "stop"])
+    experiment.add_argument("--version", type=_version_number, default=None)
+    experiment.add_argument("--split", type=_percent, default=50.0, help="percent to candidate")
+    experiment.add_argument("--minutes", type=float, default=60.0, help="how long it runs")
+    experiment.add_argument(
+        "--sample-size", type=int, default=0, help="end at this many impressions (0: time only)"
+    )
+    experiment.add_argument(
+        "--promote-if-better", action="store_true",
+        help="promote a candidate that is significantly better",
+    )  # fmt: skip
+    experiment.add_argument(
+        "--analysis", type=_json_object, default=None, help="more rollout DAG params as JSON"
+    )
+    experiment.add_argument("--reason", default="stopped by hand (recsys experiment stop)")
+    experiment.add_argument("--model", type=_model_name, default=None, help=MODEL_HELP)
+    experiment.set_defaults(func=_experiment, smoke_request=None)
+
+    feedback = sub.add_parser("feedback", help="log a click or purchase on a routed answer")
+    feedback.add_argument("--request-id", required=True)
+    feedback.add_argument("--event", choices=["click", "purchase"], default="click")
+    feedback.add_argument("--item", required=True, help="the product or item clicked")
+    feedback.add_argument("--model", type=_model_name, default=None, help=MODEL_HELP)
+    feedback.set_defaults(func=_feedback)
 
     rollback = sub.add_parser("rollback", help="return to the previous known-good version")
     target = rollback.add_mutually_exclusive_group()

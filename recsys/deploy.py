@@ -59,11 +59,15 @@ def deploy_model(
     ``max_queue_delay_us``, ``response_cache``, ...) is pinned into the published version and
     every load of a version uses the knobs it was published with; without it a version gets
     ``settings.triton_instances`` instances. ``reason`` (the promotion
-    decision, or why it was forced) goes into the audit record."""
+    decision, or why it was forced) goes into the audit record.
+
+    A deploy is refused (:class:`~recsys.delivery.rollout.RolloutError`) while a rollout of
+    the model is under way; afterwards the model's router, if it has one, routes to ``version``."""
     from recsys import audit, registry
     from recsys.alerts import mark_alerted
+    from recsys.delivery.rollout import RolloutError, active_rollout
     from recsys.locking import model_lock
-    from recsys.rollback import restore_after_failed_deploy
+    from recsys.rollback import restore_after_failed_deploy, router_follows
     from recsys.triton.control import (
         TritonAuthError,
         TritonControl,
@@ -83,6 +87,13 @@ def deploy_model(
         # Fails (RegistryUnavailableError) before Triton is touched when the registry cannot be
         # read: a version that could not be promoted must not be loaded.
         registry.alias_version(settings.mlflow_tracking_uri, model, registry.CHAMPION)
+        rollout = active_rollout(settings)
+        if rollout is not None:
+            raise RolloutError(
+                f"a {rollout.mode} of {model} v{rollout.candidate} is under way "
+                f"({rollout.rollout_id}); promote or abort it before deploying v{version} "
+                f"(`recsys canary promote|abort --model {model}`)"
+            )
         if artifacts_dir is not None:
             publish_version(
                 settings.triton_repo,
@@ -116,7 +127,7 @@ def deploy_model(
                 raise
             raise failure from exc
         old = registry.promote_to_champion(settings.mlflow_tracking_uri, model, version)
-        extra = {}
+        extra = router_follows(settings, version, f"deploy of v{version}")
         if not_retired is not None:
             extra["not_retired"] = {str(v): s for v, s in not_retired.still_loaded.items()}
         audit.append_record(

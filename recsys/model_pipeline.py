@@ -280,6 +280,81 @@ PIPELINE_PARAMS: dict[str, dict[str, Any]] = {
 }
 """The params every family's generic pipeline has; the family adds its own."""
 
+ROLLOUT_PARAMS: dict[str, dict[str, Any]] = {
+    "rollout": {
+        "default": "all_at_once",
+        "enum": ["all_at_once", "canary", "shadow"],
+        "description": (
+            "all_at_once: the new version takes all traffic; canary: it takes canary_steps in "
+            "turn behind the router, judged by the rollout DAG; shadow: it gets mirrored traffic"
+        ),
+    },
+    "canary_steps": {
+        "default": [5, 25, 50, 100],
+        "type": "array",
+        "description": "Canary weights in percent, ascending",
+    },
+}
+"""The deploy's rollout params, shared by every pipeline DAG (see :func:`deploy_or_roll_out`)."""
+
+
+def deploy_or_roll_out(
+    settings: Settings,
+    version: int,
+    artifacts_dir: str,
+    values: dict[str, Any],
+    smoke_request: dict[str, Any] | None,
+    reason: str,
+) -> dict[str, Any]:
+    """The pipeline's deploy: all at once (:func:`recsys.deploy.deploy_model`), or the start of
+    a canary or shadow rollout (:func:`recsys.delivery.rollout.start_rollout`) whose analysis
+    the pipeline then hands to the model's rollout DAG with ``rollout_conf``."""
+    mode = values.get("rollout") or "all_at_once"
+    if mode == "all_at_once":
+        from recsys.deploy import deploy_model
+
+        return {**deploy_model(settings, version, artifacts_dir, smoke_request, reason=reason),
+                "rollout_conf": None}  # fmt: skip
+    from recsys.delivery.rollout import start_rollout
+
+    steps = [float(s) for s in values.get("canary_steps") or [5, 25, 50, 100]]
+    started = start_rollout(
+        settings,
+        version,
+        artifacts_dir,
+        mode=mode,
+        weight=steps[0] / 100.0 if mode == "canary" else 0.0,
+        shadow_share=0.1 if mode == "shadow" else 0.0,
+        smoke_request=smoke_request,
+        reason=reason,
+    )
+    conf = {"version": version, "mode": mode, "smoke_request": smoke_request}
+    if mode == "canary":
+        conf["steps"] = steps
+    return {**started, "version": version, "rollout_conf": conf}
+
+
+def rollout_handoff(family: str, suffix: str, deployed: Any) -> Any:
+    """Tasks after the deploy: when it started a rollout, trigger the model's rollout DAG
+    (``rollout_<family><suffix>``) with its conf; skipped after an all-at-once deploy."""
+    from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+    from airflow.sdk import task
+
+    from recsys.families import rollout_dag_id
+
+    @task.short_circuit(task_id="rolled_out" + suffix)
+    def rolled_out(deployed: dict) -> bool:
+        """Only a deploy that started a rollout hands it to the rollout DAG."""
+        return deployed.get("rollout_conf") is not None
+
+    trigger = TriggerDagRunOperator(
+        task_id="start_rollout_analysis" + suffix,
+        trigger_dag_id=rollout_dag_id(family, suffix),
+        conf=deployed["rollout_conf"],
+    )
+    rolled_out(deployed) >> trigger
+    return trigger
+
 
 def pipeline_dag(family_name: str):
     """The Airflow DAG ``<family>_model_pipeline``: GX gate -> split -> train -> evaluate with
@@ -294,7 +369,7 @@ def pipeline_dag(family_name: str):
     from recsys.scheduling import TRAINING_POOL, TRAINING_PRIORITY, TRAINING_QUEUE, WEIGHT_RULE
 
     family = get_family(family_name)
-    params = {**PIPELINE_PARAMS, **family.pipeline_params()}
+    params = {**PIPELINE_PARAMS, **ROLLOUT_PARAMS, **family.pipeline_params()}
     doc = f"""
 ### {family_name} model pipeline
 The generic pipeline of the `{family_name}` family (`recsys.model_pipeline`): the family's Great
@@ -405,14 +480,13 @@ Trigger with params to point it at another export (`data_path`). `fault_injectio
 
         @task
         def deploy(registered: dict, exported: dict, decision: dict) -> dict:
-            from recsys.deploy import deploy_model
-
             settings, _, values = context_parts()
             forced = values["force_deploy"] and not decision["promote"]
-            return deploy_model(
+            return deploy_or_roll_out(
                 settings,
                 registered["version"],
                 exported["artifacts_dir"],
+                values,
                 values.get("smoke_request"),
                 reason=("forced (force_deploy): " if forced else "") + decision["reason"],
             )
@@ -424,6 +498,8 @@ Trigger with params to point it at another export (`data_path`). `fault_injectio
         exported = export(split, trained)
         decision = gate(split, trained, exported)
         registered = register(validated, trained, evaluation, exported, decision)
-        promoted(decision) >> deploy(registered, exported, decision)
+        deployed = deploy(registered, exported, decision)
+        promoted(decision) >> deployed
+        rollout_handoff(family_name, "", deployed)
 
     return model_pipeline()

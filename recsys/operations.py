@@ -331,3 +331,19 @@ def platform_status(settings: Settings, audit_records: int = 3) -> StatusReport:
     except OSError as exc:
         report.audit_error = _one_line(exc)
     return report
+
+
+def start_registered_rollout(settings: Settings, version: int, **options: Any) -> dict[str, Any]:
+    """:func:`recsys.delivery.rollout.start_rollout` for an already-registered ``version``,
+    rebuilding its version folder from MLflow first when the repository lacks it (as
+    :func:`deploy_registered_version` does); ``options`` are ``start_rollout``'s."""
+    from recsys.delivery.rollout import start_rollout
+
+    version_dir(settings, version)
+    registered_run_id(settings, version)
+    if version_dir(settings, version).exists():
+        return {**start_rollout(settings, version, None, **options), "rebuilt": False}
+    with tempfile.TemporaryDirectory(prefix=f"recsys-rebuild-{version}-") as tmp:
+        artifacts = download_serving_artifacts(settings, version, Path(tmp))
+        result = start_rollout(settings, version, str(artifacts), **options)
+    return {**result, "rebuilt": True}

@@ -203,6 +203,24 @@ def _registry_failure(plan_error: BaseException | None, update_error: BaseExcept
     return f"the registry update raised {update_error.__class__.__name__}: {update_error}"
 
 
+def router_follows(settings: Settings, version: int, why: str) -> dict[str, Any]:
+    """Point the model's router (if it has one) at ``version``, the only version now served,
+    ending any rollout under way; returns what to add to the audit record. Triton has already
+    switched, so a routing file that cannot be updated is recorded, not raised: the router
+    falls back to the served version by itself (:mod:`recsys.delivery.router_model`)."""
+    from recsys.delivery.routing import RoutingError, follow_switch, read_routing
+
+    try:
+        before = read_routing(settings.triton_repo, settings.model_name)
+        follow_switch(settings.triton_repo, settings.model_name, version, why)
+    except (RoutingError, OSError) as exc:
+        log.error("could not update the router of %s: %s", settings.model_name, exc)
+        return {"router_error": str(exc)}
+    if before is not None and before.active:
+        return {"ended_rollout": before.rollout_id, "ended_candidate": before.candidate}
+    return {}
+
+
 def rollback(
     settings: Settings,
     reason: str,
@@ -277,6 +295,7 @@ def rollback(
                 f"rollback of {model} from v{bad} to v{good} failed: {exc}; {serving}"
             ) from exc
         fields = {
+            **router_follows(settings, good, f"rollback to v{good}"),
             "from_version": bad,
             "to_version": good,
             "reason": reason,

@@ -44,6 +44,10 @@ MONITORING_QUEUE = "monitoring"
 
 MONITORING_PRIORITY = 1000
 """Priority weight of the monitor's tasks (rollback first among everything waiting)."""
+ROLLOUT_PRIORITY = 500
+"""Priority of a rollout's tasks: above drift checks and training, below the monitor. A rollout's
+abort does not need the monitor's reserved slots: its analysis cuts the candidate's traffic in
+the triggerer, and the ``finish`` task only unloads and records."""
 DRIFT_PRIORITY = 100
 TRAINING_PRIORITY = 1
 WEIGHT_RULE = "absolute"

@@ -26,6 +26,8 @@ PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA_PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "recsys-serving.json"
 TRITON_SCRAPE = ROOT / "tests" / "fixtures" / "triton_metrics_after.txt"
+ROUTER_SCRAPE = ROOT / "tests" / "fixtures" / "triton_metrics_router.txt"
+"""A real scrape with a model's router and a shadow candidate (the progressive-delivery metrics)."""
 
 DEPENDS_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 ONE_SHOT = {"airflow-init"}
@@ -60,10 +62,18 @@ def triton_metric_names() -> set[str]:
     for counters only the family name counts. Summaries add their ``_sum`` / ``_count``.
     """
     names: set[str] = set()
-    for family in text_string_to_metric_families(TRITON_SCRAPE.read_text()):
-        names.add(family.name)
-        if family.type != "counter":
-            names.update(sample.name for sample in family.samples)
+    for scrape in (TRITON_SCRAPE, ROUTER_SCRAPE):
+        text = scrape.read_text()
+        for family in text_string_to_metric_families(text):
+            names.add(family.name)
+            if family.type != "counter":
+                names.update(sample.name for sample in family.samples)
+        # A counter exposed *with* ``_total`` (the serving models' own, e.g.
+        # recsys_router_requests_total) is stored by Prometheus under that exposed name.
+        names.update(
+            name for name in re.findall(r"^([a-zA-Z_:][\w:]*)[{ ]", text, re.M)
+            if name.endswith("_total")
+        )  # fmt: skip
     assert "nv_inference_request_success" in names
     assert "nv_inference_request_success_total" not in names
     assert "nv_inference_request_summary_us_count" in names
@@ -379,6 +389,9 @@ def test_dashboard_panels(dashboard: dict[str, Any]) -> None:
     assert 'nv_inference_request_summary_us{model="$model",quantile="0.99"}' in latency
     assert "nv_inference_queue_duration_us" in used["Queue time"]
     assert used["CPU utilization"] == "nv_cpu_utilization"
+    routed = used["Routed traffic per arm (canary / A/B)"]
+    assert "recsys_router_requests_total" in routed and "by (arm, version)" in routed
+    assert "recsys_shadow_topk_overlap_total" in used["Shadow candidate: top-k overlap and errors"]
     assert "nv_cpu_memory_used_bytes" in used["CPU memory"]
     version = by_title["Current model version"]
     assert version["type"] == "stat" and version["options"]["textMode"] == "name"

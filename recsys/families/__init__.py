@@ -69,3 +69,8 @@ def drift_dag_id(family: str) -> str:
     """``query_drift`` for the legacy family (its id predates families), else
     ``input_drift_<family>``."""
     return "query_drift" if family == LEGACY_FAMILY else f"input_drift_{family}"
+
+
+def rollout_dag_id(family: str, suffix: str) -> str:
+    """``rollout`` + ``_<family>`` (not for the legacy family, like its monitor) + ``suffix``."""
+    return "rollout" + ("" if family == LEGACY_FAMILY else f"_{family}") + suffix

@@ -69,6 +69,9 @@ class ModelFamily(ABC):
     ``"_reranker"``): each has its own monitor DAG (:func:`recsys.families.monitor_dag_id`)."""
     drift_reference_file: ClassVar[str | None] = None
     """The file in a version folder the drift check compares served inputs with."""
+    ranked_output: ClassVar[str | None] = None
+    """The output holding the ranked ids (e.g. ``PRODUCT_IDS``): what a routed answer shows
+    a shopper, and what shadow mode compares top-k overlap on (:mod:`recsys.delivery`)."""
 
     # -- serving --------------------------------------------------------------------------
 
@@ -101,6 +104,23 @@ class ModelFamily(ABC):
         the answer (for the audit record). ``request`` overrides the default question, which
         the export recorded in ``manifest["smoke_request"]``. Raise
         :class:`recsys.triton.control.ModelLoadError` for an error or a malformed answer."""
+
+    def request_inputs(self, request: dict[str, Any]) -> list[Any]:
+        """The ``tritonclient.grpc.InferInput`` list of one request given as a dict (the smoke
+        request's form, e.g. ``{"query": ..., "top_k": 10}``): how a routed client, the
+        traffic of a rollout analysis or a benchmark asks any family's model."""
+        raise NotImplementedError(f"{self.name} cannot build a request from a dict")
+
+    def routing_key(self, request: dict[str, Any]) -> str | None:
+        """The key that keeps one shopper on one arm of a rollout (e.g. the user id); ``None``
+        lets each request draw its arm at random."""
+        return None
+
+    def simulated_shoppers(self, held_out: Path, *, seed: int = 0, **options: Any) -> Any:
+        """A population of simulated shoppers built from held-out data (``len()``,
+        indexing; each with ``request()`` and ``clicks(shown_ids, rng)``), for rollout tests,
+        the canary benchmark and the demo (:mod:`recsys.delivery.traffic`)."""
+        raise NotImplementedError(f"{self.name} has no simulated shoppers")
 
     # -- pipeline stages -------------------------------------------------------------------
 

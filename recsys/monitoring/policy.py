@@ -336,6 +336,7 @@ def check_once(
     thresholds: Thresholds | None = None,
     *,
     timeout_s: float = 5.0,
+    exclude_versions: frozenset[str] = frozenset(),
 ) -> Verdict:
     """One check: scrape, judge the window since the stored snapshot, persist the new snapshot,
     breach count and verdict, and return the verdict.
@@ -347,6 +348,10 @@ def check_once(
     untouched: an unreachable Triton is an incident for a human (see :func:`note_unavailable`),
     not a reason to roll a model back. A successful scrape closes an open outage; the verdict's
     ``closed_outage`` then says since when the metrics had been unreadable.
+
+    ``exclude_versions`` are left out of the model's window: the candidate of a rollout, which
+    its own analysis judges against the stable version (:mod:`recsys.delivery.analysis`), so a
+    faulty canary is aborted once, by the rollout, and not also rolled back by the monitor.
     """
     thresholds = thresholds or Thresholds()
     state_path = Path(state_path)
@@ -358,6 +363,9 @@ def check_once(
         notes = []
         if state.recovered_from is not None:
             notes.append(f"monitor state was corrupt and has been reset ({state.recovered_from})")
+        if exclude_versions:
+            listed = ", ".join(f"v{v}" for v in sorted(exclude_versions))
+            notes.append(f"{listed} left out: a rollout's candidate, judged by its analysis")
         closed_outage = state.outages.pop(model, None)
         if closed_outage is not None:
             notes.append(
@@ -375,9 +383,12 @@ def check_once(
                 consecutive=count,
             )
         else:
-            stats = with_host_usage(
-                aggregate_model(compute_window(previous, current), model), current
-            )
+            window = {
+                key: value
+                for key, value in compute_window(previous, current).items()
+                if key[1] not in exclude_versions
+            }
+            stats = with_host_usage(aggregate_model(window, model), current)
             age = current.taken_at - previous.taken_at
             if (
                 stats is not None

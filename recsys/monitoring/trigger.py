@@ -134,8 +134,12 @@ class MetricsWatchTrigger(BaseTrigger):
         dag_id: str = "",
         run_id: str = "",
         task_id: str = "",
+        triton_repo: str = "",
     ) -> None:
         super().__init__()
+        self.triton_repo = triton_repo
+        """Where the model's router keeps its routing: the candidate of a rollout under way is
+        left out of the monitor's window (its analysis judges it)."""
         self.metrics_url = metrics_url
         self.model = model
         self.state_path = state_path
@@ -169,6 +173,7 @@ class MetricsWatchTrigger(BaseTrigger):
                 "dag_id": self.dag_id,
                 "run_id": self.run_id,
                 "task_id": self.task_id,
+                "triton_repo": self.triton_repo,
             },
         )
 
@@ -188,6 +193,7 @@ class MetricsWatchTrigger(BaseTrigger):
                 self.state_path,
                 Thresholds(**self.thresholds),
                 timeout_s=self.timeout_s,
+                exclude_versions=self._rollout_candidates(),
             )
         except MetricsUnavailableError as exc:
             self.summary.unavailable_checks += 1
@@ -215,6 +221,23 @@ class MetricsWatchTrigger(BaseTrigger):
         if now >= self.watch_until:
             return self._finish("watch period over")
         return None
+
+    def _rollout_candidates(self) -> frozenset[str]:
+        """The candidate version of a rollout under way (none without a router). An unreadable
+        routing file excludes nothing: the monitor then judges every version, as before
+        routers existed, rather than going blind."""
+        if not self.triton_repo:
+            return frozenset()
+        from recsys.delivery.routing import RoutingError, read_routing
+
+        try:
+            routing = read_routing(Path(self.triton_repo), self.model)
+        except RoutingError as exc:
+            log.error("%s: %s; judging every version", self.model, exc)
+            return frozenset()
+        if routing is None or not routing.active or routing.candidate is None:
+            return frozenset()
+        return frozenset({str(routing.candidate)})
 
     def _finish(self, why: str) -> dict[str, Any]:
         """The task's XCom: the last verdict plus what the watch did; also kept in the monitor
@@ -353,6 +376,7 @@ class MetricsWatchOperator(BaseOperator):
                 dag_id=ti.dag_id,
                 run_id=ti.run_id,
                 task_id=ti.task_id,
+                triton_repo=str(settings.triton_repo),
             ),
             method_name="execute_complete",
             timeout=watch + TRIGGER_TIMEOUT_MARGIN,

@@ -249,17 +249,45 @@ class TritonControl:
         requests go to) but others are still loaded after ``retire_timeout_s``: the switch
         happened, the cleanup did not.
         """
+        self.load_versions(model_name, [version], repo, config=config)
+
+    def load_versions(
+        self,
+        model_name: str,
+        versions: list[int],
+        repo: Path,
+        *,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        """Serve exactly ``versions`` of ``model_name`` at once (a stable and a candidate
+        version during a canary, :mod:`recsys.delivery`): the version policy lists them all.
+        Returns once each is READY and every other version has left memory; errors as
+        :meth:`load_version`. Requests that name no version go to the newest of them."""
+        validate_model_name(model_name)
+        wanted = sorted({int(v) for v in versions})
+        if not wanted:
+            raise ValueError("load_versions needs at least one version")
+        for version in wanted:
+            verify_version_dir(Path(repo) / model_name / str(version))
+        override = dict(config or serving_config(model_name))
+        self._load(model_name, wanted, override)
+
+    def load_config(self, model_name: str, version: int, config: dict[str, Any]) -> None:
+        """Load ``version`` of a model the platform generates rather than publishes from a
+        family's artifacts (a router, :mod:`recsys.delivery.routing`) with ``config``; same
+        deadlines and readiness wait as :meth:`load_version`."""
+        validate_model_name(model_name)
+        self._load(model_name, [int(version)], dict(config))
+
+    def _load(self, model_name: str, versions: list[int], override: dict[str, Any]) -> None:
         from tritonclient.utils import InferenceServerException
 
-        validate_model_name(model_name)
-        version_dir = Path(repo) / model_name / str(int(version))
-        verify_version_dir(version_dir)
-        override = dict(config or serving_config(model_name))
+        listed = ",".join(f"v{v}" for v in versions)
         override["name"] = model_name
-        override["version_policy"] = {"specific": {"versions": [int(version)]}}
+        override["version_policy"] = {"specific": {"versions": versions}}
         try:
             self._call(
-                f"loading {model_name} v{version}",
+                f"loading {model_name} {listed}",
                 "load_model",
                 model_name,
                 headers=self._admin_headers(),
@@ -269,32 +297,33 @@ class TritonControl:
         except TritonUnavailableError as exc:
             if "DEADLINE_EXCEEDED" in str(exc) and self.is_live():
                 raise ModelLoadError(
-                    f"loading {model_name} v{version} on {self.url} did not finish within "
+                    f"loading {model_name} {listed} on {self.url} did not finish within "
                     f"{self.load_timeout_s:.0f}s (a python stub that cannot start hangs the load "
                     "forever; see the Triton log)"
                 ) from exc
             raise
         except InferenceServerException as exc:
             raise ModelLoadError(
-                f"Triton at {self.url} failed to load {model_name} v{version}: {exc.message()}"
+                f"Triton at {self.url} failed to load {model_name} {listed}: {exc.message()}"
             ) from exc
-        self._wait_ready(model_name, int(version))
+        self._wait_ready(model_name, versions)
 
-    def _wait_ready(self, model_name: str, version: int) -> None:
+    def _wait_ready(self, model_name: str, versions: list[int]) -> None:
         deadline = time.monotonic() + self.load_timeout_s
-        while not self._call(
-            f"readiness of {model_name} v{version}",
-            "is_model_ready",
-            model_name,
-            str(version),
-        ):
-            if time.monotonic() > deadline:
-                raise ModelLoadError(
-                    f"{model_name} v{version} loaded on {self.url} but is not ready after "
-                    f"{self.load_timeout_s:.0f}s"
-                )
-            time.sleep(0.2)
-        log.info("%s v%d is ready on %s", model_name, version, self.url)
+        for version in versions:
+            while not self._call(
+                f"readiness of {model_name} v{version}",
+                "is_model_ready",
+                model_name,
+                str(version),
+            ):
+                if time.monotonic() > deadline:
+                    raise ModelLoadError(
+                        f"{model_name} v{version} loaded on {self.url} but is not ready after "
+                        f"{self.load_timeout_s:.0f}s"
+                    )
+                time.sleep(0.2)
+            log.info("%s v%d is ready on %s", model_name, version, self.url)
         # Triton retires the versions outside the new policy after the swap; one that still
         # runs requests stays UNLOADING until they finish (STILL_LOADED_STATES).
         deadline = time.monotonic() + self.retire_timeout_s
@@ -302,13 +331,13 @@ class TritonControl:
             others = {
                 v: state
                 for v, state in self.version_states(model_name).items()
-                if v != version and state in STILL_LOADED_STATES
+                if v not in versions and state in STILL_LOADED_STATES
             }
             if not others:
                 return
             if time.monotonic() > deadline:
                 raise VersionsNotRetiredError(
-                    model_name, version, others, self.retire_timeout_s, self.url
+                    model_name, max(versions), others, self.retire_timeout_s, self.url
                 )
             time.sleep(0.1)
 
@@ -379,9 +408,11 @@ class TritonControl:
         *,
         version: int | None = None,
         what: str | None = None,
+        request_id: str = "",
     ) -> Any:
         """One gRPC inference request (``tritonclient.grpc`` ``InferInput`` /
-        ``InferRequestedOutput`` lists), pinned to ``version`` when given; returns the
+        ``InferRequestedOutput`` lists), pinned to ``version`` when given and tagged with
+        ``request_id`` (feedback is keyed by it, :mod:`recsys.delivery.feedback`); returns the
         ``InferResult``. Transport failures raise :class:`TritonUnavailableError` or
         :class:`TritonAuthError` like every call; an error the model or server answered
         (bad input, a failing ``execute``) raises ``tritonclient``'s
@@ -395,4 +426,5 @@ class TritonControl:
             inputs,
             model_version="" if version is None else str(int(version)),
             outputs=outputs,
+            request_id=request_id,
         )

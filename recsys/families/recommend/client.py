@@ -50,22 +50,16 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def recommend(
-    control: TritonControl,
-    model_name: str,
+def recommend_inputs(
     *,
-    user: str | None = None,
+    user: str | bytes | None = None,
     history: list[str] | None = None,
     top_k: int = 10,
     exclude_seen: bool = True,
-    version: int | None = None,
-) -> Recommendation:
-    """The ``top_k`` best items for ``user`` (a known user id) or ``history`` (a session's item
-    ids, oldest first) from ``model_name`` (``version`` pins one). Exactly one of ``user`` and
-    ``history`` must be given; ids may be ``bytes`` (sent as-is, the model refuses invalid
-    UTF-8). Raises :class:`RecommendError` for an error the model answered."""
+) -> list[Any]:
+    """The tensors of one recommendation request (``USER_ID`` or ``HISTORY``, ``TOP_K``,
+    ``EXCLUDE_SEEN``; always sent, so requests batch together, see the serving model)."""
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
 
     if (user is None) == (history is None):
         raise ValueError("give user or history, not both and not neither")
@@ -86,7 +80,27 @@ def recommend(
     top_k_input.set_data_from_numpy(np.array([[int(top_k)]], dtype=np.int32))
     exclude_input = grpcclient.InferInput("EXCLUDE_SEEN", [1, 1], "BOOL")
     exclude_input.set_data_from_numpy(np.array([[bool(exclude_seen)]], dtype=bool))
-    inputs += [top_k_input, exclude_input]
+    return [*inputs, top_k_input, exclude_input]
+
+
+def recommend(
+    control: TritonControl,
+    model_name: str,
+    *,
+    user: str | None = None,
+    history: list[str] | None = None,
+    top_k: int = 10,
+    exclude_seen: bool = True,
+    version: int | None = None,
+) -> Recommendation:
+    """The ``top_k`` best items for ``user`` (a known user id) or ``history`` (a session's item
+    ids, oldest first) from ``model_name`` (``version`` pins one). Exactly one of ``user`` and
+    ``history`` must be given; ids may be ``bytes`` (sent as-is, the model refuses invalid
+    UTF-8). Raises :class:`RecommendError` for an error the model answered."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    inputs = recommend_inputs(user=user, history=history, top_k=top_k, exclude_seen=exclude_seen)
     outputs = [
         grpcclient.InferRequestedOutput(name)
         for name in ("ITEM_IDS", "SCORES", "CATEGORIES", "SOURCE")

@@ -41,6 +41,30 @@ class RecommendFamily(ModelFamily):
     serving_model_source = Path(__file__).resolve().with_name("serving_model.py")
     gate_metric = "ndcg_at_10"
     drift_reference_file = REFERENCE_FILE
+    ranked_output = "ITEM_IDS"
+
+    def request_inputs(self, request: dict[str, Any]) -> list[Any]:
+        from recsys.families.recommend.client import recommend_inputs
+
+        history = request.get("history")
+        return recommend_inputs(
+            user=request.get("user"),
+            history=None if history is None else [str(i) for i in history],
+            top_k=int(request.get("top_k") or 10),
+            exclude_seen=bool(request.get("exclude_seen", True)),
+        )
+
+    def simulated_shoppers(self, held_out: Path, *, seed: int = 0, **options: Any) -> Any:
+        """One shopper per user of an interaction export, who clicks their held-out next item
+        when it is shown (:mod:`.simulated_users`)."""
+        from recsys.families.recommend.simulated_users import RecommendShoppers
+
+        return RecommendShoppers.from_interactions(held_out, seed=seed, **options)
+
+    def routing_key(self, request: dict[str, Any]) -> str | None:
+        """The user: a known user stays on one arm for the whole rollout (sessions draw)."""
+        user = request.get("user")
+        return None if user is None else str(user)
 
     def served_files(self, manifest: dict[str, Any]) -> list[str]:
         name = manifest.get("onnx_file", ONNX_FILE)

@@ -34,6 +34,20 @@ def search(
     return search_answered(control, model_name, query, top_k, version=version)[0]
 
 
+def search_inputs(query: str | bytes, top_k: int) -> list[Any]:
+    """The ``QUERY`` and ``TOP_K`` tensors of one search request."""
+    import tritonclient.grpc as grpcclient
+
+    if not -_INT32_MAX <= int(top_k) <= _INT32_MAX:
+        raise SearchError(f"top_k {top_k} does not fit TOP_K (INT32)")
+    raw = query if isinstance(query, bytes) else query.encode("utf-8")
+    query_input = grpcclient.InferInput("QUERY", [1, 1], "BYTES")
+    query_input.set_data_from_numpy(np.array([[raw]], dtype=np.object_))
+    top_k_input = grpcclient.InferInput("TOP_K", [1, 1], "INT32")
+    top_k_input.set_data_from_numpy(np.array([[int(top_k)]], dtype=np.int32))
+    return [query_input, top_k_input]
+
+
 def search_answered(
     control: Any,
     model_name: str,
@@ -50,13 +64,6 @@ def search_answered(
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    if not -_INT32_MAX <= int(top_k) <= _INT32_MAX:
-        raise SearchError(f"top_k {top_k} does not fit TOP_K (INT32)")
-    raw = query if isinstance(query, bytes) else query.encode("utf-8")
-    query_input = grpcclient.InferInput("QUERY", [1, 1], "BYTES")
-    query_input.set_data_from_numpy(np.array([[raw]], dtype=np.object_))
-    top_k_input = grpcclient.InferInput("TOP_K", [1, 1], "INT32")
-    top_k_input.set_data_from_numpy(np.array([[int(top_k)]], dtype=np.int32))
     outputs = [
         grpcclient.InferRequestedOutput("PRODUCT_IDS"),
         grpcclient.InferRequestedOutput("SCORES"),
@@ -64,7 +71,7 @@ def search_answered(
     try:
         result = control.infer(
             model_name,
-            [query_input, top_k_input],
+            search_inputs(query, top_k),
             outputs,
             version=version,
             what=f"search on {model_name}",

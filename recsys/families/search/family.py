@@ -39,6 +39,7 @@ class SearchFamily(ModelFamily):
     gate_metric = "ndcg_at_10"
     served_model_suffixes = ("", "_reranker")
     drift_reference_file = "query_reference.json"
+    ranked_output = "PRODUCT_IDS"
 
     def served_files(self, manifest: dict[str, Any]) -> list[str]:
         """The served encoder and, with a ``reranker`` section, the cross-encoder's ONNX graph
@@ -92,6 +93,18 @@ class SearchFamily(ModelFamily):
         embeddings = query_embeddings(version_dir, queries, reference.max_query_tokens)
         stats = drift_stats(reference, features, embeddings)
         return stats, drift_reasons(stats, thresholds)
+
+    def request_inputs(self, request: dict[str, Any]) -> list[Any]:
+        from recsys.families.search.client import search_inputs
+
+        return search_inputs(str(request["query"]), int(request.get("top_k") or 10))
+
+    def simulated_shoppers(self, held_out: Path, *, seed: int = 0, **options: Any) -> Any:
+        """One shopper per held-out query (a relevance CSV, e.g. the pipeline's ``test.csv``)
+        who clicks judged products by grade (:mod:`.simulated_users`)."""
+        from recsys.families.search.simulated_users import SearchShoppers
+
+        return SearchShoppers.from_csv(held_out, seed=seed, **options)
 
     def registry_onnx_file(self, manifest: dict[str, Any]) -> str:
         return DEFAULT_ONNX_FILE  # the fp32 encoder: the INT8 one is derived from it

@@ -1,0 +1,1 @@
+"""Progressive delivery of served models: canary and A/B rollouts, feedback, statistics."""

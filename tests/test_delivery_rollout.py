@@ -1,0 +1,217 @@
+"""Progressive delivery end to end: the ``rollout`` DAG under Airflow's ``dag.test()`` (its
+analysis runs inline, as the triggerer runs it), a real Triton with the router in front, a real
+MLflow, and simulated shoppers from the fixture's held-out queries sending traffic and clicking.
+
+* a faulty canary is aborted at its first step (5%): only shoppers on the candidate arm ever saw
+  a failure, the stable version was never touched, one alert names the model;
+* a good canary is promoted through every step, with no failed request;
+* an A/A experiment (two copies of one model) finds no significant difference, and its result is
+  logged to MLflow and tagged on both versions.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from recsys import registry
+from recsys.audit import read_records
+from recsys.delivery import routing
+from recsys.delivery.feedback import FeedbackLog, feedback_log_path
+from recsys.delivery.rollout import start_rollout
+from recsys.delivery.traffic import ShopperTraffic, visitor_key
+from recsys.deploy import deploy_model, register_model
+from recsys.families import get_family
+from recsys.triton.control import TritonControl
+
+pytestmark = pytest.mark.e2e
+
+SEARCH = get_family("search")
+SMOKE = {"query": "angle bracket", "top_k": 5}
+FAST = {"check_interval_s": 0.5, "min_requests": 3, "windows_per_step": 1, "window_s": 2.0}
+
+
+@pytest.fixture
+def artifacts(tiny_bert_dir, homedepot_sample, tmp_path):
+    from recsys.data import product_catalog, read_relevance_csv
+    from recsys.families.search.export import build_serving_artifacts
+
+    catalog = product_catalog(read_relevance_csv(homedepot_sample))
+
+    def build(name: str, fault=None):
+        return build_serving_artifacts(
+            tiny_bert_dir, catalog, tmp_path / name, model_name="x", fault_injection=fault
+        )
+
+    return build
+
+
+@pytest.fixture
+def shoppers(split_files):
+    return SEARCH.simulated_shoppers(split_files["test_path"], seed=3)
+
+
+def _register(settings, artifacts_dir) -> int:
+    run_id = registry.start_training_run(
+        settings.mlflow_tracking_uri, "rollout-tests", "t", {"epochs": 1}, {}
+    )
+    return register_model(settings, run_id, str(artifacts_dir), {"data_hash": "h"})["version"]
+
+
+def _run(dag, conf):
+    run = dag.test(run_conf=conf)
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    finish = next(ti for ti in run.get_task_instances() if ti.task_id == "finish")
+    return run.state, states, finish.xcom_pull(task_ids="finish")
+
+
+def test_a_faulty_canary_is_aborted_at_the_first_step(
+    platform, dagbag, webhook, artifacts, shoppers
+):
+    model, uri = platform.model_name, platform.mlflow_tracking_uri
+    control = TritonControl(platform.triton_grpc_url)
+    good = artifacts("good")
+    v1 = _register(platform, good)
+    deploy_model(platform, v1, str(good), SMOKE)
+    faulty = artifacts("faulty", fault={"mode": "raise", "after_requests": 3})
+    v2 = _register(platform, faulty)
+
+    # As `recsys deploy --canary` does: start the rollout here, then the DAG takes it over.
+    started = start_rollout(platform, v2, str(faulty), weight=0.05, smoke_request=SMOKE)
+    assert (started["stable"], started["candidate"], started["weight"]) == (v1, v2, 0.05)
+    assert control.loaded_versions(model) == [v1, v2]
+    traffic = ShopperTraffic(control, model, SEARCH, shoppers, repo=platform.triton_repo)
+    traffic.start()
+    began = time.time()
+    try:
+        state, tasks, result = _run(dagbag.get_dag("rollout"), {"version": v2, **FAST})
+        aborted_at = time.time()
+        time.sleep(0)  # let the traffic thread send on against the restored routing
+        deadline = time.monotonic() + 30
+        while len([o for o in traffic.outcomes if o.at > aborted_at]) < 20:
+            assert time.monotonic() < deadline, "traffic stopped"
+            time.sleep(0.05)
+    finally:
+        traffic.stop()
+    assert state == "success" and tasks["finish"] == "success", tasks
+    assert result["decision"] == "abort" and result["step"] == 5.0, result
+    assert "candidate error rate" in " ".join(result["reasons"])
+
+    # Only shoppers whose key puts them on the 5% arm ever failed, and none after the abort.
+    salt = started["rollout_id"]
+    failed = [o for o in traffic.outcomes if not o.ok]
+    assert failed, "the faulty canary was never exercised"
+    assert all("injected fault" in o.error for o in failed)
+    assert not [o for o in failed if o.at > aborted_at]
+    counts = traffic.counts(since=began)
+    assert counts["failed"] / counts["requests"] <= 0.15, counts
+    candidate_visitors = {
+        v
+        for v in range(traffic.visitors)
+        if routing.key_share(salt, visitor_key(v).encode()) < 0.05
+    }
+    assert 0 < len(candidate_visitors) < 0.1 * traffic.visitors
+
+    # The stable version never stopped serving and never failed; the candidate is gone.
+    assert control.loaded_versions(model) == [v1]
+    assert {o.version for o in traffic.outcomes if o.ok} <= {v1, v2}
+    assert [o.version for o in traffic.outcomes if o.ok][-20:] == [v1] * 20
+    assert registry.alias_version(uri, model, registry.CHAMPION) == v1
+    assert registry.alias_version(uri, model, "candidate") is None
+    tags = MlflowClient(tracking_uri=uri).get_model_version(model, str(v2)).tags
+    assert tags["rollout_result"] == "aborted" and "error rate" in tags["rollout_reason"]
+    after = routing.read_routing(platform.triton_repo, model)
+    assert not after.active and after.stable == v1
+    actions = [r["action"] for r in read_records(platform.audit_log, model)]
+    assert actions == ["deploy", "rollout_start", "rollout_abort"]
+    alerts = webhook.all()
+    assert len(alerts) == 1 and alerts[0]["model"] == model, alerts
+    assert "aborted" in alerts[0]["title"] and alerts[0]["version"] == v2
+
+
+def test_a_good_canary_is_promoted_through_every_step(platform, dagbag, artifacts, shoppers):
+    model, uri = platform.model_name, platform.mlflow_tracking_uri
+    control = TritonControl(platform.triton_grpc_url)
+    good = artifacts("good")
+    v1 = _register(platform, good)
+    deploy_model(platform, v1, str(good), SMOKE)
+    v2 = _register(platform, artifacts("good-again"))
+    # The router in front before the rollout (the first rollout would create it), so shoppers
+    # use it from their first request; v2's folder is rebuilt from MLflow by the DAG's start.
+    routing.ensure_router(control, platform.triton_repo, model, "search", stable=v1)
+    traffic = ShopperTraffic(control, model, SEARCH, shoppers, repo=platform.triton_repo)
+    traffic.start()
+    try:
+        conf = {"version": v2, "steps": [10, 50, 100], "smoke_request": SMOKE, **FAST}
+        state, tasks, result = _run(dagbag.get_dag("rollout"), conf)
+        time.sleep(0)
+    finally:
+        traffic.stop()
+    assert state == "success" and tasks["start"] == "success", tasks
+    assert result["decision"] == "promote", result
+    assert "every step passed (10%, 50%, 100%" in result["reasons"][0]
+    assert traffic.counts()["failed"] == 0
+    assert {o.version for o in traffic.outcomes if o.ok} == {v1, v2}
+
+    assert control.loaded_versions(model) == [v2]
+    assert registry.alias_version(uri, model, registry.CHAMPION) == v2
+    assert registry.alias_version(uri, model, registry.PREVIOUS) == v1
+    final = routing.read_routing(platform.triton_repo, model)
+    assert not final.active and final.stable == v2
+    weights = [h.get("candidate_weight") for h in final.history if "candidate_weight" in h]
+    assert [w for w in weights if w][:4] == [0.1, 0.5, 1.0, 1.0], final.history
+    run = MlflowClient(tracking_uri=uri).get_run(result["mlflow_run_id"])
+    assert run.data.tags["decision"] == "promote"
+    assert run.data.metrics["candidate_requests"] > 0
+    actions = [r["action"] for r in read_records(platform.audit_log, model)]
+    assert actions == ["deploy", "rollout_start", "rollout_promote"]
+
+
+def test_an_a_a_experiment_finds_no_difference_and_is_logged(platform, dagbag, artifacts, shoppers):
+    model, uri = platform.model_name, platform.mlflow_tracking_uri
+    control = TritonControl(platform.triton_grpc_url)
+    good = artifacts("good")
+    v1 = _register(platform, good)
+    deploy_model(platform, v1, str(good), SMOKE)
+    v2 = _register(platform, good)  # the same model twice: A/A
+    start_rollout(platform, v2, str(good), mode="experiment", weight=0.5, salt="a-a-test")
+    feedback = FeedbackLog(feedback_log_path(platform.home, model))
+    # A fixed salt, seeded shoppers and clicks, one request at a time: the same run every time.
+    traffic = ShopperTraffic(
+        control, model, SEARCH, shoppers, repo=platform.triton_repo, feedback=feedback,
+        max_requests=800, seed=11,
+    )  # fmt: skip
+    traffic.start()
+    traffic.join(300)
+    traffic.stop()
+    assert traffic.counts()["failed"] == 0 and len(traffic.outcomes) == 800
+
+    conf = {"version": v2, "mode": "experiment", "sample_size": 800, "min_impressions": 200,
+            **FAST, "window_s": 0.5}  # fmt: skip
+    state, tasks, result = _run(dagbag.get_dag("rollout"), conf)
+    assert state == "success" and tasks["start"] == "success", tasks  # taken over
+    assert result["decision"] == "end", result
+    comparison = result["comparison"]
+    assert comparison["decision"] == "no_significant_difference", comparison["summary"]
+    assert not comparison["significant"] and comparison["p_value"] > 0.05
+    arms = (comparison["stable"], comparison["candidate"])
+    assert all(arm["impressions"] >= 200 for arm in arms)
+    assert sum(arm["impressions"] for arm in arms) == 800
+    assert all(0 < arm["rate"] < 1 for arm in arms)
+
+    assert control.loaded_versions(model) == [v1]
+    assert registry.alias_version(uri, model, registry.CHAMPION) == v1
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.tags["mode"] == "experiment" and run.data.tags["decision"] == "end"
+    assert {"stable_rate", "candidate_rate", "p_value"} <= set(run.data.metrics)
+    for version in (v1, v2):
+        tags = client.get_model_version(model, str(version)).tags
+        assert tags["rollout_experiment_run_id"] == run.info.run_id
+        assert "no_significant_difference" in tags["rollout_experiment_result"] or (
+            "end" in tags["rollout_experiment_result"]
+        )
+    actions = [r["action"] for r in read_records(platform.audit_log, model)]
+    assert actions == ["deploy", "rollout_start", "rollout_end"]
