@@ -485,6 +485,8 @@ def _status(args: argparse.Namespace) -> int:
     else:
         versions = ", ".join(f"v{v}" for v in report.triton_versions or []) or "none"
         print(f"  loaded versions: {versions}")
+    if report.rollout or report.rollout_error:
+        print(f"  rollout: {report.rollout or 'unreadable: ' + str(report.rollout_error)}")
     print(f"MLflow registry ({settings.mlflow_tracking_uri}):")
     if report.registry_error:
         print(f"  UNREACHABLE: {report.registry_error}")

@@ -193,6 +193,53 @@ def _traffic_until_rollback(settings: Settings, bad_version: int, timeout_s: flo
     return False
 
 
+def _canary_rehearsal(settings: Settings, airflow: Any, bad: int, timeout_s: float) -> bool:
+    """The faulty version once more, as a canary: it reaches 5% of shoppers through the
+    router, and the rollout DAG's analysis aborts it. Shows how many requests fail compared
+    with the all-at-once deploy above."""
+    from recsys.audit import read_records
+    from recsys.delivery.client import RoutedRequestError, ask
+    from recsys.delivery.routing import router_name
+    from recsys.families import get_family
+    from recsys.operations import start_registered_rollout
+    from recsys.triton.control import TritonControl
+
+    model = settings.model_name
+    started = start_registered_rollout(
+        settings, bad, mode="canary", weight=0.05, smoke_request={"query": "angle bracket"},
+        reason="demo: canary rehearsal of the faulty version",
+    )  # fmt: skip
+    run_id = airflow.trigger(
+        "rollout", {"version": bad, "mode": "canary", "window_s": 10, "min_requests": 5}
+    )
+    print(f"canary {started['rollout_id']}: v{bad} gets 5% of shoppers via {router_name(model)}")
+    print(f"rollout DAG run {run_id}: {airflow.ui_run_url('rollout', run_id)}")
+    control, family = TritonControl(settings.triton_grpc_url), get_family("search")
+    deadline = time.monotonic() + timeout_s
+    sent = failed = 0
+    while time.monotonic() < deadline:
+        for query in QUERIES:
+            sent += 1
+            try:  # one shopper per request id: a realistic spread over the two arms
+                ask(control, model, family, {"query": query, "top_k": 5},
+                    routing_key=f"shopper-{sent % 1000}")  # fmt: skip
+            except RoutedRequestError:
+                failed += 1
+        aborted = [
+            r for r in read_records(settings.audit_log, model)
+            if r["action"] == "rollout_abort" and r.get("rollout_id") == started["rollout_id"]
+        ]  # fmt: skip
+        if aborted:
+            print(
+                f"sent {sent} queries through the router, {failed} failed ({failed / sent:.1%}): "
+                f"the rollout DAG aborted v{bad}: {aborted[-1]['reason']}"
+            )
+            return True
+        time.sleep(0.5)
+    print(f"sent {sent} queries, {failed} failed; the canary was not aborted in {timeout_s:.0f}s")
+    return False
+
+
 def _write_dashboard(settings: Settings, recorder: MetricsRecorder) -> None:
     """Stop ``recorder`` and draw its samples with the audit trail's deploys and rollbacks.
 
@@ -364,6 +411,9 @@ def run_demo(
         print(f"audit: {record['ts']} {record['action']:<9} by {record['actor']}: {detail}")
     _say("served again by the good version")
     _show_answer(settings, "angle bracket", titles)
+    _say("the same faulty version as a canary: 5% of shoppers, judged every 2 s")
+    if not _canary_rehearsal(settings, airflow, bad, timeout_s=300):
+        return 1
     if max_users and not run_recommender_demo(settings, airflow, max_users):
         return 1
     print(

@@ -281,6 +281,9 @@ class StatusReport:
     registry_error: str | None = None
     audit: list[dict[str, Any]] = field(default_factory=list)
     audit_error: str | None = None
+    rollout: str | None = None
+    """The rollout under way (canary, experiment, shadow) in one line; ``None`` when none."""
+    rollout_error: str | None = None
 
     @property
     def healthy(self) -> bool:
@@ -325,6 +328,23 @@ def platform_status(settings: Settings, audit_records: int = 3) -> StatusReport:
         }
     except Exception as exc:
         report.registry_error = _one_line(exc)
+
+    try:
+        from recsys.delivery.rollout import active_rollout
+
+        routing = active_rollout(settings)
+        if routing is not None:
+            share = (
+                f"{routing.shadow_share:.0%} mirrored"
+                if routing.mode == "shadow"
+                else f"{routing.candidate_weight:.0%} of routed traffic"
+            )
+            report.rollout = (
+                f"{routing.mode} of v{routing.candidate} against v{routing.stable}, {share} "
+                f"({routing.rollout_id})"
+            )
+    except Exception as exc:
+        report.rollout_error = _one_line(exc)
 
     try:
         report.audit = read_records(settings.audit_log, settings.model_name)[-audit_records:]

@@ -146,6 +146,23 @@ def platform(platform_and_triton):
     return platform_and_triton[0]
 
 
+@pytest.fixture
+def search_artifacts(tiny_bert_dir, homedepot_sample, tmp_path):
+    """Build search serving folders of the fixture's catalogue with the tiny BERT:
+    ``build(name, fault=None)`` (``fault``: the manifest's ``fault_injection``)."""
+    from recsys.data import product_catalog, read_relevance_csv
+    from recsys.families.search.export import build_serving_artifacts
+
+    catalog = product_catalog(read_relevance_csv(homedepot_sample))
+
+    def build(name: str, fault=None) -> Path:
+        return build_serving_artifacts(
+            tiny_bert_dir, catalog, tmp_path / name, model_name="x", fault_injection=fault
+        )
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def frames(homedepot_sample: Path):
     """The fixture's held-out queries (the pipeline's default split) and its product catalogue."""

@@ -332,3 +332,51 @@ def test_progress_bars_follow_the_environment(monkeypatch):
     assert progress_enabled()
     monkeypatch.delenv("RECSYS_PROGRESS")
     assert not progress_enabled()  # pytest's stderr is not a terminal
+
+
+def test_a_canary_moved_by_hand_through_the_cli(platform, register, capsys, monkeypatch):
+    """`recsys deploy --canary --no-analysis`, then `canary status|weight|abort`, a refused
+    plain deploy while it runs, and `feedback`: the operator's path without the DAG."""
+    from recsys.delivery.client import ask
+    from recsys.delivery.feedback import FeedbackLog, feedback_log_path
+    from recsys.delivery.routing import read_routing
+    from recsys.families import get_family
+
+    v1, v2 = register(platform, "first"), register(platform, "second")
+    assert main(["deploy", "--version", str(v1)]) == 0
+    assert main(["canary", "status"]) == 0
+    assert "no rollout under way" in capsys.readouterr().out
+
+    assert main(["deploy", "--version", str(v2), "--canary", "--steps", "10,100",
+                 "--no-analysis"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"canary of v{v2} against v{v1} started" in out and "10% of routed traffic" in out
+    assert f"{platform.model_name}_router" in out
+    control = TritonControl(platform.triton_grpc_url)
+    assert control.loaded_versions(platform.model_name) == [v1, v2]
+
+    assert main(["deploy", "--version", str(v1)]) == 1  # no all-at-once deploy mid-rollout
+    assert "promote or abort it" in capsys.readouterr().err
+    assert main(["canary", "weight", "40"]) == 0
+    assert read_routing(platform.triton_repo, platform.model_name).candidate_weight == 0.4
+    assert main(["canary", "status"]) == 0
+    assert "candidate weight 40%" in capsys.readouterr().out
+    assert main(["status"]) == 0
+    assert f"rollout: canary of v{v2} against v{v1}, 40% of routed traffic" in (
+        capsys.readouterr().out
+    )
+
+    answer = ask(control, platform.model_name, get_family("search"), {"query": "angle bracket"})
+    assert answer.version in (v1, v2) and answer.arm in ("stable", "candidate")
+    assert main(["feedback", "--request-id", answer.request_id, "--item", answer.ids[0]]) == 0
+    log = FeedbackLog(feedback_log_path(platform.home, platform.model_name))
+    assert [r["request_id"] for r in log.records() if r] == [answer.request_id]
+
+    assert main(["canary", "abort", "--reason", "looks wrong"]) == 0
+    assert f"v{v2} aborted; v{v1} serves alone" in capsys.readouterr().out
+    assert control.loaded_versions(platform.model_name) == [v1]
+    assert main(["canary", "abort"]) == 1
+    assert "no rollout" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad_weight:
+        main(["canary", "weight", "101"])
+    assert bad_weight.value.code == 2

@@ -22,9 +22,10 @@ from recsys.delivery import routing
 from recsys.delivery.feedback import FeedbackLog, feedback_log_path
 from recsys.delivery.rollout import start_rollout
 from recsys.delivery.traffic import ShopperTraffic, visitor_key
-from recsys.deploy import deploy_model, register_model
+from recsys.deploy import deploy_model
 from recsys.families import get_family
 from recsys.triton.control import TritonControl
+from tests.triton_testing import register_version
 
 pytestmark = pytest.mark.e2e
 
@@ -34,30 +35,13 @@ FAST = {"check_interval_s": 0.5, "min_requests": 3, "windows_per_step": 1, "wind
 
 
 @pytest.fixture
-def artifacts(tiny_bert_dir, homedepot_sample, tmp_path):
-    from recsys.data import product_catalog, read_relevance_csv
-    from recsys.families.search.export import build_serving_artifacts
-
-    catalog = product_catalog(read_relevance_csv(homedepot_sample))
-
-    def build(name: str, fault=None):
-        return build_serving_artifacts(
-            tiny_bert_dir, catalog, tmp_path / name, model_name="x", fault_injection=fault
-        )
-
-    return build
+def artifacts(search_artifacts):
+    return search_artifacts
 
 
 @pytest.fixture
 def shoppers(split_files):
     return SEARCH.simulated_shoppers(split_files["test_path"], seed=3)
-
-
-def _register(settings, artifacts_dir) -> int:
-    run_id = registry.start_training_run(
-        settings.mlflow_tracking_uri, "rollout-tests", "t", {"epochs": 1}, {}
-    )
-    return register_model(settings, run_id, str(artifacts_dir), {"data_hash": "h"})["version"]
 
 
 def _run(dag, conf):
@@ -73,10 +57,10 @@ def test_a_faulty_canary_is_aborted_at_the_first_step(
     model, uri = platform.model_name, platform.mlflow_tracking_uri
     control = TritonControl(platform.triton_grpc_url)
     good = artifacts("good")
-    v1 = _register(platform, good)
+    v1 = register_version(platform, good)
     deploy_model(platform, v1, str(good), SMOKE)
     faulty = artifacts("faulty", fault={"mode": "raise", "after_requests": 3})
-    v2 = _register(platform, faulty)
+    v2 = register_version(platform, faulty)
 
     # As `recsys deploy --canary` does: start the rollout here, then the DAG takes it over.
     started = start_rollout(platform, v2, str(faulty), weight=0.05, smoke_request=SMOKE)
@@ -88,7 +72,6 @@ def test_a_faulty_canary_is_aborted_at_the_first_step(
     try:
         state, tasks, result = _run(dagbag.get_dag("rollout"), {"version": v2, **FAST})
         aborted_at = time.time()
-        time.sleep(0)  # let the traffic thread send on against the restored routing
         deadline = time.monotonic() + 30
         while len([o for o in traffic.outcomes if o.at > aborted_at]) < 20:
             assert time.monotonic() < deadline, "traffic stopped"
@@ -135,9 +118,9 @@ def test_a_good_canary_is_promoted_through_every_step(platform, dagbag, artifact
     model, uri = platform.model_name, platform.mlflow_tracking_uri
     control = TritonControl(platform.triton_grpc_url)
     good = artifacts("good")
-    v1 = _register(platform, good)
+    v1 = register_version(platform, good)
     deploy_model(platform, v1, str(good), SMOKE)
-    v2 = _register(platform, artifacts("good-again"))
+    v2 = register_version(platform, artifacts("good-again"))
     # The router in front before the rollout (the first rollout would create it), so shoppers
     # use it from their first request; v2's folder is rebuilt from MLflow by the DAG's start.
     routing.ensure_router(control, platform.triton_repo, model, "search", stable=v1)
@@ -146,7 +129,6 @@ def test_a_good_canary_is_promoted_through_every_step(platform, dagbag, artifact
     try:
         conf = {"version": v2, "steps": [10, 50, 100], "smoke_request": SMOKE, **FAST}
         state, tasks, result = _run(dagbag.get_dag("rollout"), conf)
-        time.sleep(0)
     finally:
         traffic.stop()
     assert state == "success" and tasks["start"] == "success", tasks
@@ -173,9 +155,9 @@ def test_an_a_a_experiment_finds_no_difference_and_is_logged(platform, dagbag, a
     model, uri = platform.model_name, platform.mlflow_tracking_uri
     control = TritonControl(platform.triton_grpc_url)
     good = artifacts("good")
-    v1 = _register(platform, good)
+    v1 = register_version(platform, good)
     deploy_model(platform, v1, str(good), SMOKE)
-    v2 = _register(platform, good)  # the same model twice: A/A
+    v2 = register_version(platform, good)  # the same model twice: A/A
     start_rollout(platform, v2, str(good), mode="experiment", weight=0.5, salt="a-a-test")
     feedback = FeedbackLog(feedback_log_path(platform.home, model))
     # A fixed salt, seeded shoppers and clicks, one request at a time: the same run every time.

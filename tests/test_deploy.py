@@ -11,43 +11,26 @@ import pytest
 from recsys import registry
 from recsys.audit import read_records
 from recsys.config import load_settings
-from recsys.deploy import deploy_model, register_model
+from recsys.deploy import deploy_model
 from recsys.families.search.client import search
 from recsys.rollback import DeployFailedError, RollbackError, rollback
 from recsys.triton.control import ModelLoadError, TritonControl
 from recsys.triton.repository import COMPLETE_MARKER, IncompleteArtifactsError
-from tests.triton_testing import free_port
+from tests.triton_testing import free_port, register_version
 
 
 @pytest.fixture
-def artifacts(tiny_bert_dir, homedepot_sample, tmp_path):
-    from recsys.data import product_catalog, read_relevance_csv
-    from recsys.families.search.export import build_serving_artifacts
-
-    catalog = product_catalog(read_relevance_csv(homedepot_sample))
-
-    def build(name: str, fault=None):
-        return build_serving_artifacts(
-            tiny_bert_dir, catalog, tmp_path / name, model_name="x", fault_injection=fault
-        )
-
-    return build
-
-
-def _register(settings, artifacts_dir) -> int:
-    run_id = registry.start_training_run(
-        settings.mlflow_tracking_uri, "deploy-tests", "t", {"epochs": 1}, {}
-    )
-    return register_model(settings, run_id, str(artifacts_dir), {"data_hash": "h"})["version"]
+def artifacts(search_artifacts):
+    return search_artifacts
 
 
 def test_failed_smoke_test_restores_the_champion(platform, artifacts):
     good = artifacts("good")
-    v1 = _register(platform, good)
+    v1 = register_version(platform, good)
     deploy_model(platform, v1, str(good), {"query": "angle bracket", "top_k": 5})
 
     broken = artifacts("broken", fault="raise")
-    v2 = _register(platform, broken)
+    v2 = register_version(platform, broken)
     with pytest.raises(ModelLoadError, match="injected fault") as failure:
         deploy_model(platform, v2, str(broken), {"query": "angle bracket", "top_k": 5})
     assert isinstance(failure.value, DeployFailedError)
@@ -70,9 +53,9 @@ def test_failed_redeploy_of_the_champion_falls_back_to_the_last_good_version(pla
     says what serves and that the registry still names the failed version."""
     model, query = platform.model_name, "angle bracket"
     first, second = artifacts("first"), artifacts("second")
-    v1 = _register(platform, first)
+    v1 = register_version(platform, first)
     deploy_model(platform, v1, str(first), {"query": query, "top_k": 5})
-    v2 = _register(platform, second)
+    v2 = register_version(platform, second)
     deploy_model(platform, v2, str(second), {"query": query, "top_k": 5})
     (platform.triton_repo / model / str(v2) / COMPLETE_MARKER).unlink()
 
@@ -119,7 +102,7 @@ def test_rollback_refuses_a_bad_target_version_before_asking_anything(bad, monke
 
 def test_rollback_without_a_good_version_keeps_serving_and_says_why(platform, artifacts):
     good = artifacts("only")
-    v1 = _register(platform, good)
+    v1 = register_version(platform, good)
     deploy_model(platform, v1, str(good), {"query": "angle bracket", "top_k": 5})
     with pytest.raises(RollbackError, match="no earlier known-good version") as failure:
         rollback(platform, "manual rollback (recsys rollback)")
@@ -134,9 +117,9 @@ def test_rollback_to_a_version_whose_files_are_missing_fails_loudly(platform, ar
     import shutil
 
     first, second = artifacts("first"), artifacts("second")
-    v1 = _register(platform, first)
+    v1 = register_version(platform, first)
     deploy_model(platform, v1, str(first), {"query": "angle bracket", "top_k": 5})
-    v2 = _register(platform, second)
+    v2 = register_version(platform, second)
     deploy_model(platform, v2, str(second), {"query": "angle bracket", "top_k": 5})
     shutil.rmtree(platform.triton_repo / platform.model_name / str(v1))
 
@@ -175,7 +158,7 @@ def test_a_platform_deploy_serves_with_the_configured_instances(platform, artifa
     assert load_settings().triton_instances == max(1, min(4, os.cpu_count() or 1))
     settings = dataclasses.replace(platform, triton_instances=2)
     good = artifacts("good")
-    version = _register(settings, good)
+    version = register_version(settings, good)
     deploy_model(settings, version, str(good), {"query": "angle bracket", "top_k": 5})
     config = version_serving_config(settings.triton_repo, settings.model_name, version)
     assert config["instance_group"][0]["count"] == 2

@@ -95,18 +95,8 @@ def env(platform_and_triton) -> Env:
 
 
 @pytest.fixture
-def artifacts(tiny_bert_dir, homedepot_sample, tmp_path):
-    from recsys.data import product_catalog, read_relevance_csv
-    from recsys.families.search.export import build_serving_artifacts
-
-    catalog = product_catalog(read_relevance_csv(homedepot_sample))
-
-    def build(name: str, fault: Any = None) -> Path:
-        return build_serving_artifacts(
-            tiny_bert_dir, catalog, tmp_path / name, model_name="x", fault_injection=fault
-        )
-
-    return build
+def artifacts(search_artifacts):
+    return search_artifacts
 
 
 class PrivateMlflow:

@@ -518,3 +518,33 @@ def test_fault_injection_after_requests_makes_execute_raise(
         assert failures == 2.0
     finally:
         control.unload(faulty_model)
+
+
+def test_the_router_serves_the_recommender_and_keeps_each_user_on_one_arm(
+    triton, control, served, reference
+):
+    """The same router as search's, knowing nothing of the family: the user id is the routing
+    key, so a shopper sees one version's recommendations for the whole rollout."""
+    from recsys.delivery import routing
+    from recsys.delivery.client import ask
+    from recsys.families import get_family
+
+    family = get_family("recommend")
+    publish_version(triton.repo, MODEL, 2, served, serving={"max_queue_delay_us": QUEUE_DELAY_US})
+    control.load_versions(MODEL, [1, 2], triton.repo,
+                          config=version_serving_config(triton.repo, MODEL, 2))  # fmt: skip
+    routing.ensure_router(control, triton.repo, MODEL, "recommend", stable=1)
+    routing.update_routing(triton.repo, MODEL, "test", stable=1, candidate=2, mode="canary",
+                           candidate_weight=0.5, salt="users", rollout_id="r")  # fmt: skip
+    try:
+        users = reference.user_ids[:12]
+        for user in users:
+            answers = [ask(control, MODEL, family, {"user": user, "top_k": 5}) for _ in range(3)]
+            expected = "candidate" if routing.key_share("users", user.encode()) < 0.5 else "stable"
+            assert {a.arm for a in answers} == {expected}, user
+            assert {a.version for a in answers} == {2 if expected == "candidate" else 1}
+            assert answers[0].ids == [item for item, _ in reference.for_user(user, 5)]
+    finally:
+        routing.follow_switch(triton.repo, MODEL, 1, "test over")
+        control.load_version(MODEL, 1, triton.repo,
+                             config=version_serving_config(triton.repo, MODEL, 1))  # fmt: skip

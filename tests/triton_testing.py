@@ -252,6 +252,18 @@ def running_triton(
         )
 
 
+def register_version(settings: Any, artifacts_dir: Path | str, experiment: str = "tests") -> int:
+    """Register ``artifacts_dir`` as a new version of ``settings.model_name`` (from a fresh
+    MLflow run) and return its number."""
+    from recsys import registry
+    from recsys.deploy import register_model
+
+    run_id = registry.start_training_run(
+        settings.mlflow_tracking_uri, experiment, "t", {"epochs": 1}, {}
+    )
+    return register_model(settings, run_id, str(artifacts_dir), {"data_hash": "h"})["version"]
+
+
 def copy_artifacts(source: Path, target: Path, **manifest_changes: Any) -> Path:
     """Copy a serving-artifacts folder, overriding manifest keys (e.g. ``fault_injection``)."""
     shutil.copytree(source, target)
