@@ -197,3 +197,131 @@ def test_an_a_a_experiment_finds_no_difference_and_is_logged(platform, dagbag, a
         )
     actions = [r["action"] for r in read_records(platform.audit_log, model)]
     assert actions == ["deploy", "rollout_start", "rollout_end"]
+
+
+def _oracle(source, target, shoppers):
+    """A copy of a search folder whose product embeddings are the embeddings of the held-out
+    queries that judge them relevant (grade >= 2), so each query finds its own relevant
+    products first: a model the simulated shoppers click a lot (the tiny random BERT alone
+    ranks little better than chance)."""
+    import shutil
+
+    import numpy as np
+
+    from recsys.families.search.query_features import query_embeddings
+
+    shutil.copytree(source, target)
+    with np.load(target / "products.npz") as products:
+        arrays = {name: products[name] for name in products.files}
+    index = {str(pid): i for i, pid in enumerate(arrays["ids"])}
+    queries = [shoppers[i] for i in range(len(shoppers))]
+    vectors = query_embeddings(target, [q.query for q in queries], 64)
+    embeddings = arrays["embeddings"].copy()
+    for shopper, vector in zip(queries, vectors, strict=True):
+        for pid, grade in shopper.judged.items():
+            if grade >= 2.0 and pid in index:
+                embeddings[index[pid]] = vector.astype(np.float32)
+    arrays["embeddings"] = embeddings
+    np.savez(target / "products.npz", **arrays)
+    return target
+
+
+def _scrambled(source, target):
+    """A copy of a search folder whose product ids are shuffled against their embeddings: it
+    loads, answers and passes its smoke test, but ranks the wrong products (a model that is
+    healthy to Triton and bad for shoppers)."""
+    import shutil
+
+    import numpy as np
+
+    shutil.copytree(source, target)
+    with np.load(target / "products.npz") as products:
+        arrays = {name: products[name] for name in products.files}
+    order = np.random.default_rng(0).permutation(len(arrays["ids"]))
+    arrays["ids"], arrays["titles"] = arrays["ids"][order], arrays["titles"][order]
+    np.savez(target / "products.npz", **arrays)
+    return target
+
+
+def test_a_canary_that_shoppers_click_less_is_aborted_on_online_quality(
+    platform, dagbag, artifacts, shoppers, tmp_path
+):
+    model = platform.model_name
+    control = TritonControl(platform.triton_grpc_url)
+    good = _oracle(artifacts("tiny"), tmp_path / "oracle", shoppers)
+    v1 = register_version(platform, good)
+    deploy_model(platform, v1, str(good), SMOKE)
+    worse = _scrambled(good, tmp_path / "scrambled")
+    v2 = register_version(platform, worse)
+    start_rollout(platform, v2, str(worse), weight=0.5, salt="worse")
+    feedback = FeedbackLog(feedback_log_path(platform.home, model))
+    traffic = ShopperTraffic(control, model, SEARCH, shoppers, repo=platform.triton_repo,
+                             feedback=feedback, seed=5)  # fmt: skip
+    traffic.start()
+    try:
+        conf = {"version": v2, "steps": [50, 100], "require_not_worse": True,
+                "min_impressions": 150, **FAST}  # fmt: skip
+        state, tasks, result = _run(dagbag.get_dag("rollout"), conf)
+    finally:
+        traffic.stop()
+    assert state == "success", tasks
+    assert result["decision"] == "abort" and result["step"] == 50.0, result
+    assert result["reasons"][0].startswith("online quality: CTR candidate")
+    assert result["comparison"]["decision"] == "candidate_worse"
+    assert traffic.counts()["failed"] == 0  # healthy to Triton: only the clicks tell
+    assert control.loaded_versions(model) == [v1]
+
+
+def test_a_shadow_mirrors_traffic_and_reports_its_top_k_overlap(
+    platform, dagbag, artifacts, shoppers
+):
+    model = platform.model_name
+    control = TritonControl(platform.triton_grpc_url)
+    good = artifacts("good")
+    v1 = register_version(platform, good)
+    deploy_model(platform, v1, str(good), SMOKE)
+    v2 = register_version(platform, good)
+    routing.ensure_router(control, platform.triton_repo, model, "search", stable=v1)
+    traffic = ShopperTraffic(control, model, SEARCH, shoppers, repo=platform.triton_repo)
+    traffic.start()
+    try:
+        conf = {"version": v2, "mode": "shadow", "shadow_share": 1.0, "duration_minutes": 0.1,
+                **FAST}  # fmt: skip
+        state, tasks, result = _run(dagbag.get_dag("rollout"), conf)
+    finally:
+        traffic.stop()
+    assert state == "success", tasks
+    assert result["decision"] == "end", result
+    shadow = result["shadow"]
+    assert shadow["ok"] > 0 and shadow.get("error", 0) == 0
+    assert shadow["overlap"] == pytest.approx(1.0)  # the same model: the same top-k
+    assert {o.version for o in traffic.outcomes if o.ok} == {v1}  # shoppers saw only stable
+    # Both counted over the analysis: every mirrored answer is one request of the candidate.
+    assert result["totals"]["candidate"]["requests"] == pytest.approx(shadow["ok"], abs=5)
+    assert control.loaded_versions(model) == [v1]
+    actions = [r["action"] for r in read_records(platform.audit_log, model)]
+    assert actions == ["deploy", "rollout_start", "rollout_end"]
+
+
+def test_the_pipelines_deploy_can_start_a_canary_and_hand_it_to_the_rollout_dag(
+    platform, dagbag, artifacts
+):
+    from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+
+    from recsys.model_pipeline import deploy_or_roll_out
+
+    good = artifacts("good")
+    v1 = register_version(platform, good)
+    first = deploy_or_roll_out(platform, v1, str(good), {}, SMOKE, "first")
+    assert first["rollout_conf"] is None and first["version"] == v1
+    v2 = register_version(platform, good)
+    values = {"rollout": "canary", "canary_steps": [10, 100]}
+    started = deploy_or_roll_out(platform, v2, str(good), values, SMOKE, "challenger")
+    assert started["rollout_conf"] == {"version": v2, "mode": "canary", "smoke_request": SMOKE,
+                                       "steps": [10.0, 100.0]}  # fmt: skip
+    assert routing.read_routing(platform.triton_repo, platform.model_name).candidate_weight == 0.1
+    for dag_id, target in (("search_model_pipeline", "rollout"),
+                           ("recommend_model_pipeline", "rollout_recommend")):  # fmt: skip
+        trigger = dagbag.get_dag(dag_id).get_task("start_rollout_analysis")
+        assert isinstance(trigger, TriggerDagRunOperator) and trigger.trigger_dag_id == target
+        assert dagbag.get_dag(target).params["version"] is None

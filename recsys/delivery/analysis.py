@@ -191,6 +191,9 @@ class AnalysisState:
     windows_passed: int = 0
     baseline: dict[str, Any] | None = None
     rollout_baseline: dict[str, Any] | None = None
+    shadow_baseline: dict[str, float] | None = None
+    """The router's shadow counters at the analysis's first check: the report counts from it,
+    like the per-version totals."""
     unavailable_since: float | None = None
     windows: list[dict[str, Any]] = field(default_factory=list)
     result: dict[str, Any] | None = None
@@ -364,7 +367,10 @@ class RolloutAnalysis:
         state.unavailable_since = None
         if state.baseline is None:
             state.baseline = snapshot.to_dict()
-            state.rollout_baseline = state.rollout_baseline or snapshot.to_dict()
+            if state.rollout_baseline is None:
+                state.rollout_baseline = snapshot.to_dict()
+                if state.mode == "shadow":
+                    state.shadow_baseline = self._shadow_counters(state)
             self._save(state)
             return None
         candidate = _window(state.baseline, snapshot, self.model, state.candidate)
@@ -451,6 +457,11 @@ class RolloutAnalysis:
             min_impressions=self.policy.min_impressions,
         )
 
+    def _shadow_counters(self, state: AnalysisState) -> dict[str, float]:
+        from recsys.delivery.routing import router_name
+
+        return router_shadow_counters(self.metrics_url, router_name(self.model), state.candidate)
+
     def _advance(
         self, state: AnalysisState, routing: Any, snapshot: MetricsSnapshot, now: float
     ) -> dict[str, Any] | None:
@@ -508,9 +519,9 @@ class RolloutAnalysis:
                 comparison=comparison.to_dict(),
                 comparison_metrics=comparison.metrics(), **totals,
             )  # fmt: skip
-        from recsys.delivery.routing import router_name
-
-        shadow = router_shadow_counters(self.metrics_url, router_name(self.model), state.candidate)
+        shadow = self._shadow_counters(state)
+        before = state.shadow_baseline or {}
+        shadow = {key: value - before.get(key, 0.0) for key, value in shadow.items()}
         count = shadow.get("compared", 0.0)
         overlap = shadow.get("overlap_sum", 0.0) / count if count else None
         summary = (
