@@ -66,6 +66,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import threading
@@ -409,6 +410,12 @@ def analysis_run_id(stdout: str) -> str:
     raise RuntimeError(f"no analysis run in the CLI's output: {stdout!r}")
 
 
+def fault_version(error: str | None) -> int | None:
+    """The version whose injected fault failed a request (None: some other error)."""
+    found = re.search(r"injected fault \(manifest fault_injection\) in (\d+)\b", error or "")
+    return int(found.group(1)) if found else None
+
+
 def window(outcomes: list[Any], start: float, end: float) -> list[Any]:
     return [o for o in outcomes if start <= o.at < end]
 
@@ -511,11 +518,7 @@ def canary_episode(bench: Platform, version: int, stable: int, visitors: int) ->
     episode = window(outcomes, invoked_at, abort_at + 3)
     failures = [o for o in episode if not o.ok]
     first_fail = failures[0].at if failures else None
-    not_candidate = [
-        o
-        for o in failures
-        if f"injected fault (manifest fault_injection) in {version}" not in (o.error or "")
-    ]
+    not_candidate = [o for o in failures if fault_version(o.error) != version]
     weight = float(record.get("report", {}).get("step") or 5.0) / 100.0
     salt = rollout_id
     share_of_visitors = (

@@ -16,8 +16,9 @@ Rules, per check:
   breach ends the rollout: the analysis sets the candidate's weight to 0 itself, before anything
   else, so no further shopper reaches it; the ``finish`` task then unloads it, tags it, writes
   the audit record and sends the one alert.
-* **Windows.** A window is closed after ``window_s``. With ``min_requests`` candidate requests
-  and no breach it passes; with fewer it does not count (too little traffic is not evidence).
+* **Windows.** A window closes once it is ``window_s`` old and holds ``min_requests`` candidate
+  requests; without a breach it passes. With fewer requests it keeps growing: too little
+  traffic is not evidence, so a quiet canary is judged over a longer window.
 * **Canary.** ``steps`` (percent of routed traffic, e.g. 5, 25, 50, 100) are each held for
   ``windows_per_step`` passing windows. With ``require_not_worse``, a step also needs the online
   comparison not to find the candidate significantly worse (one-sided test on the feedback log's
@@ -390,11 +391,20 @@ class RolloutAnalysis:
         if age < self.policy.window_s:
             self._save(state)
             return None
-        outcome = "passed" if breached is False else "too little traffic"
-        self._record(state, candidate, stable, outcome, reasons, now)
+        if breached is None:
+            # Too few candidate requests: the window keeps growing until it holds enough (a
+            # quiet canary is judged over a longer window, never passed on no evidence);
+            # an experiment or a shadow still ends on time.
+            decided = None
+            if state.mode != "canary":
+                decided = self._advance(state, routing, snapshot, now)
+            if decided is not None:
+                return decided
+            self._save(state)
+            return None
+        self._record(state, candidate, stable, "passed", reasons, now)
         state.baseline = snapshot.to_dict()
-        if breached is False:
-            state.windows_passed += 1
+        state.windows_passed += 1
         decided = self._advance(state, routing, snapshot, now)
         if decided is not None:
             return decided
