@@ -325,3 +325,26 @@ def test_the_pipelines_deploy_can_start_a_canary_and_hand_it_to_the_rollout_dag(
         trigger = dagbag.get_dag(dag_id).get_task("start_rollout_analysis")
         assert isinstance(trigger, TriggerDagRunOperator) and trigger.trigger_dag_id == target
         assert dagbag.get_dag(target).params["version"] is None
+
+
+def test_a_candidate_that_cannot_answer_never_takes_traffic(platform, artifacts):
+    from recsys.delivery.rollout import RolloutError
+    from recsys.triton.control import ModelLoadError
+
+    model = platform.model_name
+    control = TritonControl(platform.triton_grpc_url)
+    good = artifacts("good")
+    v1 = register_version(platform, good)
+    with pytest.raises(RolloutError, match="Triton serves nothing"):
+        start_rollout(platform, v1, str(good))
+    deploy_model(platform, v1, str(good), SMOKE)
+    with pytest.raises(RolloutError, match="already serves"):
+        start_rollout(platform, v1, None)
+    broken = artifacts("broken", fault="raise")  # fails its smoke query
+    v2 = register_version(platform, broken)
+    with pytest.raises(ModelLoadError, match=f"canary of {model} v{v2} did not start"):
+        start_rollout(platform, v2, str(broken), smoke_request=SMOKE)
+    assert control.loaded_versions(model) == [v1]
+    assert routing.read_routing(platform.triton_repo, model) is None  # no router was put up
+    actions = [r["action"] for r in read_records(platform.audit_log, model)]
+    assert actions == ["deploy", "rollout_start_failed"]

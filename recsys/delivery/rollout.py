@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 CANDIDATE_ALIAS = "candidate"
 ROLLOUT_START = "rollout_start"
+ROLLOUT_START_FAILED = "rollout_start_failed"
 ROLLOUT_WEIGHT = "rollout_weight"
 ROLLOUT_PROMOTE = "rollout_promote"
 ROLLOUT_ABORT = "rollout_abort"
@@ -165,6 +166,10 @@ def start_rollout(
             control.load_version(
                 model, stable, repo, config=version_serving_config(repo, model, stable)
             )
+            audit.append_record(
+                settings.audit_log, ROLLOUT_START_FAILED, model, version=version, stable=stable,
+                mode=mode, error=str(exc)[:2000], reason=reason,
+            )  # fmt: skip
             raise ModelLoadError(
                 f"{mode} of {model} v{version} did not start: {exc}; v{stable} serves alone"
             ) from exc
