@@ -12,11 +12,15 @@ catalogue and cached under ``--work`` by its parameters). Registered versions:
 
 * v1: off-the-shelf MiniLM, deployed with ``recsys deploy``; the router
   (``product_search_router``) is put in front of it;
-* faulty versions: the same export with ``fault_injection {"mode": "raise", "after_requests":
-  --fault-after}``, one per episode: each of its 2 instances answers 10 requests (the smoke
-  query passes), then every request fails. At 5% of 20 requests/s that is within the canary's
-  first 20 s, so the fault shows at the first step (a fault that waits for 20 requests per
-  instance could pass two 10 s windows first and show only at 25%);
+* faulty versions, one per episode: the same export with ``fault_injection {"mode": "raise",
+  "after_requests": K}``: each of its 2 instances answers K requests, then every request fails.
+  Only how long it looks healthy first differs between the two kinds of deploy. All at once,
+  Triton switches every request to the new version as soon as it is loaded, before the
+  deploy's smoke test, so it needs K = ``--fault-after-all-at-once`` (100, as in
+  ``time_to_rollback_airflow.py``) to pass that smoke test at 20 requests/s. A canary gets only
+  its 5% (about 1 request/s), so K = ``--fault-after`` (10) makes it fail within its first
+  20 s, i.e. at the first step (with 20 or more per instance it can pass the first step's two
+  10 s windows and show its fault only at 25%);
 * v3: off-the-shelf again (a good canary), v4: the fine-tuned MiniLM (A/B), v5: off-the-shelf
   again (the A/A twin of what serves then).
 
@@ -34,7 +38,11 @@ Every outcome (time, ok, arm, version) is kept, so failures are counted as clien
    aborts. Per episode: failed requests; exposed share (requests answered by or failed on the
    candidate / all requests, from the rollout's start to the weight-0 entry of the routing
    history); seconds from the first failed request to that entry and to the ``rollout_abort``
-   audit record; that the stable version never failed.
+   audit record; that the stable version never failed. One episode's exposure ends with the
+   candidate's fault budget (about 20 requests), so its share is 20 / the requests it took to
+   get there, noisy around the share of visitors the rollout's hash puts on the candidate
+   (``candidate_visitor_share``, about 5%); the result is the share pooled over the episodes,
+   with its Wilson interval.
 3. **Good canary**: ``recsys deploy --version 3 --canary --analysis '{"window_s": 10,
    "windows_per_step": 1, "check_interval_s": 2}'``; promoted when v3 is champion and the
    only loaded version after ``rollout_promote``, with no failed request.
@@ -54,7 +62,7 @@ traffic), ``seconds_to_abort`` (p95 over episodes, first failure -> weight 0),
 ``good_canary_promoted``, ``ab_detects_difference``, ``aa_false_positive``,
 ``router_p99_overhead_ms`` (8 clients), per-episode details and a markdown table.
 
-    python benchmarks/canary.py [--episodes 3] [--rps 20] [--sample-size 4000]
+    python benchmarks/canary.py [--episodes 3] [--rps 20] [--sample-size 6000]
     python benchmarks/canary.py --prepare-only   # build/cache the exports and score them offline
 """
 
@@ -239,6 +247,17 @@ def offline_quality(folder: Path, test: Any, shoppers: Any) -> dict[str, Any]:
         "queries": len(queries),
         "shoppers": len(ctrs),
     }
+
+
+def power(p1: float, p2: float, per_arm: int, alpha: float = 0.05) -> float:
+    """Probability that a two-sided two-proportion test at ``alpha`` with ``per_arm``
+    impressions per arm finds true rates ``p1`` vs ``p2`` different (normal approximation)."""
+    from scipy.stats import norm
+
+    mean = (p1 + p2) / 2
+    null_se = math.sqrt(2 * mean * (1 - mean) / per_arm)
+    se = math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / per_arm)
+    return float(norm.cdf((abs(p2 - p1) - norm.ppf(1 - alpha / 2) * null_se) / se))
 
 
 def per_arm_sample(p1: float, p2: float, alpha: float = 0.05, power: float = 0.9) -> int | None:
@@ -551,6 +570,11 @@ def canary_episode(bench: Platform, version: int, stable: int, visitors: int) ->
         "stable_failures_in_triton": (totals.get("stable") or {}).get("failures"),
         "candidate_failures_in_triton": (totals.get("candidate") or {}).get("failures"),
         "answered_by": answered_by(episode),
+        "candidate_timeline": [
+            [round(o.at - start_at, 2), "ok" if o.ok else "failed"]
+            for o in window(outcomes, start_at, abort_at + 3)
+            if not o.ok or o.version == version
+        ],
     }
 
 
@@ -693,68 +717,106 @@ def grpc_caller(url: str, model: str, routed: bool) -> tuple[Caller, Callable[[]
     return call, client.close
 
 
+def model_counts(control: Any, model: str, version: int) -> tuple[int, int]:
+    """Triton's ``(inference_count, execution_count)`` of one version: their quotient over an
+    interval is the mean batch the model ran."""
+    stats = control.inference_statistics(model, version)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
 def router_overhead(
-    url: str, model: str, queries: list[str], levels: list[int], requests: int
+    control: Any,
+    repo: Path,
+    model: str,
+    queries: list[str],
+    levels: list[int],
+    requests: int,
 ) -> dict[str, Any]:
     """p50/p99 straight to the model vs through the router at each client count: two rounds
-    per level, the order swapped in the second, the same queries for both."""
-    results: dict[str, dict[str, LevelResult]] = {"direct": {}, "router": {}}
+    per level, the order swapped in the second, the same queries for both; also the mean
+    batch the model ran in each (its dynamic batching needs requests in flight together)."""
+    (version,) = control.loaded_versions(model)
+    table: dict[str, dict[str, dict[str, Any]]] = {"direct": {}, "router": {}}
+    overhead: dict[str, dict[str, float | None]] = {}
     half = max(requests // 2, 1)
     offset = 0
     for concurrency in levels:
+        merged = {system: LevelResult(concurrency) for system in table}
+        counts = {system: [0, 0] for system in table}
+        warm = max(20, 2 * concurrency)
         for rnd in range(2):
-            order = ("direct", "router") if rnd == 0 else ("router", "direct")
-            for system in order:
-                pairs = [grpc_caller(url, model, system == "router") for _ in range(concurrency)]
+            for system in ("direct", "router") if rnd == 0 else ("router", "direct"):
+                pairs = [
+                    grpc_caller(control.url, model, system == "router") for _ in range(concurrency)
+                ]
                 try:
                     callers = [call for call, _ in pairs]
-                    warm = max(20, 2 * concurrency)
                     closed_loop(callers, queries, offset + half, warm, 120.0)
+                    before = model_counts(control, model, version)
                     measured = closed_loop(callers, queries, offset, half, 120.0)
+                    after = model_counts(control, model, version)
                 finally:
                     for _, close in pairs:
                         with contextlib.suppress(Exception):
                             close()
-                merged = results[system].setdefault(str(concurrency), LevelResult(concurrency))
-                merged.latencies_s += measured.latencies_s
-                merged.errors += measured.errors
-                merged.first_error = merged.first_error or measured.first_error
-                merged.wall_s += measured.wall_s
-            offset += half + max(20, 2 * concurrency)
-        direct = results["direct"][str(concurrency)].summary()
-        router = results["router"][str(concurrency)].summary()
-        say(
-            f"router overhead c={concurrency}: direct p50 {direct['p50_ms']} / p99 "
-            f"{direct['p99_ms']} ms ({direct['throughput_rps']} req/s), router p50 "
-            f"{router['p50_ms']} / p99 {router['p99_ms']} ms ({router['throughput_rps']} req/s)"
-        )
-    table = {
-        system: {level: r.summary() for level, r in by_level.items()}
-        for system, by_level in results.items()
-    }
-    overhead = {}
-    for level in table["direct"]:
+                merged[system].latencies_s += measured.latencies_s
+                merged[system].errors += measured.errors
+                merged[system].first_error = merged[system].first_error or measured.first_error
+                merged[system].wall_s += measured.wall_s
+                counts[system] = [
+                    c + a - b for c, a, b in zip(counts[system], after, before, strict=True)
+                ]
+            offset += half + warm
+        level = str(concurrency)
+        for system in table:
+            inferences, executions = counts[system]
+            table[system][level] = {
+                **merged[system].summary(),
+                "model_mean_batch": round(inferences / executions, 2) if executions else None,
+            }
         d, r = table["direct"][level], table["router"][level]
         overhead[level] = {
             q: None if d[q] is None or r[q] is None else round(r[q] - d[q], 2)
             for q in ("p50_ms", "p99_ms")
         }
-    return {"levels": table, "overhead_ms": overhead}
+        say(
+            f"router overhead c={concurrency}: direct p50 {d['p50_ms']} / p99 {d['p99_ms']} ms "
+            f"({d['throughput_rps']} req/s, model batch {d['model_mean_batch']}), router p50 "
+            f"{r['p50_ms']} / p99 {r['p99_ms']} ms ({r['throughput_rps']} req/s, model batch "
+            f"{r['model_mean_batch']})"
+        )
+    from recsys.delivery.routing import DEFAULT_ROUTER_INSTANCES
+    from recsys.triton.repository import version_serving_config
+
+    return {
+        "levels": table,
+        "overhead_ms": overhead,
+        "served_version": version,
+        "model_config": {
+            k: v
+            for k, v in version_serving_config(repo, model, version).items()
+            if k in ("max_batch_size", "dynamic_batching", "instance_group", "response_cache")
+        },
+        "router_instances": DEFAULT_ROUTER_INSTANCES,
+    }
 
 
 # -- report --------------------------------------------------------------------------------
 
 
 def markdown(result: dict[str, Any]) -> str:
-    ab, aa = result["ab"], result["aa"]
+    ab, aa, offline = result["ab"], result["aa"], result["offline_quality"]
+    low, high = result["faulty_canary_exposed_share_ci95"]
     rows = [
         ("faulty deploy: failed client requests (mean per deploy)",
          f"{result['failed_requests_all_at_once']}", f"{result['failed_requests_canary']}"),
         ("faulty version: share of requests exposed", "100%",
-         f"{100 * result['faulty_canary_exposed_share']:.1f}% (weight 5%)"),
+         f"{100 * result['faulty_canary_exposed_share']:.1f}% "
+         f"[{100 * low:.1f}, {100 * high:.1f}] (weight 5%)"),
         ("first failure -> exposure stopped (p95)",
          f"{result['all_at_once_time_to_rollback_p95_s']} s (clients served again)",
-         f"{result['seconds_to_abort']} s (weight 0)"),
+         f"{result['seconds_to_abort']} s (weight 0); "
+         f"{result['seconds_to_abort_record_p95']} s (abort recorded)"),
     ]  # fmt: skip
     lines = [
         "| faulty version | all at once (today) | canary 5/25/50/100 |",
@@ -768,20 +830,36 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['good_canary']['failed_requests']} failed requests) |",
         f"| A/B fine-tuned vs off-the-shelf MiniLM detects the difference | "
         f"{result['ab_detects_difference']}: {ab['summary']} |",
+        f"| offline, same held-out queries: NDCG@10 / expected CTR | off the shelf "
+        f"{offline['off_the_shelf']['ndcg_at_10']} / "
+        f"{100 * offline['off_the_shelf']['expected_ctr']:.1f}%, fine-tuned "
+        f"{offline['fine_tuned']['ndcg_at_10']} / "
+        f"{100 * offline['fine_tuned']['expected_ctr']:.1f}% |",
         f"| A/A two copies: false positive | {result['aa_false_positive']}: {aa['summary']} |",
         "",
         "| clients | direct p50 ms | router p50 ms | direct p99 ms | router p99 ms | "
-        "p99 overhead ms |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "p99 overhead ms | direct req/s | router req/s | model batch direct / router |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     router = result["router"]
     for level, d in router["levels"]["direct"].items():
         r = router["levels"]["router"][level]
         lines.append(
             f"| {level} | {d['p50_ms']} | {r['p50_ms']} | {d['p99_ms']} | {r['p99_ms']} | "
-            f"{router['overhead_ms'][level]['p99_ms']} |"
+            f"{router['overhead_ms'][level]['p99_ms']} | {d['throughput_rps']} | "
+            f"{r['throughput_rps']} | {d['model_mean_batch']} / {r['model_mean_batch']} |"
         )
     return "\n".join(lines)
+
+
+def wilson(successes: int, trials: int) -> list[float | None]:
+    """95% Wilson interval of a share (the exposure is a count of requests)."""
+    from scipy.stats import binomtest
+
+    if trials == 0:
+        return [None, None]
+    ci = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
+    return [round(float(ci.low), 4), round(float(ci.high), 4)]
 
 
 def mean(values: list[float]) -> float | None:
@@ -799,17 +877,26 @@ def parse_args() -> argparse.Namespace:
         "--fault-after",
         type=int,
         default=10,
-        help="requests each instance of a faulty version answers before it fails",
+        help="requests each instance of a faulty canary answers before it fails",
     )
     parser.add_argument(
-        "--sample-size", type=int, default=4000, help="impressions per A/B and A/A experiment"
+        "--fault-after-all-at-once",
+        type=int,
+        default=100,
+        help="the same for a faulty version deployed all at once (it must pass its smoke test)",
+    )
+    parser.add_argument(
+        "--sample-size",
+        type=int,
+        default=6000,
+        help="impressions per A/B and A/A experiment (both arms together)",
     )
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--train-batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument(
-        "--requests", type=int, default=400, help="measured requests per level and system"
+        "--requests", type=int, default=1000, help="measured requests per level and system"
     )
     parser.add_argument(
         "--data", type=Path, default=ROOT.parent / "shared" / "data" / "homedepot" / "train.csv"
@@ -838,6 +925,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     good, faulty, held_out, products = build_artifacts(
         args.export_work, args.data, args.fault_after
     )
+    _, faulty_all, _, _ = build_artifacts(args.export_work, args.data, args.fault_after_all_at_once)
     frame = read_relevance_csv(args.data)
     split = split_by_query(frame, test_fraction=0.2, seed=13)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -869,14 +957,17 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         quality["fine_tuned"]["ndcg_at_10"] / quality["off_the_shelf"]["ndcg_at_10"] - 1, 4
     )
     quality["impressions_per_arm_for_90pct_power"] = needed
+    quality["power_at_sample_size"] = round(power(p_base, p_tuned, args.sample_size // 2), 3)
     say(
         f"offline: NDCG@10 {quality['off_the_shelf']['ndcg_at_10']} off the shelf vs "
         f"{quality['fine_tuned']['ndcg_at_10']} fine-tuned; expected CTR {p_base} vs {p_tuned} "
-        f"({needed} impressions per arm for 90% power at alpha 0.05)"
+        f"({needed} impressions per arm for 90% power at alpha 0.05; "
+        f"{quality['power_at_sample_size']:.0%} with --sample-size {args.sample_size})"
     )
     return {
         "good": good,
         "faulty": faulty,
+        "faulty_all_at_once": faulty_all,
         "tuned": tuned,
         "training": training,
         "quality": quality,
@@ -895,6 +986,7 @@ def main() -> int:
     home = args.work / "home"
     shutil.rmtree(home, ignore_errors=True)  # a fresh platform; the export caches survive
     shutil.rmtree(args.work / "repo", ignore_errors=True)
+    (args.work / "partial.json").unlink(missing_ok=True)
     export_environment(
         benchmark_stack_environment(args.work, RECSYS_DATA_PATH=str(args.data.resolve()))
     )
@@ -927,15 +1019,17 @@ def main() -> int:
         )
         bench = Platform(settings, airflow)
         good, faulty, tuned = prepared["good"], prepared["faulty"], prepared["tuned"]
+        faulty_all = prepared["faulty_all_at_once"]
         v1 = bench.register(good, "off-the-shelf MiniLM (stable)")
-        faulty_versions = [bench.register(faulty, "faulty MiniLM copy (all at once 1)")]
+        faulty_versions = [bench.register(faulty_all, "faulty MiniLM copy (all at once 1)")]
         v3 = bench.register(good, "off-the-shelf MiniLM (good canary)")
         v4 = bench.register(tuned, "fine-tuned MiniLM (A/B)")
         v5 = bench.register(good, "off-the-shelf MiniLM (A/A twin)")
         for k in range(2 * args.episodes - 1):
             kind = "all at once" if k + 1 < args.episodes else "canary"
             number = k + 2 if k + 1 < args.episodes else k + 2 - args.episodes
-            faulty_versions.append(bench.register(faulty, f"faulty MiniLM copy ({kind} {number})"))
+            folder = faulty_all if kind == "all at once" else faulty
+            faulty_versions.append(bench.register(folder, f"faulty MiniLM copy ({kind} {number})"))
         say(bench.cli("deploy", "--version", str(v1), "--smoke-query", SMOKE_QUERY).strip())
         router_version = ensure_router(bench.control, settings.triton_repo, model, FAMILY, v1)
         say(f"router {model}_router v{router_version} in front of v{v1}")
@@ -991,7 +1085,12 @@ def main() -> int:
         serving = bench.control.loaded_versions(model)
         say(f"router overhead against v{serving}: {args.requests} requests per level and system")
         router = router_overhead(
-            settings.triton_grpc_url, model, prepared["queries"], args.concurrency, args.requests
+            bench.control,
+            settings.triton_repo,
+            model,
+            prepared["queries"],
+            args.concurrency,
+            args.requests,
         )
     except BaseException:
         path = args.work / "partial.json"
@@ -1036,7 +1135,9 @@ def main() -> int:
             if failed_all and failed_canary
             else None
         ),
+        "faulty_canary_exposed_share_ci95": wilson(exposed, exposable),
         "faulty_canary_exposed_share_per_episode": [e["exposed_share"] for e in canary],
+        "faulty_canary_visitor_share_per_episode": [e["candidate_visitor_share"] for e in canary],
         "seconds_to_abort_per_episode": to_cut,
         "seconds_to_abort_record_per_episode": to_record,
         "seconds_to_abort_record_p95": percentile(to_record, 95) if to_record else None,
@@ -1069,7 +1170,13 @@ def main() -> int:
             "fine_tuned": v4,
             "aa_twin": v5,
         },
-        "fault": {"mode": "raise", "after_requests": args.fault_after},
+        "fault": {
+            "mode": "raise",
+            "after_requests_per_instance": {
+                "all_at_once": args.fault_after_all_at_once,
+                "canary": args.fault_after,
+            },
+        },
         "analysis_params": {
             "faulty_canary": FAULTY_ANALYSIS,
             "good_canary": GOOD_ANALYSIS,

@@ -390,7 +390,7 @@ def test_dashboard_panels(dashboard: dict[str, Any]) -> None:
     assert "nv_inference_queue_duration_us" in used["Queue time"]
     assert used["CPU utilization"] == "nv_cpu_utilization"
     routed = used["Routed traffic per arm (canary / A/B)"]
-    assert "recsys_router_requests_total" in routed and "by (arm, version)" in routed
+    assert "recsys_router_requests_total" in routed and "by (arm)" in routed
     assert "recsys_shadow_topk_overlap_total" in used["Shadow candidate: top-k overlap and errors"]
     assert "nv_cpu_memory_used_bytes" in used["CPU memory"]
     version = by_title["Current model version"]

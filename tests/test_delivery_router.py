@@ -105,7 +105,7 @@ def test_a_sticky_split_keeps_each_shopper_on_one_arm_as_the_weight_grows(
 def test_requests_without_a_key_are_split_by_weight(control, versions, triton):
     _serve(control, versions, [1, 3], stable=1, candidate=3, mode="experiment",
            candidate_weight=0.5, salt="s", rollout_id="r-random")  # fmt: skip
-    labels = {"target": MODEL, "arm": "candidate", "version": "3"}
+    labels = {"target": MODEL, "arm": "candidate"}
     before = _counter(triton.metrics_url, "recsys_router_requests_total", **labels)
     try:
         arms = collections.Counter(ask(control, MODEL, SEARCH, QUERY).arm for _ in range(200))
@@ -158,11 +158,13 @@ def test_a_request_pinned_to_an_unloaded_version_falls_back_instead_of_failing(
     _serve(control, versions, [1, 3], stable=1, candidate=3, mode="canary",
            candidate_weight=1.0, salt="g", rollout_id="r-gone")  # fmt: skip
     control.load_version(MODEL, 1, versions, config=version_serving_config(versions, MODEL, 1))
+    before = _counter(triton.metrics_url, "recsys_router_fallbacks_total", target=MODEL)
     try:
         answers = [ask(control, MODEL, SEARCH, QUERY, routing_key=f"k{i}") for i in range(5)]
         assert {(a.arm, a.version) for a in answers} == {("default", 0)}
         assert all(a.ids[0] in CATALOG for a in answers)
-        assert _counter(triton.metrics_url, "recsys_router_fallbacks_total", version="3") >= 5
+        after = _counter(triton.metrics_url, "recsys_router_fallbacks_total", target=MODEL)
+        assert after - before == 5
     finally:
         routing.follow_switch(versions, MODEL, 1, "test over")
 
@@ -175,10 +177,10 @@ def test_shadow_mirrors_traffic_and_measures_top_k_overlap(control, versions, tr
         assert {(a.arm, a.version) for a in answers} == {("stable", 1)}
 
         def mirrored() -> float:
-            return _counter(triton.metrics_url, "recsys_shadow_compared_total", version="3")
+            return _counter(triton.metrics_url, "recsys_shadow_compared_total", target=MODEL)
 
         assert settled_value(mirrored, 20.0) == 20.0
-        overlap = _counter(triton.metrics_url, "recsys_shadow_topk_overlap_total", version="3")
+        overlap = _counter(triton.metrics_url, "recsys_shadow_topk_overlap_total", target=MODEL)
         assert overlap == pytest.approx(20.0)  # the same model: the same top-k every time
         success_v3 = _counter(
             triton.metrics_url, "nv_inference_request_success", model=MODEL, version="3"

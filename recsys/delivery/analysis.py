@@ -235,10 +235,11 @@ def _window(
     return stats.get((model, str(version)))
 
 
-def router_shadow_counters(metrics_url: str, router: str, version: int) -> dict[str, float]:
-    """The router's shadow counters for ``version`` (cumulative): ``ok``, ``error`` and
-    ``skipped`` mirrored requests, and ``overlap_sum`` / ``compared`` for the mean top-k
-    overlap (the parser names counter families without ``_total``)."""
+def router_shadow_counters(metrics_url: str, router: str) -> dict[str, float]:
+    """The router's shadow counters (cumulative since it loaded): ``ok`` and ``error``
+    mirrored requests, and ``overlap_sum`` / ``compared`` for the mean top-k overlap (the
+    parser names counter families without ``_total``). The analysis subtracts their values at
+    its start, so only its own candidate's mirrors count."""
     import requests
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -248,7 +249,7 @@ def router_shadow_counters(metrics_url: str, router: str, version: int) -> dict[
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels
-            if labels.get("model") != router or labels.get("version") != str(version):
+            if labels.get("model") != router:
                 continue
             if family.name == "recsys_shadow_requests":
                 key = str(labels.get("outcome"))
@@ -470,7 +471,7 @@ class RolloutAnalysis:
     def _shadow_counters(self, state: AnalysisState) -> dict[str, float]:
         from recsys.delivery.routing import router_name
 
-        return router_shadow_counters(self.metrics_url, router_name(self.model), state.candidate)
+        return router_shadow_counters(self.metrics_url, router_name(self.model))
 
     def _advance(
         self, state: AnalysisState, routing: Any, snapshot: MetricsSnapshot, now: float
@@ -536,7 +537,7 @@ class RolloutAnalysis:
         overlap = shadow.get("overlap_sum", 0.0) / count if count else None
         summary = (
             f"shadow over: {shadow.get('ok', 0):g} mirrored answers, "
-            f"{shadow.get('error', 0):g} errors, {shadow.get('skipped', 0):g} skipped, "
+            f"{shadow.get('error', 0):g} errors, "
             + (f"top-k overlap with stable {overlap:.1%}" if overlap is not None else
                "no overlap measured")
         )  # fmt: skip

@@ -27,21 +27,27 @@ A request pinned to a version that is no longer loaded (a rollback or deploy swi
 under a rollout, or a stale routing file) is sent again unpinned, so a switch never fails client
 requests; such fallbacks are counted in ``recsys_router_fallbacks_total`` and answer with arm
 ``default`` and version 0 (BLS does not say which version Triton picked). Each forwarded request
-counts in ``recsys_router_requests_total{model, target, version, arm}``.
+counts in ``recsys_router_requests_total{model, target, arm}`` (the version of each arm is in the
+routing and in Triton's own per-version metrics of the target).
 
-Shadow mode sends the mirrored request in the background (the user's answer never waits for
-it) and discards the candidate's answer after comparing it with the stable one: the share of the
-stable top-k (``ranked_output`` parameter, e.g. ``PRODUCT_IDS``) also in the candidate's goes to
-``recsys_shadow_topk_overlap_total`` / ``recsys_shadow_compared_total``, errors to
-``recsys_shadow_requests_total{outcome="error"}``. The candidate's own latency and failures are
-in Triton's per-version metrics as usual. At most ``max_shadow_in_flight`` mirrored requests run
-at once; beyond that a mirror is skipped (counted as ``outcome="skipped"``), so a slow candidate
-cannot pile up work behind the served traffic.
+Shadow mode sends a mirrored request to the candidate after the stable answer is ready and
+discards the candidate's answer after comparing it with the stable one: the share of the stable
+top-k (``ranked_output`` parameter, e.g. ``PRODUCT_IDS``) also in the candidate's goes to
+``recsys_shadow_topk_overlap_total`` / ``recsys_shadow_compared_total``, outcomes to
+``recsys_shadow_requests_total{outcome}``. The candidate's own latency and failures are in
+Triton's per-version metrics as usual. A mirrored request's answer waits for the mirror, so only
+``shadow_share`` of the requests pay the candidate's latency once more; keep the share small.
+
+Why synchronous, one request per execution, several instances: an ``async def execute`` that
+awaits BLS ``async_exec`` (so one instance could forward many requests at once, and mirror in
+the background) crashed Triton 2.51's server under load in testing (``malloc(): unaligned tcache
+chunk detected`` in the python backend, with and without dynamic batching). Plain ``exec()``
+is the path the platform's models have always used. Concurrency comes from ``instance_count``
+router instances (stub processes that mostly wait on BLS).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -121,25 +127,29 @@ def _share(value: Any, name: str) -> float:
 
 
 class _Counters:
-    """Lazily created counters of one metric family, destroyed in ``finalize`` (each ``Metric``
-    before its ``MetricFamily``, while the server still answers: see the serving models)."""
+    """One counter family and its metrics, every label set created up front in ``initialize``
+    (on the stub's main thread, as the serving models do) and destroyed in ``finalize``: each
+    ``Metric`` before its ``MetricFamily``, while the server still answers (see the serving
+    models and Triton issue #8663). Nothing is created while requests run: a metric created
+    lazily from ``execute`` and destroyed on a reload corrupted the server's heap in testing
+    (``malloc(): unaligned tcache chunk detected`` after a router reload)."""
 
-    def __init__(self, name: str, description: str) -> None:
+    def __init__(
+        self, name: str, description: str, base: dict[str, str], key: str | None, values: tuple
+    ) -> None:
         self._family = pb_utils.MetricFamily(
             name=name, description=description, kind=pb_utils.MetricFamily.COUNTER
         )
-        self._metrics: dict[tuple[tuple[str, str], ...], Any] = {}
+        variants = values if key is not None else (None,)
+        self._metrics = {
+            value: self._family.Metric(labels=base if key is None else {**base, key: value})
+            for value in variants
+        }
 
-    def add(self, labels: dict[str, str], value: float = 1.0) -> None:
-        key = tuple(sorted(labels.items()))
-        metric = self._metrics.get(key)
-        if metric is None:
-            metric = self._metrics[key] = self._family.Metric(labels=dict(labels))
-        metric.increment(value)
+    def add(self, value: str | None = None, amount: float = 1.0) -> None:
+        self._metrics[value].increment(amount)
 
     def close(self) -> None:
-        for metric in self._metrics.values():
-            del metric
         self._metrics.clear()
         self._family = None
 
@@ -153,7 +163,6 @@ class TritonPythonModel:
         self.name = str(config["name"])
         self.target = parameters["target_model"]
         self.ranked_output = parameters.get("ranked_output") or None
-        self.max_shadow = int(parameters.get("max_shadow_in_flight") or 16)
         self.outputs = [
             o["name"] for o in config["output"] if o["name"] not in (ROUTED_VERSION, ROUTED_ARM)
         ]
@@ -161,28 +170,33 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         self._stamp: tuple[int, int, int] | None = None
         self.routing = self._read()  # a corrupt file at load time fails the load, loudly
-        self.shadow_in_flight = 0
-        self.background: set[asyncio.Task] = set()
+        labels = {"model": self.name, "target": self.target}
         self.requests = _Counters(
-            "recsys_router_requests_total", "Requests the router forwarded, by version and arm"
-        )
+            "recsys_router_requests_total", "Requests the router forwarded, by arm", labels,
+            "arm", (STABLE, CANDIDATE, DEFAULT),
+        )  # fmt: skip
         self.fallbacks = _Counters(
             "recsys_router_fallbacks_total",
             "Requests whose pinned version was not loaded, sent again to the default version",
-        )
+            labels, None, (),
+        )  # fmt: skip
         self.config_errors = _Counters(
             "recsys_router_config_errors_total",
             "Unreadable routing.json seen by the router (it kept the last good routing)",
-        )
+            labels, None, (),
+        )  # fmt: skip
         self.shadow = _Counters(
-            "recsys_shadow_requests_total", "Mirrored requests to the shadow candidate"
-        )
+            "recsys_shadow_requests_total", "Mirrored requests to the shadow candidate",
+            labels, "outcome", ("ok", "error"),
+        )  # fmt: skip
         self.overlap = _Counters(
-            "recsys_shadow_topk_overlap_total", "Sum of top-k overlap of shadow and stable answers"
-        )
+            "recsys_shadow_topk_overlap_total",
+            "Sum of the top-k overlap of shadow and stable answers", labels, None, (),
+        )  # fmt: skip
         self.overlap_count = _Counters(
-            "recsys_shadow_compared_total", "Shadow answers compared for top-k overlap"
-        )
+            "recsys_shadow_compared_total", "Shadow answers compared for top-k overlap",
+            labels, None, (),
+        )  # fmt: skip
 
     # -- routing config -----------------------------------------------------------------
 
@@ -206,15 +220,15 @@ class TritonPythonModel:
         try:
             self.routing = self._read()
         except (OSError, ValueError) as exc:  # keep serving with the last good split
-            self.config_errors.add({"model": self.name})
+            self.config_errors.add()
             self.logger.log_error(f"{self.name}: unreadable {self.path}, kept last routing: {exc}")
         return self.routing
 
     # -- requests -----------------------------------------------------------------------
 
-    async def execute(self, requests: list[Any]) -> list[Any]:
+    def execute(self, requests: list[Any]) -> list[Any]:
         routing = self._current()
-        return list(await asyncio.gather(*(self._route(r, routing) for r in requests)))
+        return [self._route(request, routing) for request in requests]
 
     def _forwarded_inputs(self, request: Any) -> tuple[list[Any], bytes | None]:
         inputs, key = [], None
@@ -226,24 +240,24 @@ class TritonPythonModel:
                 inputs.append(tensor)
         return inputs, key
 
-    async def _send(self, inputs: list[Any], version: int) -> Any:
+    def _send(self, inputs: list[Any], version: int) -> Any:
         request = pb_utils.InferenceRequest(
             model_name=self.target,
             model_version=version,
             inputs=inputs,
             requested_output_names=self.outputs,
         )
-        return await request.async_exec()
+        return request.exec()
 
-    async def _route(self, request: Any, routing: Routing) -> Any:
+    def _route(self, request: Any, routing: Routing) -> Any:
         try:
             inputs, key = self._forwarded_inputs(request)
             arm = routing.arm(key)
             version = routing.version(arm)
-            response = await self._send(inputs, version)
+            response = self._send(inputs, version)
             if response.has_error() and version != -1 and _not_serving(response):
-                self.fallbacks.add({"model": self.name, "version": str(version)})
-                response = await self._send(inputs, -1)
+                self.fallbacks.add()
+                response = self._send(inputs, -1)
                 version, arm = -1, DEFAULT
             if response.has_error():
                 return pb_utils.InferenceResponse(
@@ -251,9 +265,7 @@ class TritonPythonModel:
                 )
             outputs = list(response.output_tensors())
             answered = max(version, 0)
-            self.requests.add(
-                {"model": self.name, "target": self.target, "version": str(answered), "arm": arm}
-            )
+            self.requests.add(arm)
             if routing.mirrors() and routing.candidate is not None:
                 self._mirror(inputs, outputs, routing.candidate)
             return pb_utils.InferenceResponse(
@@ -277,39 +289,24 @@ class TritonPythonModel:
         return None
 
     def _mirror(self, inputs: list[Any], outputs: list[Any], candidate: int) -> None:
-        labels = {"model": self.name, "version": str(candidate)}
-        if self.shadow_in_flight >= self.max_shadow:
-            self.shadow.add({**labels, "outcome": "skipped"})
-            return
-        stable_top = self._ranked(outputs)
-        self.shadow_in_flight += 1
-        task = asyncio.ensure_future(self._shadow(inputs, stable_top, candidate, labels))
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
-
-    async def _shadow(
-        self, inputs: list[Any], stable_top: list[bytes] | None, candidate: int, labels: dict
-    ) -> None:
+        """Ask the shadow candidate the same question and compare; never fails the request."""
         try:
-            response = await self._send(inputs, candidate)
+            response = self._send(inputs, candidate)
             if response.has_error():
-                self.shadow.add({**labels, "outcome": "error"})
+                self.shadow.add("error")
                 return
-            self.shadow.add({**labels, "outcome": "ok"})
+            self.shadow.add("ok")
+            stable_top = self._ranked(outputs)
             shadow_top = self._ranked(list(response.output_tensors()))
             if stable_top and shadow_top is not None:
                 overlap = len(set(stable_top) & set(shadow_top)) / len(stable_top)
-                self.overlap.add(labels, overlap)
-                self.overlap_count.add(labels)
+                self.overlap.add(amount=overlap)
+                self.overlap_count.add()
         except Exception as exc:
-            self.shadow.add({**labels, "outcome": "error"})
+            self.shadow.add("error")
             self.logger.log_warn(f"{self.name}: shadow request to v{candidate} failed: {exc}")
-        finally:
-            self.shadow_in_flight -= 1
 
     def finalize(self) -> None:
-        for task in list(self.background):
-            task.cancel()
         for counters in (
             self.requests,
             self.fallbacks,

@@ -41,7 +41,10 @@ STABLE = "stable"
 CANDIDATE = "candidate"
 MODES = ("canary", "experiment", "shadow")
 _LOCK_TIMEOUT_S = 30.0
-DEFAULT_ROUTER_INSTANCES = 2
+DEFAULT_ROUTER_INSTANCES = 4
+"""Router instances: each forwards one request at a time (see the router's docstring), so this
+is how many routed requests are in flight at once; an instance is a small stub process that
+mostly waits on BLS."""
 
 
 class RoutingError(RuntimeError):
