@@ -34,7 +34,9 @@ key (user or session id) keeps a shopper on one arm.
 reads Triton's per-version metrics. The candidate breaches on an error rate over
 `max_error_rate`, or over the stable version's by `max_error_rate_increase`; on a rejected rate
 over `max_rejected_rate`; on a mean latency over `max_mean_latency_ms` or `max_latency_ratio` x
-stable; or on a p99 over `max_p99_latency_ms`. A breach needs `min_requests` candidate requests.
+stable; or on a p99 over `max_p99_latency_ms`. Errors abort at once; latency only after
+`latency_windows` closed windows in a row (a fresh model is slow while it warms up). A breach
+needs `min_requests` candidate requests.
 With `require_not_worse`, a step also waits until the feedback shows the candidate is not
 significantly worse. On a breach the analysis cuts the candidate's weight to 0 at once.
 
@@ -89,6 +91,8 @@ def rollout_dag(dag_id: str, model_suffix: str, family: str):
             "max_mean_latency_ms": Param(1000.0, type="number", exclusiveMinimum=0),
             "max_latency_ratio": Param(2.0, type="number", exclusiveMinimum=0),
             "max_p99_latency_ms": Param(None, type=["null", "number"], exclusiveMinimum=0),
+            "latency_windows": Param(2, type="integer", minimum=1,
+                                     description="Closed windows in a row over a latency limit"),
             "require_not_worse": Param(False, type="boolean",
                                        description="Canary: online CTR must not be worse"),
             "alpha": Param(0.05, type="number", exclusiveMinimum=0, exclusiveMaximum=0.5),

@@ -398,3 +398,30 @@ def test_recommend_shoppers_click_the_held_out_item() -> None:
     assert shopper.expected_ctr(ranking) == shopper.expected_ctr(list(ranking))
     assert shopper.expected_ctr(ranking) > shopper.expected_ctr([*others, "other-9"])
     assert RecommendShopper("u", "i").expected_ctr(["i"]) == pytest.approx(0.6)
+
+
+def test_the_rollout_rules_abort_on_errors_at_once_and_on_latency_only_when_it_lasts():
+    """The analysis's judgement of one window (pure): failures or refusals are an immediate
+    breach; a latency breach is flagged as such (the analysis needs `latency_windows` closed
+    windows of it); too few candidate requests is no judgement at all."""
+    from recsys.delivery.analysis import RolloutPolicy, judge
+    from recsys.monitoring.window import WindowStats
+
+    def window(requests: float, failures: float = 0.0, mean_ms: float = 10.0) -> WindowStats:
+        return WindowStats(
+            model="m", version="1", seconds=10.0, requests=requests, failures=failures,
+            error_rate=failures / requests if requests else 0.0, mean_latency_ms=mean_ms,
+            mean_queue_ms=1.0, throughput_rps=requests / 10.0, p99_latency_ms=None,
+        )  # fmt: skip
+
+    policy = RolloutPolicy(min_requests=10, max_error_rate=0.02, max_latency_ratio=2.0)
+    stable = window(200)
+    assert judge(stable, window(5, failures=5), policy)[0] is None
+    breached, reasons, errors = judge(stable, window(20, failures=2), policy)
+    assert breached and errors and "error rate 10.0%" in reasons[0]
+    breached, reasons, errors = judge(stable, window(20, mean_ms=45.0), policy)
+    assert breached and not errors and "2 x stable" in reasons[0]
+    breached, reasons, errors = judge(stable, window(20, mean_ms=15.0), policy)
+    assert breached is False and reasons[0].startswith("healthy")
+    with pytest.raises(ValueError, match="latency_windows"):
+        RolloutPolicy(latency_windows=0)

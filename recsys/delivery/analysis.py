@@ -8,14 +8,17 @@ each request to one, so the candidate's error rate and latency are its own.
 
 Rules, per check:
 
-* **Breach, at once.** As soon as the candidate has ``min_requests`` requests in the window, it
-  breaches when its error rate is over ``max_error_rate``, or over the stable version's (same
-  window) by more than ``max_error_rate_increase``, when its rejected rate is over
-  ``max_rejected_rate``, its mean latency over ``max_mean_latency_ms`` or over
-  ``max_latency_ratio`` times the stable version's, or its p99 over ``max_p99_latency_ms``. A
-  breach ends the rollout: the analysis sets the candidate's weight to 0 itself, before anything
-  else, so no further shopper reaches it; the ``finish`` task then unloads it, tags it, writes
-  the audit record and sends the one alert.
+* **Breach.** As soon as the candidate has ``min_requests`` requests in the window, it breaches
+  at once when its error rate is over ``max_error_rate``, or over the stable version's (same
+  window) by more than ``max_error_rate_increase``, or its rejected rate is over
+  ``max_rejected_rate``. Latency (mean over ``max_mean_latency_ms`` or over
+  ``max_latency_ratio`` times the stable version's, p99 over ``max_p99_latency_ms``) breaches
+  when ``latency_windows`` closed windows in a row are over: a freshly loaded model answers its
+  first requests slowly while the runtime allocates for new input shapes, and one slow window
+  of warm-up must not abort a good candidate (measured: a fresh MiniLM's first window averaged
+  4x the warm stable version's). A breach ends the rollout: the analysis sets the candidate's
+  weight to 0 itself, before anything else, so no further shopper reaches it; the ``finish``
+  task then unloads it, tags it, writes the audit record and sends the one alert.
 * **Windows.** A window closes once it is ``window_s`` old and holds ``min_requests`` candidate
   requests; without a breach it passes. With fewer requests it keeps growing: too little
   traffic is not evidence, so a quiet canary is judged over a longer window.
@@ -80,6 +83,7 @@ class RolloutPolicy:
     max_mean_latency_ms: float = 1000.0
     max_latency_ratio: float = 2.0
     max_p99_latency_ms: float | None = None
+    latency_windows: int = 2
     require_not_worse: bool = False
     alpha: float = 0.05
     min_impressions: int = 200
@@ -94,7 +98,7 @@ class RolloutPolicy:
         if not steps or any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(steps):
             raise ValueError(f"steps must be ascending percentages in (0, 100], got {self.steps}")
         object.__setattr__(self, "steps", steps)
-        for name in ("windows_per_step", "min_requests"):
+        for name in ("windows_per_step", "min_requests", "latency_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_error_rate", "max_error_rate_increase", "max_rejected_rate"):
@@ -120,12 +124,17 @@ class RolloutPolicy:
 
 def judge(
     stable: WindowStats | None, candidate: WindowStats | None, policy: RolloutPolicy
-) -> tuple[bool | None, list[str]]:
-    """``(breached, reasons)`` for one window: ``None`` when the candidate has fewer than
-    ``min_requests`` requests (nothing to judge yet). Pure, so the rules are testable alone."""
+) -> tuple[bool | None, list[str], bool]:
+    """``(breached, reasons, errors)`` for one window: ``breached`` is ``None`` when the
+    candidate has fewer than ``min_requests`` requests (nothing to judge yet); ``errors`` says
+    whether a breach is of failures or refusals (abort at once) rather than only of latency
+    (which must last ``latency_windows`` closed windows: a freshly loaded model is slow for its
+    first requests while the runtime allocates for new input shapes). Pure, so the rules are
+    testable alone."""
     if candidate is None or candidate.requests < policy.min_requests:
         seen = 0 if candidate is None else candidate.requests
-        return None, [f"candidate has {seen:g} requests (< {policy.min_requests}): not judged"]
+        text = f"candidate has {seen:g} requests (< {policy.min_requests}): not judged"
+        return None, [text], False
     reasons = []
     if candidate.error_rate > policy.max_error_rate:
         reasons.append(
@@ -143,6 +152,7 @@ def judge(
             f"candidate rejected rate {candidate.rejected_rate:.1%} > max "
             f"{policy.max_rejected_rate:.1%}"
         )
+    errors = bool(reasons)
     latency = candidate.mean_latency_ms
     if latency is not None and latency > policy.max_mean_latency_ms:
         reasons.append(
@@ -166,17 +176,21 @@ def judge(
     ):
         reasons.append(f"candidate p99 {p99:.1f} ms > max {policy.max_p99_latency_ms:g} ms")
     if reasons:
-        return True, reasons
-    return False, [
-        f"healthy: candidate {candidate.requests:g} requests, error rate "
-        f"{candidate.error_rate:.1%}, mean {latency or 0:.1f} ms; stable "
-        + (
-            f"{stable.requests:g} requests, error rate {stable.error_rate:.1%}, mean "
-            f"{stable.mean_latency_ms or 0:.1f} ms"
-            if stable is not None
-            else "no traffic"
-        )
-    ]
+        return True, reasons, errors
+    return (
+        False,
+        [
+            f"healthy: candidate {candidate.requests:g} requests, error rate "
+            f"{candidate.error_rate:.1%}, mean {latency or 0:.1f} ms; stable "
+            + (
+                f"{stable.requests:g} requests, error rate {stable.error_rate:.1%}, mean "
+                f"{stable.mean_latency_ms or 0:.1f} ms"
+                if stable is not None
+                else "no traffic"
+            )
+        ],
+        False,
+    )
 
 
 @dataclass
@@ -190,6 +204,8 @@ class AnalysisState:
     started_at: float
     step_index: int = 0
     windows_passed: int = 0
+    latency_breaches: int = 0
+    """Closed windows in a row whose candidate breached a latency limit (and nothing else)."""
     baseline: dict[str, Any] | None = None
     rollout_baseline: dict[str, Any] | None = None
     shadow_baseline: dict[str, float] | None = None
@@ -377,9 +393,9 @@ class RolloutAnalysis:
             return None
         candidate = _window(state.baseline, snapshot, self.model, state.candidate)
         stable = _window(state.baseline, snapshot, self.model, state.stable)
-        breached, reasons = judge(stable, candidate, self.policy)
+        breached, reasons, errors = judge(stable, candidate, self.policy)
         age = snapshot.taken_at - float(state.baseline["taken_at"])
-        if breached:
+        if breached and errors:
             self._cut_traffic(routing, "breach")
             self._record(state, candidate, stable, "breach", reasons, now)
             return self._finish(state, ABORT, reasons, now, **self._totals(state, snapshot))
@@ -403,6 +419,20 @@ class RolloutAnalysis:
                 return decided
             self._save(state)
             return None
+        if breached:  # latency only: a closed window counts, a run of them aborts
+            state.latency_breaches += 1
+            self._record(state, candidate, stable, "latency breach", reasons, now)
+            state.baseline = snapshot.to_dict()
+            if state.latency_breaches >= self.policy.latency_windows:
+                self._cut_traffic(routing, "latency breach")
+                return self._finish(
+                    state, ABORT,
+                    [*reasons, f"{state.latency_breaches} window(s) in a row"],
+                    now, **self._totals(state, snapshot),
+                )  # fmt: skip
+            self._save(state)
+            return None
+        state.latency_breaches = 0
         self._record(state, candidate, stable, "passed", reasons, now)
         state.baseline = snapshot.to_dict()
         state.windows_passed += 1
