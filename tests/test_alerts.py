@@ -67,9 +67,13 @@ def test_every_task_alerts_and_names_the_model_its_dag_is_about(dagbag):
     from recsys.alerts import FailureAlert
 
     expected = {"search_model_pipeline", "triton_monitor", "triton_monitor_reranker", "query_drift"}
-    recommend = {"recommend_model_pipeline", "triton_monitor_recommend", "input_drift_recommend"}
+    expected |= {"rollout", "rollout_reranker"}
+    recommend = {
+        "recommend_model_pipeline", "triton_monitor_recommend", "input_drift_recommend",
+        "rollout_recommend",
+    }  # fmt: skip
     assert expected | recommend <= set(dagbag.dags)
-    suffix = {"triton_monitor_reranker": "_reranker"}
+    suffix = {"triton_monitor_reranker": "_reranker", "rollout_reranker": "_reranker"}
     for dag_id, dag in dagbag.dags.items():
         assert not dag.has_on_failure_callback, dag_id  # a run failure would repeat a task's
         for task in dag.tasks:
