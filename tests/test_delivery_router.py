@@ -262,3 +262,16 @@ def test_the_monitor_leaves_out_a_rollout_candidate(tmp_path):
         assert any("v2 left out" in r for r in verdict.reasons)
     finally:
         server.shutdown()
+
+
+def test_router_instances_come_from_the_environment(monkeypatch):
+    monkeypatch.delenv(routing.ROUTER_INSTANCES_ENV, raising=False)
+    assert routing.router_instances_from_env() == routing.DEFAULT_ROUTER_INSTANCES
+    monkeypatch.setenv(routing.ROUTER_INSTANCES_ENV, "8")
+    assert routing.router_config("m", "search", max_batch_size=8,
+                                 instance_count=routing.router_instances_from_env(),
+                                 )["instance_group"][0]["count"] == 8  # fmt: skip
+    for bad in ("0", "-1", "four"):
+        monkeypatch.setenv(routing.ROUTER_INSTANCES_ENV, bad)
+        with pytest.raises(ValueError, match="RECSYS_ROUTER_INSTANCES"):
+            routing.router_instances_from_env()

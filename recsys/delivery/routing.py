@@ -209,6 +209,21 @@ def router_config(
     }
 
 
+ROUTER_INSTANCES_ENV = "RECSYS_ROUTER_INSTANCES"
+
+
+def router_instances_from_env() -> int:
+    """``$RECSYS_ROUTER_INSTANCES`` (an integer >= 1), or :data:`DEFAULT_ROUTER_INSTANCES`.
+    Each instance forwards one request at a time, so set it to the concurrency the model
+    should see (the canary benchmark: 4 instances halve MiniLM's batch size at 8 clients)."""
+    raw = os.environ.get(ROUTER_INSTANCES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_ROUTER_INSTANCES
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{ROUTER_INSTANCES_ENV} must be a whole number >= 1, got {raw!r}")
+    return int(raw)
+
+
 def publish_router(repo: Path, model_name: str) -> int:
     """Publish the router's ``model.py`` as a numbered version folder (atomically: staging
     folder, then rename) unless the newest one already holds this exact code; return the
@@ -246,6 +261,11 @@ def ensure_router(control: Any, repo: Path, model_name: str, family: str, stable
     if control.loaded_versions(name) == [version]:
         return version
     target = version_serving_config(repo, model_name, stable)
-    config = router_config(model_name, family, max_batch_size=int(target["max_batch_size"]))
+    config = router_config(
+        model_name,
+        family,
+        max_batch_size=int(target["max_batch_size"]),
+        instance_count=router_instances_from_env(),
+    )
     control.load_config(name, version, config)
     return version
