@@ -70,12 +70,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -102,6 +104,15 @@ from benchmarks.time_to_rollback_airflow import (  # noqa: E402
 )
 
 RESULTS = ROOT / "benchmarks" / "results" / "canary.json"
+PLATFORM_CODE = (
+    "recsys/delivery/*.py",
+    "dags/rollout.py",
+    "dags/triton_monitor*.py",
+    "recsys/deploy.py",
+    "recsys/rollback.py",
+    "recsys/operations.py",
+    "recsys/monitoring/*.py",
+)
 FAMILY = "search"
 ROLLOUT_DAG = "rollout"
 MONITOR = "triton_monitor"
@@ -134,6 +145,21 @@ def heartbeat(what: str, every_s: float = 60.0) -> Iterator[None]:
     finally:
         done.set()
         thread.join()
+
+
+def code_fingerprint() -> dict[str, str]:
+    """The platform code the numbers come from (the files progressive delivery runs on):
+    sha256 prefix per file, and the git commit they sit on."""
+    files = sorted({p for pattern in PLATFORM_CODE for p in ROOT.glob(pattern)})
+    prints = {
+        str(p.relative_to(ROOT)): hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in files
+    }
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        prints["git_head"] = head.stdout.strip()
+    return prints
 
 
 def data_key(path: Path) -> list[Any]:
@@ -652,7 +678,19 @@ def experiment(
     if state is None or state.rollout_id != record["rollout_id"] or not state.result:
         raise RuntimeError(f"no analysis result for {record['rollout_id']}: {state}")
     result = state.result
-    comparison = result["comparison"]
+    comparison = result.get("comparison")
+    compared_by = "the rollout analysis"
+    if comparison is None:
+        # Ended on a health breach before its comparison: the arms as the feedback log has
+        # them at that moment, for the record (the analysis itself decided nothing about CTR).
+        from recsys.delivery.feedback import FeedbackLog, feedback_log_path
+        from recsys.delivery.stats import compare_arms
+
+        summary = FeedbackLog(feedback_log_path(bench.settings.home, bench.model)).arm_outcomes(
+            record["rollout_id"]
+        )
+        comparison = compare_arms(summary.stable, summary.candidate, min_impressions=200).to_dict()
+        compared_by = "the benchmark, from the feedback log when the analysis aborted"
     episode = window(list(bench.traffic.outcomes), invoked_at, ended_at + 3)
     arms = {
         arm: {k: comparison[arm][k] for k in ("versions", "impressions", "conversions", "rate",
@@ -664,6 +702,8 @@ def experiment(
         "candidate": version,
         "sample_size": sample_size,
         "decision": result["decision"],
+        "reasons": result.get("reasons"),
+        "compared_by": compared_by,
         "comparison_decision": comparison["decision"],
         "significant": comparison["significant"],
         "p_value": comparison["p_value"],
@@ -804,6 +844,13 @@ def router_overhead(
 # -- report --------------------------------------------------------------------------------
 
 
+def ended(experiment: dict[str, Any]) -> str:
+    """What stopped an experiment, when it was not its sample (a health breach)."""
+    if experiment["decision"] in ("end", "promote"):
+        return ""
+    return f"{experiment['decision']} ({'; '.join(experiment.get('reasons') or [])}) - "
+
+
 def markdown(result: dict[str, Any]) -> str:
     ab, aa, offline = result["ab"], result["aa"], result["offline_quality"]
     low, high = result["faulty_canary_exposed_share_ci95"]
@@ -829,13 +876,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"({result['good_canary']['seconds_start_to_promote']} s, "
         f"{result['good_canary']['failed_requests']} failed requests) |",
         f"| A/B fine-tuned vs off-the-shelf MiniLM detects the difference | "
-        f"{result['ab_detects_difference']}: {ab['summary']} |",
+        f"{result['ab_detects_difference']}: {ended(ab)}{ab['summary']} |",
         f"| offline, same held-out queries: NDCG@10 / expected CTR | off the shelf "
         f"{offline['off_the_shelf']['ndcg_at_10']} / "
         f"{100 * offline['off_the_shelf']['expected_ctr']:.1f}%, fine-tuned "
         f"{offline['fine_tuned']['ndcg_at_10']} / "
         f"{100 * offline['fine_tuned']['expected_ctr']:.1f}% |",
-        f"| A/A two copies: false positive | {result['aa_false_positive']}: {aa['summary']} |",
+        f"| A/A two copies: false positive | {result['aa_false_positive']}: "
+        f"{ended(aa)}{aa['summary']} |",
         "",
         "| clients | direct p50 ms | router p50 ms | direct p99 ms | router p99 ms | "
         "p99 overhead ms | direct req/s | router req/s | model batch direct / router |",
@@ -983,6 +1031,7 @@ def main() -> int:
     from tests.stack_testing import benchmark_stack_environment, export_environment
 
     started = time.time()
+    code_at_start = code_fingerprint()
     home = args.work / "home"
     shutil.rmtree(home, ignore_errors=True)  # a fresh platform; the export caches survive
     shutil.rmtree(args.work / "repo", ignore_errors=True)
@@ -1122,7 +1171,8 @@ def main() -> int:
         "failed_requests_all_at_once": mean(failed_all),
         "seconds_to_abort": percentile(to_cut, 95) if to_cut else None,
         "good_canary_promoted": bool(promoted["promoted"] and promoted["failed_requests"] == 0),
-        "ab_detects_difference": ab["comparison_decision"] == "candidate_better",
+        "ab_detects_difference": ab["decision"] in ("end", "promote")
+        and ab["comparison_decision"] == "candidate_better",
         "aa_false_positive": bool(aa["significant"]),
         "router_p99_overhead_ms": overhead_8,
         "targets": {
@@ -1196,6 +1246,12 @@ def main() -> int:
         "wall_s": round(time.time() - started, 1),
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    code_at_end = code_fingerprint()
+    changed = sorted(k for k in code_at_end.keys() | code_at_start.keys()
+                     if code_at_end.get(k) != code_at_start.get(k))  # fmt: skip
+    result["platform_code"] = {"at_start": code_at_start, "changed_during_run": changed}
+    if changed:
+        say(f"warning: platform code changed while the benchmark ran: {changed}")
     result["markdown"] = markdown(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
