@@ -323,6 +323,12 @@ class RolloutAnalysis:
     def _finish(
         self, state: AnalysisState, decision: str, reasons: list[str], now: float, **extra: Any
     ) -> dict[str, Any]:
+        if state.mode == "experiment" and "comparison" not in extra:
+            # An experiment that ends early (a health breach, no decision in time) still
+            # reports its arms so far: the evidence goes with the decision.
+            comparison = self._comparison(state)
+            extra = {**extra, "comparison": comparison.to_dict(),
+                     "comparison_metrics": comparison.metrics()}  # fmt: skip
         result = {
             "decision": decision,
             "reasons": reasons,
