@@ -265,13 +265,29 @@ def register_serving_model(
             save_as_external_data=False,
         )
     version = int(info.registered_model_version)
-    mlflow_client = client(tracking_uri)
-    lineage = {"family": family.name, **lineage}
-    for key, value in lineage.items():
-        text = value if isinstance(value, str) else json.dumps(value, default=str)
-        mlflow_client.set_model_version_tag(model_name, str(version), key, text[:5000])
+    _set_tags(client(tracking_uri), model_name, version, {"family": family.name, **lineage})
     log.info("registered %s version %d from run %s", model_name, version, run_id)
     return RegisteredVersion(name=model_name, version=version, run_id=run_id)
+
+
+TAG_LIMIT = 5000
+"""Characters kept of a tag value (MLflow's limit on a model version tag)."""
+
+
+def _set_tags(mlflow_client: Any, model_name: str, version: int, tags: dict[str, Any]) -> None:
+    for key, value in tags.items():
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        mlflow_client.set_model_version_tag(model_name, str(version), key, text[:TAG_LIMIT])
+
+
+def set_version_tags(
+    tracking_uri: str, model_name: str, version: int, tags: dict[str, Any]
+) -> None:
+    """Set ``tags`` on a registry version: strings as they are, anything else as JSON, each cut
+    to :data:`TAG_LIMIT` characters (rollout outcomes and results); a failure is a
+    :class:`RegistryUnavailableError` naming MLflow's error."""
+    with registry_request(tracking_uri, f"tagging {model_name} v{version}"):
+        _set_tags(client(tracking_uri), model_name, version, tags)
 
 
 def alias_version(tracking_uri: str, model_name: str, alias: str) -> int | None:

@@ -67,12 +67,11 @@ def log_rollout(settings: Settings, result: dict[str, Any], policy: dict[str, An
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)
         client.log_dict(run_id, result, "rollout_result.json")
-        summary = (comparison or {}).get("summary") or "; ".join(result.get("reasons") or [])
-        kind = "experiment" if result["mode"] == "experiment" else result["mode"]
-        for version in (result["stable"], result["candidate"]):
-            client.set_model_version_tag(model, str(version), f"rollout_{kind}_run_id", run_id)
-            client.set_model_version_tag(
-                model, str(version), f"rollout_{kind}_result",
-                f"{result['decision']}: {summary}"[:5000],
-            )  # fmt: skip
+    summary = (comparison or {}).get("summary") or "; ".join(result.get("reasons") or [])
+    mode = result["mode"]
+    for version in (result["stable"], result["candidate"]):
+        registry.set_version_tags(uri, model, version, {
+            f"rollout_{mode}_run_id": run_id,
+            f"rollout_{mode}_result": f"{result['decision']}: {summary}",
+        })  # fmt: skip
     return run_id

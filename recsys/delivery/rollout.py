@@ -24,7 +24,6 @@ the version on trial and ``rollout_*`` tags with the outcome.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -70,12 +69,7 @@ def active_rollout(settings: Settings) -> RoutingConfig | None:
 def _tag_candidate(settings: Settings, version: int, tags: dict[str, Any]) -> None:
     from recsys import registry
 
-    client = registry.client(settings.mlflow_tracking_uri)
-    what = f"tagging {settings.model_name} v{version}"
-    with registry.registry_request(settings.mlflow_tracking_uri, what):
-        for key, value in tags.items():
-            text = value if isinstance(value, str) else json.dumps(value, default=str)
-            client.set_model_version_tag(settings.model_name, str(version), key, text[:5000])
+    registry.set_version_tags(settings.mlflow_tracking_uri, settings.model_name, version, tags)
 
 
 def _set_candidate_alias(settings: Settings, version: int | None) -> None:
