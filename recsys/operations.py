@@ -109,15 +109,27 @@ def deploy_registered_version(
     """
     from recsys.deploy import deploy_model
 
+    return _serve_registered(
+        settings,
+        version,
+        lambda artifacts: deploy_model(settings, version, artifacts, smoke_request),
+    )
+
+
+def _serve_registered(
+    settings: Settings, version: int, serve: Callable[[str | None], dict[str, Any]]
+) -> dict[str, Any]:
+    """``serve(artifacts_dir)`` for a registered ``version``: ``None`` when its version folder
+    is in the repository (loaded in place), else the serving artifacts rebuilt from its run's
+    ``serving/`` in MLflow (a temporary folder, removed afterwards). Adds ``rebuilt``."""
     version_dir(settings, version)  # a bad name or version is bad input before anything is asked
     registered_run_id(settings, version)  # fail as bad input before touching Triton
     if version_dir(settings, version).exists():
-        result = deploy_model(settings, version, None, smoke_request)
-        return {**result, "rebuilt": False}
+        return {**serve(None), "rebuilt": False}
     with tempfile.TemporaryDirectory(prefix=f"recsys-rebuild-{version}-") as tmp:
         artifacts = download_serving_artifacts(settings, version, Path(tmp))
         log.info("rebuilding %s v%d from %s", settings.model_name, version, artifacts)
-        result = deploy_model(settings, version, str(artifacts), smoke_request)
+        result = serve(str(artifacts))
     return {**result, "rebuilt": True}
 
 
@@ -359,11 +371,6 @@ def start_registered_rollout(settings: Settings, version: int, **options: Any) -
     :func:`deploy_registered_version` does); ``options`` are ``start_rollout``'s."""
     from recsys.delivery.rollout import start_rollout
 
-    version_dir(settings, version)
-    registered_run_id(settings, version)
-    if version_dir(settings, version).exists():
-        return {**start_rollout(settings, version, None, **options), "rebuilt": False}
-    with tempfile.TemporaryDirectory(prefix=f"recsys-rebuild-{version}-") as tmp:
-        artifacts = download_serving_artifacts(settings, version, Path(tmp))
-        result = start_rollout(settings, version, str(artifacts), **options)
-    return {**result, "rebuilt": True}
+    return _serve_registered(
+        settings, version, lambda artifacts: start_rollout(settings, version, artifacts, **options)
+    )
