@@ -242,13 +242,15 @@ def read_state(home: Path, model: str) -> AnalysisState | None:
         raise ValueError(f"rollout analysis state {path} is unreadable: {exc}") from exc
 
 
-def _window(
-    previous: dict[str, Any], current: MetricsSnapshot, model: str, version: int
-) -> WindowStats | None:
+def _version_windows(
+    previous: dict[str, Any], current: MetricsSnapshot, model: str, *versions: int
+) -> list[WindowStats | None]:
+    """The window from ``previous`` (a stored snapshot) to ``current`` of each of ``versions``
+    (``None`` for a version without metrics), from one :func:`compute_window`."""
     from recsys.monitoring.window import compute_window
 
     stats = compute_window(MetricsSnapshot.from_dict(previous), current)
-    return stats.get((model, str(version)))
+    return [stats.get((model, str(version))) for version in versions]
 
 
 def router_shadow_counters(metrics_url: str, router: str) -> dict[str, float]:
@@ -321,8 +323,18 @@ class RolloutAnalysis:
         write_json_atomically(state_path(self.home, self.model), state.to_dict())
 
     def _finish(
-        self, state: AnalysisState, decision: str, reasons: list[str], now: float, **extra: Any
+        self,
+        state: AnalysisState,
+        decision: str,
+        reasons: list[str],
+        now: float,
+        snapshot: MetricsSnapshot | None = None,
+        **extra: Any,
     ) -> dict[str, Any]:
+        """Store and return the decision; with ``snapshot`` (the last scrape) it carries both
+        versions' totals over the rollout."""
+        if snapshot is not None:
+            extra = {**self._totals(state, snapshot), **extra}
         if state.mode == "experiment" and "comparison" not in extra:
             # An experiment that ends early (a health breach, no decision in time) still
             # reports its arms so far: the evidence goes with the decision.
@@ -397,19 +409,20 @@ class RolloutAnalysis:
                     state.shadow_baseline = self._shadow_counters(state)
             self._save(state)
             return None
-        candidate = _window(state.baseline, snapshot, self.model, state.candidate)
-        stable = _window(state.baseline, snapshot, self.model, state.stable)
+        stable, candidate = _version_windows(
+            state.baseline, snapshot, self.model, state.stable, state.candidate
+        )
         breached, reasons, errors = judge(stable, candidate, self.policy)
         age = snapshot.taken_at - float(state.baseline["taken_at"])
         if breached and errors:
             self._cut_traffic(routing, "breach")
             self._record(state, candidate, stable, "breach", reasons, now)
-            return self._finish(state, ABORT, reasons, now, **self._totals(state, snapshot))
+            return self._finish(state, ABORT, reasons, now, snapshot)
         if now - state.started_at >= self.policy.max_minutes * 60:
             self._cut_traffic(routing, "no decision in time")
             return self._finish(
                 state, ABORT, [f"no decision within max_minutes {self.policy.max_minutes:g}"],
-                now, **self._totals(state, snapshot),
+                now, snapshot,
             )  # fmt: skip
         if age < self.policy.window_s:
             self._save(state)
@@ -434,7 +447,7 @@ class RolloutAnalysis:
                 return self._finish(
                     state, ABORT,
                     [*reasons, f"{state.latency_breaches} window(s) in a row"],
-                    now, **self._totals(state, snapshot),
+                    now, snapshot,
                 )  # fmt: skip
             self._save(state)
             return None
@@ -480,26 +493,25 @@ class RolloutAnalysis:
         """Both versions' statistics over the whole rollout (for the report and the registry)."""
         if state.rollout_baseline is None:
             return {}
-        totals = {}
-        for arm, version in (("stable", state.stable), ("candidate", state.candidate)):
-            stats = _window(state.rollout_baseline, snapshot, self.model, version)
-            totals[arm] = None if stats is None else stats.to_dict()
-        return {"totals": totals}
+        stable, candidate = _version_windows(
+            state.rollout_baseline, snapshot, self.model, state.stable, state.candidate
+        )
+        return {
+            "totals": {
+                arm: None if stats is None else stats.to_dict()
+                for arm, stats in (("stable", stable), ("candidate", candidate))
+            }
+        }
 
     def _comparison(self, state: AnalysisState) -> Any:
         from recsys.delivery.feedback import FeedbackLog, feedback_log_path
         from recsys.delivery.stats import compare_arms
 
-        summary = FeedbackLog(feedback_log_path(self.home, self.model)).arm_outcomes(
-            self.rollout_id
-        )
-        arms = summary.arms
-        from recsys.delivery.feedback import ArmOutcome
-
-        empty = {name: ArmOutcome(name, [], 0, 0) for name in ("stable", "candidate")}
+        log = FeedbackLog(feedback_log_path(self.home, self.model))
+        summary = log.arm_outcomes(self.rollout_id)  # both arms, zero when one served nothing
         return compare_arms(
-            arms.get("stable", empty["stable"]),
-            arms.get("candidate", empty["candidate"]),
+            summary.stable,
+            summary.candidate,
             alpha=self.policy.alpha,
             min_impressions=self.policy.min_impressions,
         )
@@ -516,7 +528,6 @@ class RolloutAnalysis:
         from recsys.delivery.routing import update_routing
 
         policy = self.policy
-        totals = self._totals(state, snapshot)
         if state.mode == "canary":
             if state.windows_passed < policy.windows_per_step:
                 return None
@@ -525,9 +536,9 @@ class RolloutAnalysis:
                 if comparison.decision == "candidate_worse":
                     self._cut_traffic(routing, "online quality worse")
                     return self._finish(
-                        state, ABORT, [f"online quality: {comparison.summary}"], now,
+                        state, ABORT, [f"online quality: {comparison.summary}"], now, snapshot,
                         comparison=comparison.to_dict(),
-                comparison_metrics=comparison.metrics(), **totals,
+                        comparison_metrics=comparison.metrics(),
                     )  # fmt: skip
                 if not comparison.enough_data:
                     state.windows[-1]["reasons"].append(
@@ -541,7 +552,7 @@ class RolloutAnalysis:
                     state, PROMOTE,
                     [f"every step passed ({', '.join(f'{s:g}%' for s in policy.steps)}, "
                      f"{policy.windows_per_step} window(s) of {policy.window_s:g}s each)"],
-                    now, **totals,
+                    now, snapshot,
                 )  # fmt: skip
             weight = policy.steps[state.step_index] / 100.0
             update_routing(self.repo, self.model, f"analysis: step {weight:.0%}",
@@ -562,9 +573,9 @@ class RolloutAnalysis:
             better = comparison.decision == "candidate_better"
             decision = PROMOTE if policy.promote_if_better and better else END
             return self._finish(
-                state, decision, [f"experiment over: {comparison.summary}"], now,
+                state, decision, [f"experiment over: {comparison.summary}"], now, snapshot,
                 comparison=comparison.to_dict(),
-                comparison_metrics=comparison.metrics(), **totals,
+                comparison_metrics=comparison.metrics(),
             )  # fmt: skip
         shadow = self._shadow_counters(state)
         before = state.shadow_baseline or {}
@@ -579,7 +590,7 @@ class RolloutAnalysis:
         )  # fmt: skip
         decision = PROMOTE if policy.promote_if_better else END
         return self._finish(
-            state, decision, [summary], now, shadow={**shadow, "overlap": overlap}, **totals
+            state, decision, [summary], now, snapshot, shadow={**shadow, "overlap": overlap}
         )
 
 
