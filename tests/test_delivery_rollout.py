@@ -25,6 +25,7 @@ from recsys.delivery.traffic import ShopperTraffic, visitor_key
 from recsys.deploy import deploy_model
 from recsys.families import get_family
 from recsys.triton.control import TritonControl
+from tests.stack_testing import wait_for
 from tests.triton_testing import register_version
 
 pytestmark = pytest.mark.e2e
@@ -72,10 +73,12 @@ def test_a_faulty_canary_is_aborted_at_the_first_step(
     try:
         state, tasks, result = _run(dagbag.get_dag("rollout"), {"version": v2, **FAST})
         aborted_at = time.time()
-        deadline = time.monotonic() + 30
-        while len([o for o in traffic.outcomes if o.at > aborted_at]) < 20:
-            assert time.monotonic() < deadline, "traffic stopped"
-            time.sleep(0.05)
+        wait_for(
+            "20 shopper requests after the abort",
+            lambda: len([o for o in traffic.outcomes if o.at > aborted_at]) >= 20,
+            30,
+            poll_s=0.05,
+        )
     finally:
         traffic.stop()
     assert state == "success" and tasks["finish"] == "success", tasks
