@@ -114,7 +114,7 @@ def rollout_dag(dag_id: str, model_suffix: str, family: str):
             """Load the candidate beside the stable version behind the router (idempotent:
             a rollout of this version already under way is taken over)."""
             from recsys.config import load_settings, served_model_settings
-            from recsys.delivery.rollout import active_rollout
+            from recsys.delivery.rollout import active_rollout, start_weight
             from recsys.operations import start_registered_rollout
 
             params = get_current_context()["params"]
@@ -125,12 +125,11 @@ def rollout_dag(dag_id: str, model_suffix: str, family: str):
             if current is not None and current.candidate == params["version"]:
                 return {"rollout_id": current.rollout_id, "taken_over": True}
             mode = params["mode"]
-            weight = {"canary": params["steps"][0], "experiment": params["split"]}.get(mode, 0)
             return start_registered_rollout(
                 settings,
                 int(params["version"]),
                 mode=mode,
-                weight=float(weight) / 100.0,
+                weight=start_weight(mode, params["steps"], params["split"]),
                 shadow_share=float(params["shadow_share"]) if mode == "shadow" else 0.0,
                 smoke_request=params["smoke_request"],
                 reason=f"rollout DAG {dag_id}",

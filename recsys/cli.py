@@ -294,15 +294,15 @@ def _start_rollout(args: argparse.Namespace, mode: str, conf: dict[str, Any]) ->
     """Start a rollout of ``args.version`` here (load, smoke test, router), then hand it to
     the model's rollout DAG, which judges it and promotes or aborts."""
     from recsys import operations
+    from recsys.delivery.rollout import start_weight
 
     settings = _settings_for(args)
     dag_id = _rollout_dag(settings)
-    weight = {"canary": conf.get("steps", [5])[0], "experiment": conf.get("split", 50)}.get(mode, 0)
     started = operations.start_registered_rollout(
         settings,
         args.version,
         mode=mode,
-        weight=float(weight) / 100.0,
+        weight=start_weight(mode, conf.get("steps"), conf.get("split")),
         shadow_share=float(conf.get("shadow_share", 0.0)),
         smoke_request=getattr(args, "smoke_request", None),
         reason=f"recsys {args.command}",

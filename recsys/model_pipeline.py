@@ -315,7 +315,7 @@ def deploy_or_roll_out(
 
         return {**deploy_model(settings, version, artifacts_dir, smoke_request, reason=reason),
                 "rollout_conf": None}  # fmt: skip
-    from recsys.delivery.rollout import start_rollout
+    from recsys.delivery.rollout import start_rollout, start_weight
 
     steps = [float(s) for s in values.get("canary_steps") or [5, 25, 50, 100]]
     started = start_rollout(
@@ -323,7 +323,7 @@ def deploy_or_roll_out(
         version,
         artifacts_dir,
         mode=mode,
-        weight=steps[0] / 100.0 if mode == "canary" else 0.0,
+        weight=start_weight(mode, steps),
         shadow_share=0.1 if mode == "shadow" else 0.0,
         smoke_request=smoke_request,
         reason=reason,

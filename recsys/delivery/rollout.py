@@ -48,6 +48,17 @@ ROLLOUT_ABORT = "rollout_abort"
 ROLLOUT_END = "rollout_end"
 
 
+def start_weight(mode: str, steps: list[float] | None = None, split: float | None = None) -> float:
+    """The candidate's share of routed traffic when a rollout starts, as a fraction: a canary's
+    first step, an experiment's split (both in percent), nothing for a shadow (it is only
+    mirrored to). The CLI, the rollout DAG and the pipelines all start rollouts with it."""
+    if mode == "canary":
+        return float((steps or [5.0])[0]) / 100.0
+    if mode == "experiment":
+        return float(50.0 if split is None else split) / 100.0
+    return 0.0
+
+
 class RolloutError(RuntimeError):
     """A rollout action that cannot be done (none under way, one already under way, nothing
     serving to compare with); the message says what serves."""
