@@ -253,18 +253,17 @@ def _version_windows(
     return [stats.get((model, str(version))) for version in versions]
 
 
-def router_shadow_counters(metrics_url: str, router: str) -> dict[str, float]:
-    """The router's shadow counters (cumulative since it loaded): ``ok`` and ``error``
-    mirrored requests, and ``overlap_sum`` / ``compared`` for the mean top-k overlap (the
-    parser names counter families without ``_total``). The analysis subtracts their values at
-    its start, so only its own candidate's mirrors count."""
-    import requests
+def router_shadow_counters(metrics_text: str, router: str) -> dict[str, float]:
+    """The router's shadow counters (cumulative since it loaded) in a ``/metrics`` body:
+    ``ok`` and ``error`` mirrored requests, and ``overlap_sum`` / ``compared`` for the mean
+    top-k overlap (the parser names counter families without ``_total``). The analysis
+    subtracts their values at its start, so only its own candidate's mirrors count; it reads
+    them from the same scrape as the per-version snapshot so both count the same requests."""
     from prometheus_client.parser import text_string_to_metric_families
 
     keys = {"recsys_shadow_topk_overlap": "overlap_sum", "recsys_shadow_compared": "compared"}
-    text = requests.get(metrics_url, timeout=5).text
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
             labels = sample.labels
             if labels.get("model") != router:
@@ -369,7 +368,7 @@ class RolloutAnalysis:
     def step(self, now: float | None = None) -> dict[str, Any] | None:
         """One check; the result when the rollout is decided, else ``None``."""
         from recsys.delivery.routing import read_routing
-        from recsys.monitoring.metrics import scrape
+        from recsys.monitoring.metrics import scrape_with_text
 
         now = time.time() if now is None else now
         routing = read_routing(self.repo, self.model)
@@ -389,7 +388,8 @@ class RolloutAnalysis:
         if state.result is not None:
             return state.result
         try:
-            snapshot = scrape(self.metrics_url, timeout_s=self.timeout_s).for_model(self.model)
+            snapshot, metrics_text = scrape_with_text(self.metrics_url, timeout_s=self.timeout_s)
+            snapshot = snapshot.for_model(self.model)
         except MetricsUnavailableError as exc:
             state.unavailable_since = state.unavailable_since or now
             if now - state.unavailable_since >= self.policy.metrics_grace_s:
@@ -406,7 +406,7 @@ class RolloutAnalysis:
             if state.rollout_baseline is None:
                 state.rollout_baseline = snapshot.to_dict()
                 if state.mode == "shadow":
-                    state.shadow_baseline = self._shadow_counters(state)
+                    state.shadow_baseline = self._shadow_counters(metrics_text)
             self._save(state)
             return None
         stable, candidate = _version_windows(
@@ -433,7 +433,7 @@ class RolloutAnalysis:
             # an experiment or a shadow still ends on time.
             decided = None
             if state.mode != "canary":
-                decided = self._advance(state, routing, snapshot, now)
+                decided = self._advance(state, routing, snapshot, metrics_text, now)
             if decided is not None:
                 return decided
             self._save(state)
@@ -455,7 +455,7 @@ class RolloutAnalysis:
         self._record(state, candidate, stable, "passed", reasons, now)
         state.baseline = snapshot.to_dict()
         state.windows_passed += 1
-        decided = self._advance(state, routing, snapshot, now)
+        decided = self._advance(state, routing, snapshot, metrics_text, now)
         if decided is not None:
             return decided
         self._save(state)
@@ -516,15 +516,21 @@ class RolloutAnalysis:
             min_impressions=self.policy.min_impressions,
         )
 
-    def _shadow_counters(self, state: AnalysisState) -> dict[str, float]:
+    def _shadow_counters(self, metrics_text: str) -> dict[str, float]:
         from recsys.delivery.routing import router_name
 
-        return router_shadow_counters(self.metrics_url, router_name(self.model))
+        return router_shadow_counters(metrics_text, router_name(self.model))
 
     def _advance(
-        self, state: AnalysisState, routing: Any, snapshot: MetricsSnapshot, now: float
+        self,
+        state: AnalysisState,
+        routing: Any,
+        snapshot: MetricsSnapshot,
+        metrics_text: str,
+        now: float,
     ) -> dict[str, Any] | None:
-        """After a closed window: move the canary on, or end an experiment or a shadow."""
+        """After a closed window: move the canary on, or end an experiment or a shadow
+        (``metrics_text`` is the body ``snapshot`` came from, for the router's counters)."""
         from recsys.delivery.routing import update_routing
 
         policy = self.policy
@@ -577,7 +583,7 @@ class RolloutAnalysis:
                 comparison=comparison.to_dict(),
                 comparison_metrics=comparison.metrics(),
             )  # fmt: skip
-        shadow = self._shadow_counters(state)
+        shadow = self._shadow_counters(metrics_text)
         before = state.shadow_baseline or {}
         shadow = {key: value - before.get(key, 0.0) for key, value in shadow.items()}
         count = shadow.get("compared", 0.0)

@@ -261,6 +261,12 @@ def scrape(url: str, timeout_s: float = 5.0) -> MetricsSnapshot:
     """GET ``url`` (Triton's ``/metrics``) and parse it; every failure to get usable metrics
     (refused connection, timeout, HTTP error status, garbage body) raises
     :class:`MetricsUnavailableError` naming the URL."""
+    return scrape_with_text(url, timeout_s)[0]
+
+
+def scrape_with_text(url: str, timeout_s: float = 5.0) -> tuple[MetricsSnapshot, str]:
+    """:func:`scrape`, also returning the body it parsed: a caller that reads other metric
+    families too (a router's counters) takes them from the same instant as the snapshot."""
     try:
         response = requests.get(url, timeout=timeout_s)
     except requests.RequestException as exc:
@@ -274,6 +280,6 @@ def scrape(url: str, timeout_s: float = 5.0) -> MetricsSnapshot:
             f"{response.text.strip()[:200]!r}"
         )
     try:
-        return parse_metrics(response.text, taken_at)
+        return parse_metrics(response.text, taken_at), response.text
     except MetricsUnavailableError as exc:
         raise MetricsUnavailableError(f"Triton metrics endpoint {url}: {exc}") from exc
