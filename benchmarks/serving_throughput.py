@@ -1,34 +1,44 @@
-"""Benchmark: serving throughput and p50/p99 latency over gRPC, Triton fp32 vs INT8 vs a
-minimal FastAPI + torch endpoint serving the same model (issue #3).
+"""Benchmark: serving throughput and p50/p99 latency, Triton fp32 vs INT8 over gRPC vs the same
+model behind FastAPI, configured as a user would (torch with a worker per core, and ONNX
+Runtime INT8), over HTTP (issues #3, #13).
 
 One checkpoint (``--model-dir``; default the packaged all-MiniLM-L6-v2) is exported once with
 the platform's own exporter (``build_serving_artifacts``: ONNX encoder + the catalogue's
-embeddings), copied and quantised to INT8 (``quantize_encoder`` + ``set_served_encoder``), and
-both are published into a temporary Triton repository as two models. A real tritonserver (the
-``nvidia-pytriton`` binary, no response cache so every request runs the model) serves them one
-at a time; then ``torch_http_baseline.py`` serves the same checkpoint with PyTorch behind
-FastAPI/uvicorn. The catalogue is the unique products of ``--data`` (Home Depot train.csv),
-the queries its unique search terms in a fixed shuffled order, the same sequence for every
-system.
+embeddings), copied and quantised to INT8 (``quantize_encoder`` + ``set_served_encoder``).
+
+Triton serves what a platform deploy serves: each folder is registered in a throwaway MLflow
+server and published, loaded and smoke-tested by ``recsys.deploy.deploy_model`` (the pipeline's
+and ``recsys deploy``'s path) as its own model, with the platform's serving knobs
+(``Settings.serving_knobs``: the defaults of ``recsys.triton.repository.default_serving`` and
+any ``RECSYS_TRITON_*`` override) unless ``--instance-count``, ``--max-batch-size``,
+``--[no-]dynamic-batching``, ``--max-queue-delay-us`` or ``--intra-op-threads`` override them.
+The knobs used, the deploy's audit record and the config Triton reports having loaded are all
+recorded. One tritonserver (``nvidia-pytriton``'s binary, no response cache so every request
+runs the model) serves the two models one at a time; it and MLflow are stopped before the
+baselines run.
+
+Baselines (``torch_http_baseline.py``, FastAPI + uvicorn, ``--baseline-workers`` worker
+processes, default one per CPU, each running one forward pass at a time with
+``--baseline-threads`` threads, default 1: no oversubscription, no batching):
+``torch_fastapi`` is the same checkpoint in eager PyTorch; ``onnx_int8_fastapi`` is the stronger
+alternative a user would pick, ONNX Runtime on the very INT8 folder Triton serves (same encoder
+file, same ``tokenizer.json`` through the same fast tokenizer, same catalogue). ``--baselines``
+picks them. The catalogue is the unique products of ``--data`` (Home Depot train.csv), the
+queries its unique search terms in a fixed shuffled order, the same sequence for every system.
 
 Load: closed loop, ``c`` client threads (one gRPC client / one HTTP session each) sending
 back-to-back requests, for ``c`` in ``--concurrency``; each level warms up first, then measures
 ``--requests`` requests or ``--duration-s`` seconds, whichever ends first. Per system and level:
 throughput (successful requests per second of wall time), p50/p99 latency, errors; then the
-ratios Triton / torch (throughput: >1 is better; latency: <1 is better) and INT8 / fp32.
-
-Like-for-like threads by default: each model execution gets ``--intra-op-threads`` threads
-(ONNX Runtime in Triton, ``torch.set_num_threads`` per request in the baseline, default 1), and
-Triton runs ``--instance-count`` instances (default: the number of CPUs), so both can run as many
-executions in parallel as there are cores; Triton also batches (dynamic batching up to
-``--max-batch-size``). The load generator runs on the same machine and takes CPU too.
+ratios of each Triton system to each baseline (throughput: >1 is better; latency: <1 is
+better) and INT8 / fp32. The load generator runs on the same machine and takes CPU too.
 
 Everything binds to 127.0.0.1; every server is stopped (and Triton's shared memory removed) on
 the way out.
 
     python benchmarks/serving_throughput.py --data ../shared/data/homedepot/train.csv
     python benchmarks/serving_throughput.py --requests 40 --concurrency 1 8 \\
-        --max-products 2000 --out /tmp/serving_quick.json     # a quick check
+        --max-products 2000 --duration-s 10 --out /tmp/serving_quick.json     # a quick check
 """
 
 from __future__ import annotations
@@ -60,11 +70,28 @@ RESULTS = ROOT / "benchmarks" / "results" / "serving_throughput.json"
 BASELINE_SCRIPT = Path(__file__).resolve().parent / "torch_http_baseline.py"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "homedepot" / "train.csv"
 HOST = "127.0.0.1"
-FP32, INT8, TORCH = "triton_fp32", "triton_int8", "torch_fastapi"
+FP32, INT8 = "triton_fp32", "triton_int8"
+TORCH, ONNX = "torch_fastapi", "onnx_int8_fastapi"
+TRITON_SYSTEMS, BASELINES = (FP32, INT8), (TORCH, ONNX)
 MODELS = {FP32: "bench_fp32", INT8: "bench_int8"}
+VERSUS = {TORCH: "torch", ONNX: "onnx_int8"}
+"""A baseline's name in the ``ratios`` / ``agreement`` keys (``triton_int8_vs_onnx_int8``)."""
+LABELS = {
+    FP32: "Triton, ONNX fp32",
+    INT8: "Triton, ONNX INT8",
+    TORCH: "FastAPI + torch (fp32)",
+    ONNX: "FastAPI + ONNX Runtime INT8",
+}
+KNOB_FLAGS = {
+    "instance_count": "instance_count",
+    "max_batch_size": "max_batch_size",
+    "dynamic_batching": "dynamic_batching",
+    "max_queue_delay_us": "max_queue_delay_us",
+    "intra_op_threads": "intra_op_threads",
+}
+"""argparse dest -> serving knob of the flags that override the platform's serving knobs."""
 REQUEST_TIMEOUT_S = 30.0
 AGREEMENT_QUERIES = 50
-RATIO_KEYS = ("throughput", "p50", "p99")
 
 Caller = Callable[[str], list[str]]
 """One client's search call: query -> top-K product ids (raises on any error)."""
@@ -211,65 +238,133 @@ def triton_caller(url: str, model: str, top_k: int) -> tuple[Caller, Callable[[]
     return call, client.close
 
 
+def requested_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """The serving knobs the command line sets (the rest are the platform's)."""
+    return {
+        knob: getattr(args, dest)
+        for dest, knob in KNOB_FLAGS.items()
+        if getattr(args, dest, None) is not None
+    }
+
+
+def serving_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """Every knob Triton serves the benchmarked models with: what a platform deploy would use
+    (``Settings.serving_knobs``) with the command line's overrides."""
+    from recsys.config import load_settings
+
+    return load_settings().serving_knobs(requested_knobs(args))
+
+
+def platform_env(work: Path) -> None:
+    """Point the platform (settings, secrets, state) at ``work``, as a fresh stack."""
+    os.environ.update(
+        {
+            "RECSYS_HOME": str(work / "home"),
+            "RECSYS_TRITON_ADMIN_KEY": secrets.token_urlsafe(32),
+            "MLFLOW_TRACKING_USERNAME": "admin",
+            "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(24),
+            "RECSYS_MODEL_NAME": MODELS[FP32],
+        }
+    )
+    for variable in ("RECSYS_ALERT_WEBHOOK", "RECSYS_MONITOR_CONFIG", "MLFLOW_TRACKING_URI"):
+        os.environ.pop(variable, None)
+
+
 def run_triton(
     work: Path, artifacts: dict[str, Path], queries: list[str], args: argparse.Namespace
-) -> tuple[dict[str, Any], dict[str, list[list[str]]], str]:
-    """Serve fp32 and INT8 one after the other on one tritonserver and measure both; also
-    return each one's answers to the agreement queries and the server's version."""
-    from recsys.triton.control import TritonControl
-    from recsys.triton.repository import publish_version, version_serving_config
-    from recsys.triton.server import TritonServer
-    from tests.triton_testing import free_port
+) -> tuple[dict[str, Any], dict[str, list[list[str]]], dict[str, Any]]:
+    """Deploy fp32 and INT8 through the platform's deploy path and measure them one after the
+    other on one tritonserver; also return each one's answers to the agreement queries and
+    what was served (server version, knobs, deploy audit records, loaded configs)."""
+    import dataclasses
 
-    admin_key = secrets.token_urlsafe(32)
-    repo = work / "triton_repo"
-    server = TritonServer(
-        repo,
-        host=HOST,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        workdir=work / "triton",
-        admin_key=admin_key,
-        response_cache_bytes=0,  # every request must run the model
-    )
-    knobs = {
-        "instance_count": args.instance_count,
-        "intra_op_threads": args.intra_op_threads,
-        "max_batch_size": args.max_batch_size,
-        "max_queue_delay_us": args.max_queue_delay_us,
-        "dynamic_batching": args.max_batch_size > 1,
-        "response_cache": False,
-    }
+    from recsys import registry
+    from recsys.audit import read_records
+    from recsys.config import load_settings
+    from recsys.deploy import deploy_model, register_model
+    from recsys.stack import running_mlflow_server
+    from recsys.triton.control import TritonControl
+    from tests.triton_testing import free_port, running_triton
+
+    requested = requested_knobs(args)
     results: dict[str, Any] = {}
     answers: dict[str, list[list[str]]] = {}
-    try:
-        server.start(timeout_s=120)
-        with TritonControl(
-            server.grpc_url, timeout_s=120, load_timeout_s=300, admin_key=admin_key
-        ) as control:
-            version = str(control.client.get_server_metadata().version)
-            for system in (FP32, INT8):
-                model = MODELS[system]
-                publish_version(repo, model, 1, artifacts[system], serving=knobs)
-                started = time.perf_counter()
-                control.load_version(model, 1, repo, config=version_serving_config(repo, model, 1))
-                print(f"{system}: loaded in {time.perf_counter() - started:.1f}s", flush=True)
-                call, close = triton_caller(server.grpc_url, model, args.top_k)
-                try:
-                    answers[system] = [call(q) for q in queries[-AGREEMENT_QUERIES:]]
-                finally:
-                    close()
-                results[system] = run_levels(
-                    system,
-                    lambda model=model: triton_caller(server.grpc_url, model, args.top_k),
-                    queries,
-                    args,
-                )
-                control.unload(model)
-    finally:
-        server.stop()  # also removes its shared-memory regions
-    return results, answers, version
+    served: dict[str, Any] = {"published_via": "recsys.deploy.deploy_model", "models": {}}
+    with (
+        running_mlflow_server(work / "mlflow", free_port()) as mlflow_uri,
+        running_triton(work / "triton", response_cache_bytes=0) as triton,  # every request runs
+    ):
+        server = triton.server
+        os.environ.update(
+            {
+                "MLFLOW_TRACKING_URI": mlflow_uri,
+                "RECSYS_TRITON_REPO": str(triton.repo),
+                "RECSYS_TRITON_GRPC_PORT": str(server.grpc_port),
+                "RECSYS_TRITON_HTTP_PORT": str(server.http_port),
+                "RECSYS_TRITON_METRICS_PORT": str(server.metrics_port),
+            }
+        )
+        base = load_settings()
+        served["knobs"] = base.serving_knobs(requested)
+        served["knobs_from_flags"] = requested
+        control = TritonControl(base.triton_grpc_url, timeout_s=120, load_timeout_s=300)
+        served["server_version"] = str(control.client.get_server_metadata().version)
+        for system in TRITON_SYSTEMS:
+            model = MODELS[system]
+            settings = dataclasses.replace(base, model_name=model)
+            run_id = registry.start_training_run(
+                mlflow_uri, "serving-throughput", system, {}, {"benchmark": "serving_throughput"}
+            )
+            version = register_model(settings, run_id, str(artifacts[system]), {})["version"]
+            started = time.perf_counter()
+            deployed = deploy_model(
+                settings,
+                version,
+                str(artifacts[system]),
+                {"query": queries[0], "top_k": args.top_k},
+                requested or None,
+                reason="serving_throughput benchmark",
+            )
+            took = time.perf_counter() - started
+            loaded = control.model_config(model)
+            record = read_records(settings.audit_log, model)[-1]
+            served["models"][system] = {
+                "model": model,
+                "version": version,
+                "deploy_s": round(took, 1),
+                "audit_serving": record.get("serving"),
+                "loaded_config": {
+                    "instance_group": loaded.get("instance_group"),
+                    "max_batch_size": loaded.get("max_batch_size"),
+                    "dynamic_batching": loaded.get("dynamic_batching"),
+                    "parameters": {
+                        k: v
+                        for k, v in (loaded.get("parameters") or {}).items()
+                        if k == "intra_op_threads"
+                    },
+                },
+            }
+            if deployed["serving"] != served["knobs"]:
+                raise RuntimeError(f"{model} serves {deployed['serving']}, not {served['knobs']}")
+            print(
+                f"{system}: deployed v{version} through recsys.deploy.deploy_model in "
+                f"{took:.1f}s with {deployed['serving']}",
+                flush=True,
+            )
+            call, close = triton_caller(server.grpc_url, model, args.top_k)
+            try:
+                answers[system] = [call(q) for q in queries[-AGREEMENT_QUERIES:]]
+            finally:
+                close()
+            results[system] = run_levels(
+                system,
+                lambda model=model: triton_caller(server.grpc_url, model, args.top_k),
+                queries,
+                args,
+            )
+            control.unload(model)
+        control.close()
+    return results, answers, served
 
 
 # -- torch baseline -------------------------------------------------------------------------
@@ -293,29 +388,44 @@ def http_caller(url: str, top_k: int) -> tuple[Caller, Callable[[], None]]:
     return call, session.close
 
 
+def baseline_command(
+    system: str, model_dir: Path, artifacts: dict[str, Path], args: argparse.Namespace
+) -> list[str]:
+    """``torch_http_baseline.py``'s arguments for ``system``, without host, port, ready dir."""
+    common = [
+        "--workers", str(args.baseline_workers),
+        "--threads", str(args.baseline_threads),
+        "--max-inflight", str(args.baseline_inflight),
+    ]  # fmt: skip
+    if system == TORCH:
+        return [
+            "--backend", "torch", "--model-dir", str(model_dir),
+            "--products-npz", str(artifacts[FP32] / "products.npz"),
+            "--max-query-tokens", str(args.max_query_tokens), *common,
+        ]  # fmt: skip
+    return ["--backend", "onnx", "--artifacts-dir", str(artifacts[INT8]), *common]
+
+
 @contextlib.contextmanager
-def torch_baseline(
-    model_dir: Path, products_npz: Path, log_path: Path, args: argparse.Namespace
-) -> Iterator[str]:
-    """Run ``torch_http_baseline.py`` on a free loopback port; yield its /search URL and stop
-    it (its whole process group) on the way out."""
+def fastapi_baseline(command: list[str], work: Path, workers: int) -> Iterator[str]:
+    """Run ``torch_http_baseline.py`` with ``command`` on a free loopback port; yield its
+    /search URL once every worker has loaded its model, and stop it (its whole process group)
+    on the way out."""
     import requests
 
     from tests.triton_testing import free_port
 
     port = free_port()
-    command = [
-        sys.executable, str(BASELINE_SCRIPT),
-        "--model-dir", str(model_dir),
-        "--products-npz", str(products_npz),
-        "--max-query-tokens", str(args.max_query_tokens),
-        "--torch-threads", str(args.torch_threads),
-        "--host", HOST, "--port", str(port),
+    work.mkdir(parents=True, exist_ok=True)
+    ready, log_path = work / "ready", work / "baseline.log"
+    full = [
+        sys.executable, str(BASELINE_SCRIPT), *command,
+        "--ready-dir", str(ready), "--host", HOST, "--port", str(port),
     ]  # fmt: skip
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
-            command,
+            full,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -328,22 +438,48 @@ def torch_baseline(
         while True:
             if process.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"torch baseline exited with {process.returncode}:\n{tail}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{base}/health", timeout=2).ok:
-                    break
+                raise RuntimeError(f"baseline exited with {process.returncode}:\n{tail}")
+            if ready.is_dir() and len(list(ready.glob("*.ready"))) >= workers:
+                with contextlib.suppress(requests.RequestException):
+                    if requests.get(f"{base}/health", timeout=2).ok:
+                        break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"torch baseline not healthy after 300s; log {log_path}")
+                raise RuntimeError(f"baseline not ready after 300s; log {log_path}")
             time.sleep(0.5)
         yield f"{base}/search"
     finally:
         if process.poll() is None:
             process.terminate()
             try:
-                process.wait(timeout=15)
+                process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, 9)
                 process.wait(timeout=10)
+
+
+def run_baselines(
+    model_dir: Path,
+    artifacts: dict[str, Path],
+    queries: list[str],
+    work: Path,
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], dict[str, list[list[str]]]]:
+    """Measure every baseline of ``--baselines``, one after the other."""
+    results: dict[str, Any] = {}
+    answers: dict[str, list[list[str]]] = {}
+    for system in args.baselines:
+        command = baseline_command(system, model_dir, artifacts, args)
+        print(f"{system}: torch_http_baseline.py {shlex.join(command)}", flush=True)
+        with fastapi_baseline(command, work / system, args.baseline_workers) as url:
+            call, close = http_caller(url, args.top_k)
+            try:
+                answers[system] = [call(q) for q in queries[-AGREEMENT_QUERIES:]]
+            finally:
+                close()
+            results[system] = run_levels(
+                system, lambda url=url: http_caller(url, args.top_k), queries, args
+            )
+    return results, answers
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -376,24 +512,31 @@ def agreement(a: list[list[str]], b: list[list[str]]) -> dict[str, float]:
 
 
 def markdown(record: dict[str, Any]) -> str:
-    results, vs_torch = record["results"], record["ratios"]
-    lines = [
-        "| system | concurrency | req/s | p50 ms | p99 ms | errors | req/s vs torch | "
-        "p50 vs torch | p99 vs torch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for system in (FP32, INT8, TORCH):
+    """Every system and level, with each Triton system's ratios to each baseline measured."""
+    results, comparisons = record["results"], record["ratios"]
+    baselines = [b for b in BASELINES if b in results]
+    header = ["system", "clients", "req/s", "p50 ms", "p99 ms", "errors"]
+    for baseline in baselines:
+        header += [f"req/s vs {LABELS[baseline]}", f"p99 vs {LABELS[baseline]}"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for system in (*TRITON_SYSTEMS, *BASELINES):
         for level, row in results.get(system, {}).items():
-            r = vs_torch.get(f"{system}_vs_torch", {}).get(level, {})
-            versus = [f"{r[k]}x" if r.get(k) is not None else "-" for k in RATIO_KEYS]
             cells = [
-                system, level, row["throughput_rps"], row["p50_ms"], row["p99_ms"],
-                f"{row['errors']}/{row['requests']}", *versus,
+                LABELS[system], level, row["throughput_rps"], row["p50_ms"], row["p99_ms"],
+                f"{row['errors']}/{row['requests']}",
             ]  # fmt: skip
+            for baseline in baselines:
+                if system == baseline:
+                    cells += ["1x", "1x"]
+                    continue
+                r = comparisons.get(f"{system}_vs_{VERSUS[baseline]}", {}).get(level, {})
+                cells += [
+                    f"{r[k]}x" if r.get(k) is not None else "-" for k in ("throughput", "p99")
+                ]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    int8 = vs_torch.get("int8_vs_fp32", {})
+    int8 = comparisons.get("int8_vs_fp32", {})
     if int8:
-        lines += ["", "| concurrency | INT8/fp32 req/s | INT8/fp32 p50 | INT8/fp32 p99 |"]
+        lines += ["", "| clients | INT8/fp32 req/s | INT8/fp32 p50 | INT8/fp32 p99 |"]
         lines.append("|---:|---:|---:|---:|")
         for level, r in int8.items():
             lines.append(f"| {level} | {r['throughput']}x | {r['p50']}x | {r['p99']}x |")
@@ -512,8 +655,8 @@ def build_artifacts(
     return {FP32: fp32, INT8: int8}, info
 
 
-def parse_args() -> argparse.Namespace:
-    cpus = len(os.sched_getaffinity(0))
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cpus = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", default="minilm", help="checkpoint folder or 'minilm'")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="relevance CSV")
@@ -528,16 +671,39 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--max-query-tokens", type=int, default=64)
-    parser.add_argument("--instance-count", type=int, default=cpus, help="Triton instances")
-    parser.add_argument(
-        "--intra-op-threads", type=int, default=1, help="ONNX Runtime threads per instance"
+    knobs = parser.add_argument_group(
+        "Triton serving knobs",
+        "default: the platform's (recsys.triton.repository.default_serving, or RECSYS_TRITON_*), "
+        "i.e. what `recsys deploy` and the pipelines publish",
     )
-    parser.add_argument(
-        "--torch-threads", type=int, default=None, help="baseline (default: --intra-op-threads)"
+    knobs.add_argument(
+        "--instance-count", type=int, default=None, help="model instances (default: CPUs, <= 4)"
     )
-    parser.add_argument("--max-batch-size", type=int, default=32, help="1 disables batching")
-    parser.add_argument("--max-queue-delay-us", type=int, default=2000)
-    parser.add_argument("--skip-baseline", action="store_true")
+    knobs.add_argument(
+        "--intra-op-threads", type=int, default=None, help="ONNX Runtime threads per instance"
+    )
+    knobs.add_argument("--max-batch-size", type=int, default=None, help="default 32")
+    knobs.add_argument(
+        "--dynamic-batching", action=argparse.BooleanOptionalAction, default=None,
+        help="batch concurrent requests (default: on)",
+    )  # fmt: skip
+    knobs.add_argument("--max-queue-delay-us", type=int, default=None, help="default 2000")
+    baselines = parser.add_argument_group("FastAPI baselines (torch_http_baseline.py)")
+    baselines.add_argument(
+        "--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
+        help="which to run (none: Triton only)",
+    )  # fmt: skip
+    baselines.add_argument(
+        "--baseline-workers", type=int, default=cpus, help="uvicorn workers (default: CPUs)"
+    )
+    baselines.add_argument(
+        "--baseline-threads", "--torch-threads", dest="baseline_threads", type=int, default=1,
+        help="intra-op threads per forward pass (default 1)",
+    )  # fmt: skip
+    baselines.add_argument(
+        "--baseline-inflight", type=int, default=1, help="forward passes at once per worker"
+    )
+    baselines.add_argument("--skip-baseline", action="store_true", help="= --baselines")
     parser.add_argument(
         "--artifacts-dir",
         type=Path,
@@ -545,10 +711,19 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--keep-workdir", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    args.torch_threads = args.torch_threads or args.intra_op_threads
+    args = parser.parse_args(argv)
+    if args.skip_baseline:
+        args.baselines = []
     if min(args.concurrency) < 1 or args.requests < 1 or args.duration_s <= 0:
         parser.error("--concurrency, --requests and --duration-s must be positive")
+    if min(args.baseline_workers, args.baseline_threads, args.baseline_inflight) < 1:
+        parser.error("--baseline-workers, --baseline-threads and --baseline-inflight must be >= 1")
+    try:
+        from recsys.triton.repository import check_serving_knobs
+
+        check_serving_knobs(requested_knobs(args))
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -578,21 +753,18 @@ def main() -> int:
     )
 
     work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
+    platform_env(work)
+    knobs = serving_knobs(args)
+    print(f"Triton serving knobs: {knobs} (from flags: {requested_knobs(args)})", flush=True)
     try:
         artifacts, export_info = cached_artifacts(model_dir, catalog, work, args)
         print(f"artifacts: {export_info}", flush=True)
-        results, answers, triton_version = run_triton(work, artifacts, queries, args)
-        if not args.skip_baseline:
-            log_path = work / "torch_baseline.log"
-            with torch_baseline(model_dir, artifacts[FP32] / "products.npz", log_path, args) as url:
-                call, close = http_caller(url, args.top_k)
-                try:
-                    answers[TORCH] = [call(q) for q in queries[-AGREEMENT_QUERIES:]]
-                finally:
-                    close()
-                results[TORCH] = run_levels(
-                    TORCH, lambda: http_caller(url, args.top_k), queries, args
-                )
+        results, answers, served = run_triton(work, artifacts, queries, args)
+        baseline_results, baseline_answers = run_baselines(
+            model_dir, artifacts, queries, work / "baselines", args
+        )
+        results.update(baseline_results)
+        answers.update(baseline_answers)
     finally:
         if args.keep_workdir:
             print(f"work folder kept: {work}")
@@ -601,10 +773,13 @@ def main() -> int:
 
     comparisons: dict[str, Any] = {"int8_vs_fp32": ratios(results[INT8], results[FP32])}
     agreements = {"int8_vs_fp32": agreement(answers[INT8], answers[FP32])}
-    if TORCH in results:
-        for system in (FP32, INT8):
-            comparisons[f"{system}_vs_torch"] = ratios(results[system], results[TORCH])
-            agreements[f"{system}_vs_torch"] = agreement(answers[system], answers[TORCH])
+    for baseline in BASELINES:
+        if baseline not in results:
+            continue
+        for system in TRITON_SYSTEMS:
+            key = f"{system}_vs_{VERSUS[baseline]}"
+            comparisons[key] = ratios(results[system], results[baseline])
+            agreements[key] = agreement(answers[system], answers[baseline])
     record = {
         "benchmark": "serving_throughput",
         "command": shlex.join(["python", *sys.argv]),
@@ -620,7 +795,10 @@ def main() -> int:
             **export_info,
         },
         "load": {
-            "protocol": {"triton": "gRPC (tritonclient.grpc)", "torch": "HTTP/1.1 JSON (requests)"},
+            "protocol": {
+                "triton": "gRPC (tritonclient.grpc)",
+                "fastapi": "HTTP/1.1 JSON (requests)",
+            },
             "pattern": "closed loop, one client per thread, back-to-back requests",
             "concurrency": args.concurrency,
             "requests_per_level": args.requests,
@@ -629,17 +807,28 @@ def main() -> int:
             "top_k": args.top_k,
         },
         "triton": {
-            "server_version": triton_version,
-            "instance_count": args.instance_count,
-            "intra_op_threads": args.intra_op_threads,
-            "max_batch_size": args.max_batch_size,
-            "dynamic_batching": args.max_batch_size > 1,
-            "max_queue_delay_us": args.max_queue_delay_us,
-            "response_cache": False,
+            "server_version": served["server_version"],
+            **served["knobs"],
+            "knobs_from_flags": served["knobs_from_flags"],
+            "published_via": served["published_via"],
+            "models": served["models"],
         },
-        "torch_baseline": {
-            "server": "FastAPI + uvicorn, 1 worker, sync handler (thread pool), no batching",
-            "torch_threads_per_request": args.torch_threads,
+        "baselines": {
+            "server": (
+                f"FastAPI + uvicorn, {args.baseline_workers} worker process(es), sync handler, "
+                f"at most {args.baseline_inflight} forward pass(es) at once per worker, "
+                "no batching"
+            ),
+            "workers": args.baseline_workers,
+            "threads_per_forward_pass": args.baseline_threads,
+            "inflight_per_worker": args.baseline_inflight,
+            "systems": {
+                TORCH: "eager PyTorch of the checkpoint, its Hugging Face tokenizer, the "
+                "fp32 folder's products.npz",
+                ONNX: "ONNX Runtime on the INT8 folder Triton serves (encoder.int8.onnx, its "
+                "tokenizer.json via tokenizers, its products.npz)",
+            },
+            "run": args.baselines,
         },
         "machine": machine,
         "results": results,

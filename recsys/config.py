@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recsys.triton.repository import InvalidModelNameError, validate_model_name
+from recsys.triton.repository import (
+    InvalidModelNameError,
+    check_serving_knobs,
+    default_serving,
+    validate_model_name,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_NAME = "product_search"
@@ -46,6 +51,9 @@ def check_version_number(version: Any, what: str = "model version") -> int:
     return version
 
 
+_DEFAULT_SERVING = default_serving()
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where the platform keeps its state and how it reaches its services."""
@@ -72,11 +80,38 @@ class Settings:
     query_sample_rate: float
     """Share of served queries sampled (``RECSYS_QUERY_SAMPLE_RATE``, 0.1 by default; 0 turns
     sampling, and with it the drift check, off)."""
-    triton_instances: int = 2
+    triton_instances: int = _DEFAULT_SERVING["instance_count"]
     """Model instances a platform deploy publishes a version with (``RECSYS_TRITON_INSTANCES``;
     default the host's CPU count, at most 4). More than one keeps a slow or oversized request
     on one instance from holding up every query queued behind it, and lets ONNX Runtime (one
     thread per instance) use every core."""
+    triton_max_batch_size: int = _DEFAULT_SERVING["max_batch_size"]
+    """Largest batch Triton forms for a version (``RECSYS_TRITON_MAX_BATCH_SIZE``, 32)."""
+    triton_dynamic_batching: bool = _DEFAULT_SERVING["dynamic_batching"]
+    """Whether Triton batches concurrent requests (``RECSYS_TRITON_DYNAMIC_BATCHING``, on)."""
+    triton_max_queue_delay_us: int = _DEFAULT_SERVING["max_queue_delay_us"]
+    """How long a request may wait for others to batch with (``RECSYS_TRITON_MAX_QUEUE_DELAY_US``,
+    2000 microseconds)."""
+    triton_intra_op_threads: int = _DEFAULT_SERVING["intra_op_threads"]
+    """ONNX Runtime threads per model instance (``RECSYS_TRITON_INTRA_OP_THREADS``, 1)."""
+
+    def serving_knobs(self, serving: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Every serving knob a platform deploy publishes a version with: these settings (the
+        defaults of :func:`~recsys.triton.repository.default_serving`, which the serving
+        benchmark measures, unless ``RECSYS_TRITON_*`` variables say otherwise) overridden by
+        ``serving`` (CLI flags, pipeline params; a ``None`` value means "not set"). Checked by
+        :func:`~recsys.triton.repository.check_serving_knobs` (a ``ValueError`` names a bad
+        one)."""
+        knobs = {
+            "instance_count": self.triton_instances,
+            "max_batch_size": self.triton_max_batch_size,
+            "dynamic_batching": self.triton_dynamic_batching,
+            "max_queue_delay_us": self.triton_max_queue_delay_us,
+            "intra_op_threads": self.triton_intra_op_threads,
+            "response_cache": _DEFAULT_SERVING["response_cache"],
+        }
+        given = {k: v for k, v in dict(serving or {}).items() if v is not None}
+        return check_serving_knobs({**knobs, **given})
 
     @property
     def triton_http_url(self) -> str:
@@ -154,21 +189,45 @@ def load_settings() -> Settings:
         airflow_port=int(os.environ.get("RECSYS_AIRFLOW_PORT", "8080")),
         query_sample_dir=_env_path("RECSYS_QUERY_SAMPLE_DIR", home / "query_samples"),
         query_sample_rate=_sample_rate(os.environ.get("RECSYS_QUERY_SAMPLE_RATE", "0.1")),
-        triton_instances=_triton_instances(os.environ.get("RECSYS_TRITON_INSTANCES", "")),
+        **serving_from_env(),
     )
 
 
-def _triton_instances(value: str) -> int:
-    """``RECSYS_TRITON_INSTANCES`` (1-64), or the CPU count capped at 4 when unset."""
-    if not value.strip():
-        return max(1, min(4, os.cpu_count() or 1))
-    try:
-        count = int(value)
-    except ValueError:
-        count = 0
-    if not 1 <= count <= 64:
-        raise ValueError(f"RECSYS_TRITON_INSTANCES must be a whole number 1-64, got {value!r}")
-    return count
+SERVING_ENV: dict[str, tuple[str, str]] = {
+    "RECSYS_TRITON_INSTANCES": ("triton_instances", "instance_count"),
+    "RECSYS_TRITON_MAX_BATCH_SIZE": ("triton_max_batch_size", "max_batch_size"),
+    "RECSYS_TRITON_DYNAMIC_BATCHING": ("triton_dynamic_batching", "dynamic_batching"),
+    "RECSYS_TRITON_MAX_QUEUE_DELAY_US": ("triton_max_queue_delay_us", "max_queue_delay_us"),
+    "RECSYS_TRITON_INTRA_OP_THREADS": ("triton_intra_op_threads", "intra_op_threads"),
+}
+"""The variables that override the default serving knobs: variable -> (``Settings`` field,
+serving knob)."""
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def serving_from_env() -> dict[str, Any]:
+    """The serving ``Settings`` fields from ``RECSYS_TRITON_*`` (:data:`SERVING_ENV`), each the
+    default of :func:`~recsys.triton.repository.default_serving` when unset or empty; a value
+    out of range is a ``ValueError`` naming its variable."""
+    defaults = default_serving()
+    fields: dict[str, Any] = {}
+    for variable, (field, knob) in SERVING_ENV.items():
+        raw = os.environ.get(variable, "").strip()
+        if not raw:
+            fields[field] = defaults[knob]
+            continue
+        if isinstance(defaults[knob], bool):
+            if raw.lower() not in _TRUE | _FALSE:
+                raise ValueError(f"{variable} must be true or false (1/0), got {raw!r}")
+            fields[field] = raw.lower() in _TRUE
+            continue
+        try:
+            value: Any = int(raw)
+        except ValueError:
+            value = raw
+        fields[field] = check_serving_knobs({knob: value}, what=variable)[knob]
+    return fields
 
 
 def _sample_rate(value: str) -> float:

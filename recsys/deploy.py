@@ -55,11 +55,18 @@ def deploy_model(
     retire timeout, the deploy is completed (promoted, audited, alerted) and then raises
     :class:`~recsys.triton.control.VersionsNotRetiredError`.
 
-    ``serving`` (``max_batch_size``, ``instance_count``, ``dynamic_batching``,
-    ``max_queue_delay_us``, ``response_cache``, ...) is pinned into the published version and
-    every load of a version uses the knobs it was published with; without it a version gets
-    ``settings.triton_instances`` instances. ``reason`` (the promotion
-    decision, or why it was forced) goes into the audit record.
+    ``serving`` (``instance_count``, ``max_batch_size``, ``dynamic_batching``,
+    ``max_queue_delay_us``, ``intra_op_threads``, ``response_cache``, ...; ``None`` values mean
+    "not set") overrides the platform's serving knobs (:meth:`Settings.serving_knobs`: the
+    defaults the serving benchmark measures, :func:`~recsys.triton.repository.default_serving`,
+    unless ``RECSYS_TRITON_*`` variables say otherwise); every knob is pinned into the
+    published version, and every load of a version (deploy, rollback) uses the knobs it was
+    published with. A version already published with other values of the knobs ``serving``
+    names is refused before Triton is touched
+    (:class:`~recsys.triton.repository.ServingKnobsConflictError`, a ``ValueError``): published
+    versions are immutable. The audit record and the result carry the knobs the version is
+    served with (``serving``). ``reason`` (the promotion decision, or why it was forced) goes
+    into the audit record.
 
     A deploy is refused (:class:`~recsys.delivery.rollout.RolloutError`) while a rollout of
     the model is under way; afterwards the model's router, if it has one, routes to ``version``."""
@@ -75,12 +82,16 @@ def deploy_model(
         VersionsNotRetiredError,
     )
     from recsys.triton.repository import (
+        check_requested_knobs,
         publish_version,
         smoke_test_version,
         version_serving_config,
+        version_serving_knobs,
     )
 
     model = settings.model_name
+    knobs = settings.serving_knobs(serving)  # a bad knob is bad input before anything is done
+    requested = {k: v for k, v in (serving or {}).items() if v is not None}
     control = TritonControl(settings.triton_grpc_url)
     not_retired: VersionsNotRetiredError | None = None
     with model_lock(settings.home / "locks", model):
@@ -96,18 +107,17 @@ def deploy_model(
             )
         if artifacts_dir is not None:
             publish_version(
-                settings.triton_repo,
-                model,
-                version,
-                Path(artifacts_dir),
-                serving=serving or {"instance_count": settings.triton_instances},
+                settings.triton_repo, model, version, Path(artifacts_dir), serving=knobs
             )
         repo = settings.triton_repo
+        if requested:  # explicit knobs must be what the (immutable) version is served with
+            check_requested_knobs(repo, model, version, requested)
         served_before: list[int] | None = None
         try:
             # What a failure restores is what Triton served, whatever the registry says.
             served_before = control.loaded_versions(model)
             config = version_serving_config(repo, model, version)
+            served_with = version_serving_knobs(repo, model, version)
             try:
                 control.load_version(model, version, repo, config=config)
             except VersionsNotRetiredError as exc:
@@ -139,6 +149,7 @@ def deploy_model(
             reason=reason,
             smoke_request=smoke_request,
             smoke_top=answer[:3],
+            serving=served_with,
             **extra,
         )
     from recsys.monitoring.policy import rebaseline
@@ -162,4 +173,5 @@ def deploy_model(
         "version": version,
         "replaced": old,
         "smoke": answer,
+        "serving": served_with,
     }

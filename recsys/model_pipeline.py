@@ -297,6 +297,47 @@ ROLLOUT_PARAMS: dict[str, dict[str, Any]] = {
 }
 """The deploy's rollout params, shared by every pipeline DAG (see :func:`deploy_or_roll_out`)."""
 
+SERVING_PARAM_KNOBS: dict[str, str] = {
+    "instance_count": "Triton model instances",
+    "max_batch_size": "largest batch Triton forms",
+    "dynamic_batching": "batch concurrent requests",
+    "max_queue_delay_us": "how long a request may wait to be batched, microseconds",
+    "intra_op_threads": "ONNX Runtime threads per instance",
+}
+"""The serving knobs a pipeline run may set, each a param of the same name
+(:func:`serving_params`)."""
+
+
+def serving_params() -> dict[str, dict[str, Any]]:
+    """The deploy's serving params (:data:`SERVING_PARAM_KNOBS`) as Airflow ``Param`` specs,
+    their defaults the knobs a platform deploy uses without them: the benchmarked defaults
+    (:func:`recsys.triton.repository.default_serving`) unless ``RECSYS_TRITON_*`` variables
+    say otherwise where the DAG is parsed. Turn a run's values into ``deploy_or_roll_out``'s
+    ``serving`` with :func:`serving_from_params` (which :func:`deploy_or_roll_out` does itself
+    when it is given no ``serving``)."""
+    from recsys.config import SERVING_ENV, serving_from_env
+
+    fields = serving_from_env()
+    defaults = {knob: fields[field] for field, knob in SERVING_ENV.values()}
+    specs: dict[str, dict[str, Any]] = {}
+    for knob, description in SERVING_PARAM_KNOBS.items():
+        kind = "boolean" if isinstance(defaults[knob], bool) else "integer"
+        specs[knob] = {
+            "default": defaults[knob],
+            "type": ["null", kind],
+            "description": f"Serving: {description} (null: the platform default)",
+        }
+        if kind == "integer":
+            specs[knob]["minimum"] = 0 if knob == "max_queue_delay_us" else 1
+    return specs
+
+
+def serving_from_params(values: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``serving`` dict of a run's params: the :data:`SERVING_PARAM_KNOBS` it has (a null
+    value: the platform default), or ``None`` when it has none of them."""
+    serving = {k: values[k] for k in SERVING_PARAM_KNOBS if values.get(k) is not None}
+    return serving or None
+
 
 def deploy_or_roll_out(
     settings: Settings,
@@ -305,15 +346,24 @@ def deploy_or_roll_out(
     values: dict[str, Any],
     smoke_request: dict[str, Any] | None,
     reason: str,
+    serving: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The pipeline's deploy: all at once (:func:`recsys.deploy.deploy_model`), or the start of
     a canary or shadow rollout (:func:`recsys.delivery.rollout.start_rollout`) whose analysis
-    the pipeline then hands to the model's rollout DAG with ``rollout_conf``."""
+    the pipeline then hands to the model's rollout DAG with ``rollout_conf``.
+
+    ``serving`` (``{"instance_count": 2, "max_batch_size": 32, ...}``, ``None`` values: not
+    set) overrides the platform's serving knobs (:meth:`recsys.config.Settings.serving_knobs`)
+    for the published version; without it they come from the run's params
+    (:func:`serving_from_params` of ``values``), else the platform defaults."""
+    if serving is None:
+        serving = serving_from_params(values)
     mode = values.get("rollout") or "all_at_once"
     if mode == "all_at_once":
         from recsys.deploy import deploy_model
 
-        return {**deploy_model(settings, version, artifacts_dir, smoke_request, reason=reason),
+        return {**deploy_model(settings, version, artifacts_dir, smoke_request, serving,
+                               reason=reason),
                 "rollout_conf": None}  # fmt: skip
     from recsys.delivery.rollout import start_rollout, start_weight
 
@@ -326,6 +376,7 @@ def deploy_or_roll_out(
         weight=start_weight(mode, steps),
         shadow_share=0.1 if mode == "shadow" else 0.0,
         smoke_request=smoke_request,
+        serving=serving,
         reason=reason,
     )
     conf = {"version": version, "mode": mode, "smoke_request": smoke_request}
@@ -369,7 +420,7 @@ def pipeline_dag(family_name: str):
     from recsys.scheduling import TRAINING_POOL, TRAINING_PRIORITY, TRAINING_QUEUE, WEIGHT_RULE
 
     family = get_family(family_name)
-    params = {**PIPELINE_PARAMS, **ROLLOUT_PARAMS, **family.pipeline_params()}
+    params = {**PIPELINE_PARAMS, **ROLLOUT_PARAMS, **serving_params(), **family.pipeline_params()}
     doc = f"""
 ### {family_name} model pipeline
 The generic pipeline of the `{family_name}` family (`recsys.model_pipeline`): the family's Great

@@ -97,22 +97,28 @@ def deploy_registered_version(
     version: int,
     *,
     smoke_request: dict[str, Any] | None = None,
+    serving: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Serve an already-registered ``version`` and make it ``champion``.
 
     ``smoke_request`` overrides the smoke question the version's export recorded (its family
-    says what it looks like). Both paths go through :func:`recsys.deploy.deploy_model` (load,
-    smoke test, promote,
-    audit; what Triton served before is restored on failure). A version whose Triton directory is
-    missing is first rebuilt from its run's ``serving/`` artifacts; one whose directory exists
-    is loaded in place. The result says which.
+    says what it looks like). ``serving`` overrides the platform's serving knobs
+    (``instance_count``, ``max_batch_size``, ``dynamic_batching``, ``max_queue_delay_us``,
+    ``intra_op_threads``; see :func:`recsys.deploy.deploy_model`): they are pinned when the
+    version is published, so they apply to a version rebuilt from MLflow, and a version whose
+    folder exists with other knobs is refused (``ValueError``). Both paths go through
+    :func:`recsys.deploy.deploy_model` (load, smoke test, promote, audit; what Triton served
+    before is restored on failure). A version whose Triton directory is missing is first
+    rebuilt from its run's ``serving/`` artifacts; one whose directory exists is loaded in
+    place. The result says which.
     """
     from recsys.deploy import deploy_model
 
+    settings.serving_knobs(serving)  # bad knobs are bad input before anything is asked
     return _serve_registered(
         settings,
         version,
-        lambda artifacts: deploy_model(settings, version, artifacts, smoke_request),
+        lambda artifacts: deploy_model(settings, version, artifacts, smoke_request, serving),
     )
 
 

@@ -156,7 +156,7 @@ def start_rollout(
                 model,
                 version,
                 Path(artifacts_dir),
-                serving=serving or {"instance_count": settings.triton_instances},
+                serving=settings.serving_knobs(serving),
             )
         family = _family_of_version(settings, version)
         if _family_of_version(settings, stable) != family:

@@ -44,6 +44,36 @@ SERVING_KNOBS = (
 )
 """``serving_config`` keyword arguments a publisher may pin per version (manifest ``serving``)."""
 
+MAX_DEFAULT_INSTANCES = 4
+"""The default instance count is one per CPU, at most this many."""
+
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_DYNAMIC_BATCHING = True
+DEFAULT_MAX_QUEUE_DELAY_US = 2000
+DEFAULT_INTRA_OP_THREADS = 1
+DEFAULT_RESPONSE_CACHE = False
+
+UNPINNED_SERVING: dict[str, Any] = {
+    "max_batch_size": 8,
+    "instance_count": 1,
+    "max_queue_delay_us": 2000,
+    "intra_op_threads": 1,
+    "dynamic_batching": True,
+    "preferred_batch_sizes": None,
+    "response_cache": False,
+}
+"""What :func:`serving_config` fills in for a knob a version's manifest does not pin: the config
+versions published before every deploy pinned all its knobs were served with, kept so that a
+rollback to one of them loads it as it was served. Platform deploys pin every knob
+(:func:`default_serving`, overridden by settings, CLI flags or pipeline params)."""
+
+_KNOB_RANGES: dict[str, tuple[int, int]] = {
+    "instance_count": (1, 64),
+    "max_batch_size": (1, 1024),
+    "max_queue_delay_us": (0, 10_000_000),
+    "intra_op_threads": (1, 64),
+}
+
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
@@ -109,20 +139,87 @@ def _validate_version(version: int) -> int:
     return version
 
 
+def default_instance_count(cpus: int | None = None) -> int:
+    """One model instance per CPU (``cpus``, default ``os.cpu_count()``), at most
+    :data:`MAX_DEFAULT_INSTANCES`: with one ONNX Runtime thread each, instances run one
+    execution per core in parallel, and a slow or oversized request holds up one instance,
+    not every query queued behind it."""
+    count = os.cpu_count() if cpus is None else cpus
+    return max(1, min(MAX_DEFAULT_INSTANCES, count or 1))
+
+
+def default_serving(cpus: int | None = None) -> dict[str, Any]:
+    """The serving knobs a platform deploy publishes a version with unless told otherwise: the
+    one place that defines them, and the configuration ``benchmarks/serving_throughput.py``
+    measures by default (``benchmarks/results/serving_throughput.json``: 2 instances on its
+    2-CPU machine, dynamic batching up to 32 with a 2 ms queue delay, one ONNX Runtime thread
+    per instance, no response cache). ``RECSYS_TRITON_*`` variables override them
+    (:func:`recsys.config.serving_from_env`), and a deploy's ``serving`` overrides those
+    (:meth:`recsys.config.Settings.serving_knobs`)."""
+    return {
+        "instance_count": default_instance_count(cpus),
+        "max_batch_size": DEFAULT_MAX_BATCH_SIZE,
+        "dynamic_batching": DEFAULT_DYNAMIC_BATCHING,
+        "max_queue_delay_us": DEFAULT_MAX_QUEUE_DELAY_US,
+        "intra_op_threads": DEFAULT_INTRA_OP_THREADS,
+        "response_cache": DEFAULT_RESPONSE_CACHE,
+    }
+
+
+def check_serving_knobs(knobs: dict[str, Any], what: str | None = None) -> dict[str, Any]:
+    """``knobs`` (a subset of :data:`SERVING_KNOBS`) if every name is known and every value fits,
+    else a ``ValueError`` naming it (as ``what`` when given, e.g. an environment variable):
+    whole numbers within range (``instance_count`` 1-64, ``max_batch_size`` 1-1024,
+    ``max_queue_delay_us`` 0-10,000,000, ``intra_op_threads`` 1-64), booleans for
+    ``dynamic_batching`` and ``response_cache``, and ``preferred_batch_sizes`` a list of batch
+    sizes up to ``max_batch_size`` (or null)."""
+    unknown = sorted(set(knobs) - set(SERVING_KNOBS))
+    if unknown:
+        raise ValueError(f"unknown serving option(s) {unknown}; allowed: {list(SERVING_KNOBS)}")
+
+    def label(name: str) -> str:
+        return what or f"serving option {name}"
+
+    for name, (low, high) in _KNOB_RANGES.items():
+        value = knobs.get(name)
+        if name in knobs and (
+            isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high
+        ):
+            raise ValueError(f"{label(name)} must be a whole number {low}-{high}, got {value!r}")
+    for name in ("dynamic_batching", "response_cache"):
+        if name in knobs and not isinstance(knobs[name], bool):
+            raise ValueError(f"{label(name)} must be true or false, got {knobs[name]!r}")
+    sizes = knobs.get("preferred_batch_sizes")
+    if sizes is not None:
+        limit = knobs.get("max_batch_size", _KNOB_RANGES["max_batch_size"][1])
+        if not isinstance(sizes, list) or not all(
+            isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= limit for b in sizes
+        ):
+            raise ValueError(
+                f"{label('preferred_batch_sizes')} must be a list of batch sizes 1-{limit}, "
+                f"got {sizes!r}"
+            )
+    return dict(knobs)
+
+
 def serving_config(
     model_name: str,
     *,
     family: str = LEGACY_FAMILY,
-    max_batch_size: int = 8,
-    instance_count: int = 1,
+    max_batch_size: int = UNPINNED_SERVING["max_batch_size"],
+    instance_count: int = UNPINNED_SERVING["instance_count"],
     versions: list[int] | None = None,
-    max_queue_delay_us: int = 2000,
-    intra_op_threads: int = 1,
-    dynamic_batching: bool = True,
-    preferred_batch_sizes: list[int] | None = None,
-    response_cache: bool = False,
+    max_queue_delay_us: int = UNPINNED_SERVING["max_queue_delay_us"],
+    intra_op_threads: int = UNPINNED_SERVING["intra_op_threads"],
+    dynamic_batching: bool = UNPINNED_SERVING["dynamic_batching"],
+    preferred_batch_sizes: list[int] | None = UNPINNED_SERVING["preferred_batch_sizes"],
+    response_cache: bool = UNPINNED_SERVING["response_cache"],
 ) -> dict[str, Any]:
     """The model configuration as a JSON-able dict in Triton's protobuf JSON form.
+
+    Its keyword defaults are :data:`UNPINNED_SERVING` (what a version whose manifest pins no
+    knobs is served with), not the platform's defaults: those are :func:`default_serving`,
+    which every platform deploy pins in full.
 
     The same dict becomes ``config.pbtxt`` and the JSON config override of a load request, so
     the file and what the control client loads can never drift apart. ``versions`` pins the
@@ -298,20 +395,56 @@ def verify_version_dir(path: Path) -> dict[str, Any]:
 
 
 def _serving_knobs(serving: dict[str, Any] | None) -> dict[str, Any]:
-    knobs = dict(serving or {})
-    unknown = sorted(set(knobs) - set(SERVING_KNOBS))
-    if unknown:
-        raise ValueError(f"unknown serving option(s) {unknown}; allowed: {list(SERVING_KNOBS)}")
-    return knobs
+    return check_serving_knobs(dict(serving or {}))
+
+
+def version_serving_knobs(repo: Path, model_name: str, version: int) -> dict[str, Any]:
+    """Every serving knob ``version`` is served with: its manifest's ``serving`` on top of
+    :data:`UNPINNED_SERVING` (a platform deploy pins them all); unset ones (``None``) left out."""
+    manifest = verify_version_dir(Path(repo) / model_name / str(_validate_version(version)))
+    knobs = {**UNPINNED_SERVING, **_serving_knobs(manifest.get("serving"))}
+    return {name: value for name, value in knobs.items() if value is not None}
 
 
 def version_serving_config(repo: Path, model_name: str, version: int) -> dict[str, Any]:
     """The Triton config ``version`` was published with (its manifest's ``serving`` knobs on
-    top of the defaults): pass it as ``config=`` to ``TritonControl.load_version`` so a deploy
-    or a rollback serves each version with its own batching, instances and cache."""
+    top of :data:`UNPINNED_SERVING`): pass it as ``config=`` to ``TritonControl.load_version``
+    so a deploy or a rollback serves each version with its own batching, instances and cache."""
     manifest = verify_version_dir(Path(repo) / model_name / str(_validate_version(version)))
     family = manifest_family(manifest).name
     return serving_config(model_name, family=family, **_serving_knobs(manifest.get("serving")))
+
+
+class ServingKnobsConflictError(RepositoryError, ValueError):
+    """A deploy asked for serving knobs a published version does not have: its knobs are
+    pinned when it is published, and published versions are immutable."""
+
+
+def check_requested_knobs(
+    repo: Path, model_name: str, version: int, requested: dict[str, Any]
+) -> None:
+    """Raise :class:`ServingKnobsConflictError` when the published ``version`` is served with
+    other values of the knobs in ``requested`` than those (e.g. ``recsys deploy --version 3
+    --instances 4`` of a version published with 2). A folder that cannot be read is left to the
+    deploy's load, which fails and restores what served."""
+    try:
+        pinned = version_serving_knobs(repo, model_name, version)
+    except (IncompleteArtifactsError, UnsafePathError):
+        return
+    conflicts = {
+        name: (pinned.get(name), value)
+        for name, value in requested.items()
+        if pinned.get(name) != value
+    }
+    if conflicts:
+        said = ", ".join(
+            f"{k}={new!r} (published with {old!r})" for k, (old, new) in conflicts.items()
+        )
+        raise ServingKnobsConflictError(
+            f"{model_name} v{version} is already published with other serving knobs: {said}; "
+            "a version's knobs are pinned when it is published and versions are immutable: "
+            "deploy it without them, or register a new version and deploy that with them"
+        )
 
 
 def _holds_same_artifacts(
@@ -340,11 +473,12 @@ def publish_version(
     The version's manifest gets ``version`` filled in, and ``serving`` (keyword arguments of
     :func:`serving_config`: ``max_batch_size``, ``instance_count``, ``dynamic_batching``,
     ``max_queue_delay_us``, ``preferred_batch_sizes``, ``response_cache``, ...) when given:
-    :func:`version_serving_config` turns them back into the load config. ``config.pbtxt`` is
-    written on the model's first publish, and rewritten whenever ``serving`` is given (loads
-    carry their own config override, so it only matters to a server started without one). Raises
-    :class:`VersionExistsError` rather than overwrite a published version, since a model that
-    already served must stay reproducible for rollbacks.
+    :func:`version_serving_config` turns them back into the load config (knobs it lacks are
+    :data:`UNPINNED_SERVING`'s; platform deploys pass them all, :func:`default_serving`).
+    ``config.pbtxt`` is written on the model's first publish, and rewritten whenever
+    ``serving`` is given (loads carry their own config override, so it only matters to a server
+    started without one). Raises :class:`VersionExistsError` rather than overwrite a published
+    version, since a model that already served must stay reproducible for rollbacks.
     """
     validate_model_name(model_name)
     _validate_version(version)
