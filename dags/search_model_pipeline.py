@@ -12,7 +12,8 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 from recsys.alerts import task_failure_alert
 from recsys.config import SERVED_MODEL_SUFFIXES, pipeline_schedule
-from recsys.model_pipeline import ROLLOUT_PARAMS, data_lineage, rollout_handoff
+from recsys.families.search.profiles import PROFILE_NAMES
+from recsys.model_pipeline import ROLLOUT_PARAMS, data_lineage, rollout_handoff, serving_params
 from recsys.model_pipeline import version_lineage as version_tags
 from recsys.scheduling import TRAINING_POOL, TRAINING_PRIORITY, TRAINING_QUEUE, WEIGHT_RULE
 
@@ -98,6 +99,57 @@ monitor and its rollback need. The schedule is manual and drift-triggered unless
             False, type="boolean", description="Skip the champion gate (rehearsals only)"
         ),
         **{name: Param(**schema) for name, schema in ROLLOUT_PARAMS.items()},
+        # Serving knobs (instances, dynamic batching...): defaults = the benchmarked ones.
+        **{name: Param(**schema) for name, schema in serving_params().items()},
+        "profile": Param(
+            "custom",
+            type="string",
+            enum=list(PROFILE_NAMES),
+            description=(
+                "Named param set for the hardware: 'cpu' (about an hour on 2 cores) or 'gpu' "
+                "(full epochs, large batches). Its values replace the defaults below; a param "
+                "you change yourself still wins. 'custom' = exactly the params below."
+            ),
+        ),
+        "retrieval": Param(
+            "dense",
+            type="string",
+            enum=["dense", "hybrid"],
+            description="'hybrid' serves BM25 over titles fused with the bi-encoder",
+        ),
+        "fusion": Param(
+            "rrf",
+            type="string",
+            enum=["rrf", "weighted"],
+            description="How hybrid retrieval fuses: reciprocal rank, or a weighted score sum",
+        ),
+        "fusion_dense_weight": Param(
+            None,
+            type=["null", "number"],
+            minimum=0,
+            maximum=1,
+            description=(
+                "'weighted' fusion only: the dense score's weight; empty = tuned on the "
+                "training queries"
+            ),
+        ),
+        "fusion_depth": Param(
+            100,
+            type="integer",
+            minimum=1,
+            maximum=1000,
+            description="Products taken from each list before fusing",
+        ),
+        "tune_bm25": Param(
+            True,
+            type="boolean",
+            description="Tune BM25 stemming/k1/b on the training queries (baseline and index)",
+        ),
+        "compile": Param(
+            False,
+            type="boolean",
+            description="Bi-encoder: torch.compile the model (long GPU runs; slow to start)",
+        ),
         "train_reranker": Param(True, type="boolean"),
         "reranker_epochs": Param(1, type="integer", minimum=1),
         "reranker_batch_size": Param(16, type="integer", minimum=2),
@@ -107,7 +159,28 @@ monitor and its rollback need. The schedule is manual and drift-triggered unless
         "reranker_in_batch_negatives": Param(
             True, type="boolean", description="Also train on another query's title (target 0)"
         ),
-        "rerank_candidates": Param(20, type="integer", minimum=2, maximum=100),
+        "rerank_candidates": Param(
+            20,
+            type="integer",
+            minimum=2,
+            maximum=100,
+            description="Products of the (dense or hybrid) retrieval the cross-encoder reranks",
+        ),
+        "hard_negatives_per_query": Param(
+            0,
+            type="integer",
+            minimum=0,
+            maximum=50,
+            description=(
+                "Reranker hard negatives per training query, mined with this run's bi-encoder "
+                "(unjudged products at ranks min..max); 0 = none"
+            ),
+        ),
+        "reranker_compile": Param(
+            False, type="boolean", description="Cross-encoder: torch.compile the model"
+        ),
+        "hard_negatives_min_rank": Param(4, type="integer", minimum=1),
+        "hard_negatives_max_rank": Param(30, type="integer", minimum=1),
         "reranker_must_beat_bi_encoder": Param(
             True, type="boolean", description="Serve the reranker only if it beats the bi-encoder"
         ),
@@ -126,13 +199,16 @@ monitor and its rollback need. The schedule is manual and drift-triggered unless
 def search_model_pipeline():
     def settings_and_dir():
         from recsys.config import load_settings
+        from recsys.families.search.profiles import apply_profile
         from recsys.model_pipeline import run_dir_for
         from recsys.scheduling import lower_cpu_priority
 
         lower_cpu_priority()  # batch work: serving, monitoring and rollback get the CPU first
         settings = load_settings()
         context = get_current_context()
-        return settings, run_dir_for(settings, context["run_id"]), context["params"]
+        declared = context["dag"].params
+        params = apply_profile(context["params"], {key: declared[key] for key in declared})
+        return settings, run_dir_for(settings, context["run_id"]), params
 
     def version_lineage(validated: dict, evaluation: dict, decision: dict) -> dict:
         """Registry tags every version carries (:func:`recsys.model_pipeline.version_lineage`)."""
@@ -188,7 +264,21 @@ def search_model_pipeline():
         )
 
     @task
-    def evaluate_baselines(split: dict, trained: dict, evaluation: dict) -> dict:
+    def tune_lexical(split: dict, trained: dict) -> dict:
+        """BM25 settings tuned on the training queries (baseline row and hybrid index)."""
+        from recsys.families.search.pipeline import tune_lexical as run
+
+        settings, _, params = settings_and_dir()
+        return run(
+            settings,
+            split,
+            tune=params["tune_bm25"],
+            run_id=trained["run_id"],
+            positive_threshold=params["positive_threshold"],
+        )
+
+    @task
+    def evaluate_baselines(split: dict, trained: dict, evaluation: dict, lexical: dict) -> dict:
         from recsys.families.search.pipeline import evaluate_baselines as run
 
         settings, run_dir, params = settings_and_dir()
@@ -200,10 +290,18 @@ def search_model_pipeline():
             challenger_metrics=evaluation["metrics"],
             run_id=trained["run_id"],
             positive_threshold=params["positive_threshold"],
+            lexical=lexical["lexical"],
         )
 
+    def fusion_settings(params: dict) -> dict:
+        return {
+            "method": params["fusion"],
+            "depth": params["fusion_depth"],
+            "dense_weight": params["fusion_dense_weight"],
+        }
+
     @task
-    def export_onnx(split: dict, trained: dict) -> dict:
+    def export_onnx(split: dict, trained: dict, lexical: dict) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
         from recsys.families.search.pipeline import export_model
@@ -220,6 +318,9 @@ def search_model_pipeline():
                 precision=params["precision"],
                 max_ndcg_drop=params["max_ndcg_drop"],
                 positive_threshold=params["positive_threshold"],
+                retrieval=params["retrieval"],
+                lexical=lexical["lexical"],
+                fusion=fusion_settings(params),
             )
         except QuantizationRejectedError as exc:
             raise AirflowFailException(str(exc)) from exc  # the same model fails again
@@ -286,8 +387,9 @@ def search_model_pipeline():
     split = split_data(validated)
     trained = fine_tune(validated, split)
     evaluation = evaluate(split, trained)
-    evaluate_baselines(split, trained, evaluation)
-    exported = export_onnx(split, trained)
+    lexical = tune_lexical(split, trained)
+    evaluate_baselines(split, trained, evaluation, lexical)
+    exported = export_onnx(split, trained, lexical)
     decision = champion_gate(split, trained, exported)
     registered = register(validated, trained, evaluation, exported, decision)
     deployed = deploy(registered, exported, decision)
@@ -300,7 +402,25 @@ def search_model_pipeline():
         return bool(get_current_context()["params"]["train_reranker"])
 
     @task
-    def fine_tune_reranker(validated: dict, split: dict) -> dict:
+    def mine_hard_negatives(split: dict, trained: dict) -> dict:
+        """The reranker's hard negatives, from this run's bi-encoder on the training queries."""
+        from recsys.families.search.pipeline import mine_negatives
+
+        _, run_dir, params = settings_and_dir()
+        return mine_negatives(
+            split,
+            trained["checkpoint"],
+            run_dir,
+            {
+                "per_query": params["hard_negatives_per_query"],
+                "min_rank": params["hard_negatives_min_rank"],
+                "max_rank": params["hard_negatives_max_rank"],
+                "seed": params["seed"],
+            },
+        )
+
+    @task
+    def fine_tune_reranker(validated: dict, split: dict, negatives: dict) -> dict:
         from recsys.families.search.pipeline_reranker import fine_tune_reranker_model
 
         settings, run_dir, params = settings_and_dir()
@@ -314,6 +434,7 @@ def search_model_pipeline():
             "in_batch_negatives": params["reranker_in_batch_negatives"],
             "positive_threshold": params["positive_threshold"],
             "seed": params["seed"],
+            "compile": params["reranker_compile"],
         }
         return fine_tune_reranker_model(
             settings,
@@ -323,10 +444,11 @@ def search_model_pipeline():
             reranker_params,
             get_current_context()["run_id"],
             data_lineage(validated),
+            negatives=negatives,
         )
 
     @task
-    def evaluate_reranker(split: dict, trained: dict, reranker: dict) -> dict:
+    def evaluate_reranker(split: dict, trained: dict, reranker: dict, lexical: dict) -> dict:
         from recsys.families.search.pipeline_reranker import evaluate_reranker_model
 
         settings, _, params = settings_and_dir()
@@ -337,6 +459,11 @@ def search_model_pipeline():
             reranker,
             params["rerank_candidates"],
             params["positive_threshold"],
+            hybrid=(
+                {"lexical": lexical["lexical"], "fusion": fusion_settings(params)}
+                if params["retrieval"] == "hybrid"
+                else None
+            ),
         )
 
     @task
@@ -384,9 +511,10 @@ def search_model_pipeline():
             reranker_settings(settings), reranker["run_id"], exported["artifacts_dir"], lineage
         )
 
-    reranker = fine_tune_reranker(validated, split)
-    reranker_enabled() >> reranker
-    reranker_evaluation = evaluate_reranker(split, trained, reranker)
+    negatives = mine_hard_negatives(split, trained)
+    reranker_enabled() >> negatives
+    reranker = fine_tune_reranker(validated, split, negatives)
+    reranker_evaluation = evaluate_reranker(split, trained, reranker, lexical)
     reranker_exported = export_reranker(split, exported, reranker)
     reranker_decision = reranker_gate(split, reranker, reranker_exported, decision)
     reranker_registered = register_reranker(

@@ -5,6 +5,8 @@ recsys data validate PATH            run the Great Expectations gate on a releva
 recsys train [--wait]                trigger search_model_pipeline on the running stack
                                      (--family recommend: recommend_model_pipeline)
 recsys deploy --version N            serve a registered version (rebuilt from MLflow if needed)
+                                     (--instances, --max-batch-size, --[no-]dynamic-batching,
+                                     --max-queue-delay-us, --intra-op-threads: serving knobs)
 recsys deploy --version N --canary   roll it out step by step behind the model's router
                                      (--shadow: mirror traffic to it); the rollout DAG judges it
 recsys canary status|promote|abort   the rollout under way (weight PERCENT: move it by hand)
@@ -38,6 +40,7 @@ from typing import Any
 
 from recsys.config import Settings, check_model_name, load_settings
 from recsys.families.search.client import search_answered
+from recsys.families.search.profiles import PROFILE_NAMES
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -185,8 +188,12 @@ def _train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         max_rows=args.max_rows,
     )
+    search_only = {"profile": args.profile, "retrieval": args.retrieval}
+    conf.update({key: value for key, value in search_only.items() if value is not None})
     dag_id = operations.PIPELINE_DAG
     if args.family != "search":
+        if set(search_only) & set(conf):
+            raise ValueError("--profile and --retrieval are search-family options")
         # The generic pipeline's params: the data, epochs and a slice of users.
         dag_id = f"{args.family}_model_pipeline"
         conf.pop("max_rows", None)
@@ -255,6 +262,57 @@ def _settings_for(args: argparse.Namespace) -> Settings:
     return dataclasses.replace(settings, model_name=check_model_name(model))
 
 
+SERVING_FLAGS: dict[str, str] = {
+    "instances": "instance_count",
+    "max_batch_size": "max_batch_size",
+    "dynamic_batching": "dynamic_batching",
+    "max_queue_delay_us": "max_queue_delay_us",
+    "intra_op_threads": "intra_op_threads",
+}
+"""``recsys deploy`` serving flags (argparse dest) -> the serving knob each sets."""
+
+
+def _serving_knob(knob: str) -> Any:
+    """An argparse type: a whole number the serving knob ``knob`` accepts."""
+
+    def parse(value: str) -> int:
+        from recsys.triton.repository import check_serving_knobs
+
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+        try:
+            return check_serving_knobs({knob: number}, what=knob)[knob]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _serving_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The serving knobs ``recsys deploy`` was given (the rest: the platform's defaults)."""
+    given = {
+        knob: getattr(args, dest)
+        for dest, knob in SERVING_FLAGS.items()
+        if getattr(args, dest, None) is not None
+    }
+    return given or None
+
+
+def _describe_serving(knobs: dict[str, Any]) -> str:
+    batching = (
+        f"dynamic batching up to {knobs['max_batch_size']} "
+        f"({knobs['max_queue_delay_us']} us queue delay)"
+        if knobs.get("dynamic_batching")
+        else f"no dynamic batching (max batch {knobs['max_batch_size']})"
+    )
+    return (
+        f"{knobs['instance_count']} instance(s) x {knobs['intra_op_threads']} ONNX Runtime "
+        f"thread(s), {batching}"
+    )
+
+
 def _deploy(args: argparse.Namespace) -> int:
     from recsys.operations import deploy_registered_version
 
@@ -268,12 +326,15 @@ def _deploy(args: argparse.Namespace) -> int:
         request["query"] = args.smoke_query
     if args.top_k is not None:
         request["top_k"] = args.top_k
-    result = deploy_registered_version(settings, args.version, smoke_request=request or None)
+    result = deploy_registered_version(
+        settings, args.version, smoke_request=request or None, serving=_serving_flags(args)
+    )
     how = "rebuilt from MLflow and deployed" if result["rebuilt"] else "loaded"
     replaced = f"v{result['replaced']}" if result["replaced"] is not None else "nothing"
     print(f"{settings.model_name} v{result['version']} {how}; champion now (replaced {replaced})")
     top = ", ".join(f"{pid} {score:.3f}" for pid, score, *_ in result["smoke"][:3])
     print(f"  smoke test ({json.dumps(request) if request else 'as exported'}): {top}")
+    print(f"  serving: {_describe_serving(result['serving'])}")
     return 0
 
 
@@ -305,6 +366,7 @@ def _start_rollout(args: argparse.Namespace, mode: str, conf: dict[str, Any]) ->
         weight=start_weight(mode, conf.get("steps"), conf.get("split")),
         shadow_share=float(conf.get("shadow_share", 0.0)),
         smoke_request=getattr(args, "smoke_request", None),
+        serving=_serving_flags(args),
         reason=f"recsys {args.command}",
     )
     share = (
@@ -728,6 +790,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int)
     train.add_argument("--max-steps", type=int, help="stop after N optimiser steps (0 = all)")
     train.add_argument("--max-rows", type=int, help="use only the first N rows (0 = all)")
+    train.add_argument(
+        "--profile",
+        choices=PROFILE_NAMES,
+        help="search: a named param set: 'cpu' (about an hour on 2 cores) or 'gpu'",
+    )
+    train.add_argument(
+        "--retrieval", choices=["dense", "hybrid"], help="search: serve dense or hybrid retrieval"
+    )
     train.add_argument("--unpause", action="store_true", help="unpause the DAG if it is paused")
     train.add_argument("--wait", action="store_true", help="follow the run until it ends")
     train.set_defaults(func=_train)
@@ -765,6 +835,31 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument(
         "--analysis", type=_json_object, default=None,
         help='more rollout DAG params as JSON, e.g. \'{"window_s": 10, "windows_per_step": 1}\'',
+    )  # fmt: skip
+    knobs = deploy.add_argument_group(
+        "serving knobs",
+        "pinned into the version when it is published (default: the benchmarked ones, "
+        "2 instances on 2 CPUs / batch 32 / 2000 us / 1 thread, or RECSYS_TRITON_*)",
+    )
+    knobs.add_argument(
+        "--instances", type=_serving_knob("instance_count"), default=None, metavar="N",
+        help="Triton model instances (default: CPU count, at most 4)",
+    )  # fmt: skip
+    knobs.add_argument(
+        "--max-batch-size", type=_serving_knob("max_batch_size"), default=None, metavar="N",
+        help="largest batch Triton forms (default 32)",
+    )  # fmt: skip
+    knobs.add_argument(
+        "--dynamic-batching", action=argparse.BooleanOptionalAction, default=None,
+        help="batch concurrent requests (default: on)",
+    )  # fmt: skip
+    knobs.add_argument(
+        "--max-queue-delay-us", type=_serving_knob("max_queue_delay_us"), default=None,
+        metavar="US", help="how long a request may wait to be batched (default 2000)",
+    )  # fmt: skip
+    knobs.add_argument(
+        "--intra-op-threads", type=_serving_knob("intra_op_threads"), default=None,
+        metavar="N", help="ONNX Runtime threads per instance (default 1)",
     )  # fmt: skip
     deploy.set_defaults(func=_deploy)
 

@@ -218,6 +218,13 @@ def start_training_run(
     return run.info.run_id
 
 
+def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
+    """Log ``params`` to an existing run (settings chosen by a later task, e.g. tuned BM25)."""
+    mlflow_client = client(tracking_uri)
+    for key, value in params.items():
+        mlflow_client.log_param(run_id, key, value)
+
+
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     mlflow_client = client(tracking_uri)
     for key, value in metrics.items():

@@ -22,6 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yaml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yaml"
+TRITON_PIP_INSTALL = (
+    "pip install --quiet ${RECSYS_ORT_PACKAGE:-onnxruntime} tokenizers 'numpy<2' bm25s PyStemmer"
+)
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA_PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "recsys-serving.json"
@@ -286,6 +289,21 @@ def test_gpu_override_reserves_gpus_for_triton() -> None:
     assert set(override["services"]) == {"triton"}
     devices = override["services"]["triton"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    # ... and the models run ONNX Runtime on it: CUDA provider, from onnxruntime-gpu.
+    environment = override["services"]["triton"]["environment"]
+    assert environment == {"RECSYS_ORT_DEVICE": "cuda", "RECSYS_ORT_PACKAGE": "onnxruntime-gpu"}
+
+
+def test_triton_installs_what_the_served_models_import(services: dict[str, dict[str, Any]]) -> None:
+    """The python-backend models import onnxruntime, tokenizers, and for hybrid retrieval
+    bm25s and PyStemmer; the CPU default runs ONNX Runtime on the CPU."""
+    triton = services["triton"]
+    command = (
+        " ".join(triton["command"]) if isinstance(triton["command"], list) else triton["command"]
+    )
+    for package in ("${RECSYS_ORT_PACKAGE:-onnxruntime}", "tokenizers", "bm25s", "PyStemmer"):
+        assert package in command.replace("$$", "$"), package
+    assert triton["environment"]["RECSYS_ORT_DEVICE"] == "cpu"
 
 
 def test_prometheus_scrapes_triton_metrics_port(services: dict[str, dict[str, Any]]) -> None:
@@ -474,10 +492,10 @@ def test_triton_command_restricts_operator_apis_and_keeps_the_key_off_argv(
         "shown = open('/proc/self/cmdline', 'rb').read().decode()\n"
         "print(json.dumps({'argv': sys.argv[1:], 'shown': shown}))\n"
     )
-    assert "pip install --quiet onnxruntime tokenizers 'numpy<2'" in command
+    assert TRITON_PIP_INSTALL in command
     assert "/opt/recsys/keyguard.c" in command and "exec tritonserver" in command
     command = (
-        command.replace("pip install --quiet onnxruntime tokenizers 'numpy<2'", "true")
+        command.replace(TRITON_PIP_INSTALL, "true")
         .replace("/opt/recsys/keyguard.c", str(ROOT / "recsys" / "triton" / "keyguard.c"))
         .replace("/tmp/keyguard.so", str(tmp_path / "keyguard.so"))
         .replace("exec tritonserver", f"exec {sys.executable} {probe}")

@@ -8,6 +8,8 @@ served version, the registry aliases and tags, and the audit trail must all agre
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from mlflow import MlflowClient
 
@@ -41,6 +43,10 @@ def test_deploy_breach_rollback(platform, dagbag, tiny_bert_dir, homedepot_sampl
         "smoke_query": "angle bracket",
         # A 5-step tiny cross-encoder need not beat its retriever; serve it to test serving.
         "reranker_must_beat_bi_encoder": False,
+        # Both served models retrieve with BM25 + dense; the reranker learns from mined
+        # hard negatives.
+        "retrieval": "hybrid",
+        "hard_negatives_per_query": 2,
     }
 
     state, tasks = _run(pipeline, conf)
@@ -57,6 +63,14 @@ def test_deploy_breach_rollback(platform, dagbag, tiny_bert_dir, homedepot_sampl
     reranked = search(control, reranker_model, "angle bracket", top_k=5)
     assert len(reranked) == 5
     assert [score for _, score in reranked] == sorted((s for _, s in reranked), reverse=True)
+    assert tasks["tune_lexical"] == "success" and tasks["mine_hard_negatives"] == "success"
+    for served in (model, reranker_model):
+        manifest = json.loads((platform.triton_repo / served / "1" / "manifest.json").read_text())
+        assert manifest["hybrid"]["method"] == "rrf", served
+        assert manifest["lexical"]["stemmer"] in ("english", None), served
+    reranker_run = MlflowClient(tracking_uri=uri).get_model_version(reranker_model, "1").run_id
+    run_params = MlflowClient(tracking_uri=uri).get_run(reranker_run).data.params
+    assert int(run_params["hard_negatives_count"]) > 0
 
     # The same data, seed and params again: no better than the champion, so not deployed.
     rehearsal = {"train_reranker": False}

@@ -71,8 +71,10 @@ def test_evaluation_reports_ranking_and_classification_metrics(fine_tuned, split
     catalog = product_catalog(read_relevance_csv(homedepot_sample))
     result = evaluate_encoder(fine_tuned.checkpoint_dir, split.test, catalog)
     expected = {"ndcg_at_10", "mrr", "recall_at_10", "recall_at_100", "precision", "recall", "f1"}
+    expected |= {"accuracy", "score_threshold", "positive_rate"}
+    expected |= {f"majority_{key}" for key in ("precision", "recall", "f1", "accuracy")}
     assert set(result.metrics) == expected
-    assert all(0.0 <= v <= 1.0 for v in result.metrics.values())
+    assert all(0.0 <= v <= 1.0 for k, v in result.metrics.items() if k != "score_threshold")
     assert result.queries == split.test["search_term"].nunique()
     assert result.metrics["recall_at_100"] >= result.metrics["recall_at_10"]
 

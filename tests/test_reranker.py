@@ -147,8 +147,10 @@ def test_evaluate_reranked_reports_every_metric(reranker, tiny_bert_dir, frames)
         candidates=10,
     )
     expected = {"ndcg_at_10", "mrr", "recall_at_10", "recall_at_100", "precision", "recall", "f1"}
+    expected |= {"accuracy", "score_threshold", "positive_rate"}
+    expected |= {f"majority_{key}" for key in ("precision", "recall", "f1", "accuracy")}
     assert set(result.metrics) == expected
-    assert all(0.0 <= v <= 1.0 for v in result.metrics.values())
+    assert all(0.0 <= v <= 1.0 for k, v in result.metrics.items() if k != "score_threshold")
     assert result.queries == test["search_term"].nunique()
     assert result.products == len(catalog)
     assert result.metrics["recall_at_100"] >= result.metrics["recall_at_10"]

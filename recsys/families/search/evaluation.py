@@ -46,6 +46,10 @@ INT8 encoders all reduce to this, so every precision is scored by exactly the sa
 RunDict = dict[str, dict[str, float]]
 """A ranx run: query -> {product id: score} for the products the system retrieved."""
 
+RetrieveFn = Callable[[list[str], np.ndarray, list[str], np.ndarray, int], RunDict]
+"""(queries, their embeddings, product ids, product embeddings, depth) -> run: how a served
+configuration retrieves (:func:`dense_run`, or :func:`hybrid_retriever`'s fused lists)."""
+
 
 def judged_queries(test_frame: pd.DataFrame) -> list[str]:
     """The held-out queries in a fixed order (the row order of every query matrix)."""
@@ -90,6 +94,40 @@ def dense_run(
     return run
 
 
+def hybrid_retriever(
+    index: Any, fusion: Any, block: int = 256, fuse: Callable[..., Any] | None = None
+) -> RetrieveFn:
+    """A :data:`RetrieveFn` fusing the dense scores with ``index``'s BM25 scores exactly as the
+    served model does (:func:`.hybrid.fuse`, the same code a version folder carries).
+
+    The run's scores encode the fused order (``depth`` for the best, then ``depth - 1``...):
+    ranx and :func:`.reranker.rerank_run` break score ties by product id, the served model by
+    the dense score, so handing them the order keeps offline and served rankings identical.
+    ``fuse`` defaults to the platform's :func:`.hybrid.fuse`; the gate passes a version
+    folder's own copy."""
+    if fuse is None:
+        from recsys.families.search.hybrid import fuse
+
+    def retrieve(
+        query_texts: list[str],
+        query_emb: np.ndarray,
+        product_ids: list[str],
+        product_emb: np.ndarray,
+        depth: int,
+    ) -> RunDict:
+        depth = min(depth, len(product_ids))
+        run: RunDict = {}
+        for start in range(0, len(query_texts), block):
+            queries = query_texts[start : start + block]
+            dense = query_emb[start : start + block] @ product_emb.T
+            indices, _ = fuse(dense, index.scores(queries), fusion, depth)
+            for query, row in zip(queries, indices, strict=True):
+                run[query] = {product_ids[i]: float(depth - rank) for rank, i in enumerate(row)}
+        return run
+
+    return retrieve
+
+
 def ranking_metrics(
     test_frame: pd.DataFrame,
     run: RunDict,
@@ -122,8 +160,9 @@ def _ranx_metrics(
     product_emb: np.ndarray,
     positive_grade: int,
     k_values: tuple[int, ...],
+    retrieve: RetrieveFn | None = None,
 ) -> dict[str, float]:
-    run = dense_run(query_texts, query_emb, product_ids, product_emb)
+    run = (retrieve or dense_run)(query_texts, query_emb, product_ids, product_emb, RANKING_DEPTH)
     return ranking_metrics(test_frame, run, positive_grade, k_values)
 
 
@@ -131,17 +170,60 @@ def pair_classification_metrics(
     relevance: np.ndarray,
     scores: np.ndarray,
     positive_threshold: float,
-    score_threshold: float,
+    score_threshold: float | None = None,
+    *,
+    train_relevance: np.ndarray | None = None,
+    train_scores: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Precision, recall and F1 of judged pairs: predicted relevant when ``score >=
-    score_threshold``, actually relevant when ``relevance >= positive_threshold``."""
-    from sklearn.metrics import precision_recall_fscore_support
+    """Precision, recall, F1 and accuracy of judged pairs, beside the majority class's.
 
-    labels = np.asarray(relevance) >= positive_threshold
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, np.asarray(scores) >= score_threshold, average="binary", zero_division=0
+    Predicted relevant when ``score >= score_threshold``, actually relevant when ``relevance >=
+    positive_threshold``. The threshold is ``score_threshold`` when given, else the F1-best
+    threshold on ``train_relevance``/``train_scores`` (training or validation pairs, never the
+    reported ones: :func:`.calibration.choose_threshold`); it is returned as
+    ``score_threshold``. ``majority_precision``/``majority_recall``/``majority_f1``/
+    ``majority_accuracy`` are the constant majority-class classifier's on the same pairs and
+    ``positive_rate`` their share of relevant pairs (:func:`.calibration.majority_baseline`):
+    on data that is mostly relevant, "always relevant" already has a high F1, so a model's F1
+    means something only next to ``majority_f1``."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    from recsys.families.search.calibration import (
+        CLASSIFICATION_KEYS,
+        choose_threshold,
+        majority_baseline,
     )
-    return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+
+    if score_threshold is None:
+        if train_relevance is None or train_scores is None:
+            raise ValueError(
+                "pass score_threshold, or train_relevance and train_scores to choose it on "
+                "training pairs (choosing it on the reported pairs would overstate the metrics)"
+            )
+        score_threshold = choose_threshold(train_relevance, train_scores, positive_threshold)
+    labels = np.asarray(relevance) >= positive_threshold
+    predicted = np.asarray(scores) >= score_threshold
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, predicted, average="binary", zero_division=0
+    )
+    majority = majority_baseline(relevance, positive_threshold)
+    return {
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "score_threshold": float(score_threshold),
+        "positive_rate": majority["positive_rate"],
+        **{f"majority_{k}": majority[f"majority_{k}"] for k in CLASSIFICATION_KEYS},
+    }
+
+
+def calibration_sample(train_frame: pd.DataFrame, pairs: int = 10_000, seed: int = 13) -> Any:
+    """A seeded sample of training pairs to choose classification thresholds on (never the
+    held-out pairs the metrics report)."""
+    if len(train_frame) <= pairs:
+        return train_frame
+    return train_frame.sample(n=pairs, random_state=seed)
 
 
 def torch_embedder(model_dir: Path, max_length: int = 64, device: Any = None) -> EmbedFn:
@@ -214,12 +296,17 @@ def evaluate_embeddings(
     k_values: tuple[int, ...] = (10, 100),
     positive_threshold: float = 2.33,
     score_threshold: float = 0.5,
+    retrieve: RetrieveFn | None = None,
+    calibration_frame: pd.DataFrame | None = None,
 ) -> EvaluationResult:
     """Rank the whole ``catalog`` for every held-out query and score the judged pairs.
 
     ``product_embed`` defaults to ``query_embed``; pass a different one to score a served
     configuration where products were embedded offline by another encoder (e.g. INT8 queries
-    against fp32 product embeddings).
+    against fp32 product embeddings). ``retrieve`` (default :func:`dense_run`) is how the
+    configuration retrieves, e.g. :func:`hybrid_retriever`. With ``calibration_frame``
+    (training pairs, see :func:`calibration_sample`) the cosine threshold of precision/recall/F1
+    is the F1-best one on those pairs instead of ``score_threshold``.
     """
     query_texts = judged_queries(test_frame)
     product_ids = catalog["product_uid"].astype(str).tolist()
@@ -228,17 +315,38 @@ def evaluate_embeddings(
 
     positive_grade = relevance_grade(positive_threshold)
     metrics = _ranx_metrics(
-        test_frame, query_texts, query_emb, product_ids, product_emb, positive_grade, k_values
+        test_frame,
+        query_texts,
+        query_emb,
+        product_ids,
+        product_emb,
+        positive_grade,
+        k_values,
+        retrieve,
     )
 
-    query_row = {q: i for i, q in enumerate(query_texts)}
     product_row = {p: i for i, p in enumerate(product_ids)}
-    q_idx = test_frame["search_term"].astype(str).map(query_row).to_numpy()
-    p_idx = test_frame["product_uid"].astype(str).map(product_row).to_numpy()
-    pair_scores = np.einsum("ij,ij->i", query_emb[q_idx], product_emb[p_idx])
+
+    def cosines(frame: pd.DataFrame, queries: list[str], embeddings: np.ndarray) -> np.ndarray:
+        query_row = {q: i for i, q in enumerate(queries)}
+        q_idx = frame["search_term"].astype(str).map(query_row).to_numpy()
+        p_idx = frame["product_uid"].astype(str).map(product_row).to_numpy()
+        return np.einsum("ij,ij->i", embeddings[q_idx], product_emb[p_idx])
+
+    calibration: dict[str, Any] = {"score_threshold": score_threshold}
+    if calibration_frame is not None:
+        frame = calibration_frame[calibration_frame["product_uid"].astype(str).isin(product_row)]
+        queries = judged_queries(frame)
+        calibration = {
+            "train_relevance": frame["relevance"].to_numpy(),
+            "train_scores": cosines(frame, queries, query_embed(queries)),
+        }
     metrics.update(
         pair_classification_metrics(
-            test_frame["relevance"].to_numpy(), pair_scores, positive_threshold, score_threshold
+            test_frame["relevance"].to_numpy(),
+            cosines(test_frame, query_texts, query_emb),
+            positive_threshold,
+            **calibration,
         )
     )
     result = EvaluationResult(metrics=metrics, queries=len(query_texts), products=len(product_ids))
@@ -255,6 +363,7 @@ def evaluate_encoder(
     positive_threshold: float = 2.33,
     score_threshold: float = 0.5,
     max_length: int = 64,
+    calibration_frame: pd.DataFrame | None = None,
 ) -> EvaluationResult:
     """Evaluate the PyTorch checkpoint in ``model_dir`` (see :func:`evaluate_embeddings`).
 
@@ -268,4 +377,5 @@ def evaluate_encoder(
         k_values=k_values,
         positive_threshold=positive_threshold,
         score_threshold=score_threshold,
+        calibration_frame=calibration_frame,
     )

@@ -13,6 +13,10 @@ With a cross-encoder (:mod:`.reranker`) the folder also holds ``reranker.onnx``,
 manifest a ``reranker`` section; Triton then reranks the bi-encoder's top candidates with it.
 Every folder carries the titles (``titles`` in ``products.npz``, aligned with ``ids``): the
 reranker reads them, and ``recsys query`` shows them beside the ids of the version that answered.
+
+With hybrid retrieval (:func:`add_hybrid`) the folder also holds a BM25 index of those titles
+(the ``bm25.*`` files), the fusion code ``hybrid.py`` and the manifest's ``hybrid`` section:
+Triton then fuses BM25 with the dense scores before answering or reranking.
 """
 
 from __future__ import annotations
@@ -169,9 +173,11 @@ def copy_fp32_artifacts(source_dir: Path, output_dir: Path, *, model_name: str) 
     import shutil
 
     from recsys.families.search.family import SearchFamily
+    from recsys.families.search.hybrid import HYBRID_FILE, LEXICAL_FILES
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    for name in (ONNX_FILE, TOKENIZER_FILE, PRODUCTS_FILE, *SearchFamily.optional_artifacts):
+    names = (ONNX_FILE, TOKENIZER_FILE, PRODUCTS_FILE, *SearchFamily.optional_artifacts)
+    for name in (*names, *LEXICAL_FILES, HYBRID_FILE):
         if (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, output_dir / name)
     manifest = json.loads((source_dir / MANIFEST_FILE).read_text())
@@ -181,6 +187,49 @@ def copy_fp32_artifacts(source_dir: Path, output_dir: Path, *, model_name: str) 
     )
     (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
     return output_dir
+
+
+def add_hybrid(
+    artifacts_dir: Path, lexical: dict[str, Any] | None, fusion: dict[str, Any] | None
+) -> Path:
+    """Make a serving folder answer with hybrid retrieval, in place: a BM25 index of its
+    ``products.npz`` titles (``lexical``: :class:`.hybrid.LexicalConfig` settings, e.g. the ones
+    the pipeline tuned on the training queries), ``hybrid.py`` (the fusion code the served model
+    runs) and the manifest's ``hybrid`` section (``fusion``: :class:`.hybrid.FusionConfig`).
+
+    The index is checked before anyone can deploy it: it must cover every product, and the
+    copied ``hybrid.py`` must score a probe query exactly as the platform's module does."""
+    import shutil
+
+    from recsys.families.search import hybrid
+
+    lexical_config = hybrid.LexicalConfig.from_dict(lexical or {})
+    fusion_config = hybrid.FusionConfig.from_dict(fusion or {})
+    with np.load(artifacts_dir / PRODUCTS_FILE, allow_pickle=False) as stored:
+        titles = [str(t) for t in stored["titles"]]
+    index = hybrid.LexicalIndex.build(titles, lexical_config)
+    index.save(artifacts_dir)
+    shutil.copyfile(hybrid.__file__, artifacts_dir / hybrid.HYBRID_FILE)
+
+    served = hybrid.load_folder_copy(artifacts_dir, "recsys_export_hybrid_check")
+    probe = [" ".join(t.split()[:3]) or "query" for t in titles[:8]]
+    loaded = served.LexicalIndex.load(artifacts_dir, products=len(titles))
+    if not np.allclose(loaded.scores(probe), index.scores(probe), atol=1e-5):
+        raise ExportVerificationError(
+            f"the BM25 index saved in {artifacts_dir} scores differently once loaded"
+        )
+    manifest = json.loads((artifacts_dir / MANIFEST_FILE).read_text())
+    manifest["hybrid"] = fusion_config.to_dict()
+    manifest["lexical"] = lexical_config.to_dict()
+    (artifacts_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
+    log.info(
+        "hybrid retrieval for %s: BM25 (%s) over %d titles fused by %s",
+        artifacts_dir,
+        ", ".join(f"{k}={v}" for k, v in lexical_config.to_dict().items()),
+        len(titles),
+        fusion_config.method,
+    )
+    return artifacts_dir
 
 
 def add_reranker(

@@ -42,9 +42,21 @@ class SearchFamily(ModelFamily):
     ranked_output = "PRODUCT_IDS"
 
     def served_files(self, manifest: dict[str, Any]) -> list[str]:
-        """The served encoder and, with a ``reranker`` section, the cross-encoder's ONNX graph
-        and tokenizer: plain file names only (:class:`UnsafeFileNameError` otherwise)."""
+        """The served encoder; with a ``hybrid`` section, the BM25 index files and the fusion
+        code (``hybrid.py``); with a ``reranker`` section, the cross-encoder's ONNX graph and
+        tokenizer: plain file names only (:class:`UnsafeFileNameError` otherwise)."""
         files = [served_onnx_file(manifest)]
+        hybrid = manifest.get("hybrid")
+        if hybrid is not None:
+            from recsys.families.search.hybrid import HYBRID_FILE, LEXICAL_FILES, FusionConfig
+
+            if not isinstance(hybrid, dict):
+                raise ManifestError(f"manifest hybrid must be an object, got {hybrid!r}")
+            try:
+                FusionConfig.from_dict(hybrid)
+            except (TypeError, ValueError) as exc:
+                raise ManifestError(f"manifest hybrid section is invalid: {exc}") from exc
+            files += [*LEXICAL_FILES, HYBRID_FILE]
         reranker = manifest.get("reranker")
         if reranker is None:
             return files

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUALITY_SUITES = ("products", "queries", "relevance_labels")
+RETRIEVAL_MODES = ("dense", "hybrid")
 EXPERIMENT = "product_search"
 
 
@@ -157,15 +158,17 @@ def evaluate_model(
     run_id: str,
     positive_threshold: float,
 ) -> dict[str, Any]:
-    """Score the fine-tuned model on held-out queries and log the metrics to its run."""
+    """Score the fine-tuned model on held-out queries and log the metrics to its run (the
+    precision/recall/F1 threshold chosen on training pairs, the majority class beside them)."""
     from recsys import registry
-    from recsys.families.search.evaluation import evaluate_encoder
+    from recsys.families.search.evaluation import calibration_sample, evaluate_encoder
 
     result = evaluate_encoder(
         Path(checkpoint),
         read_split_frame(split["test_path"]),
         read_split_frame(split["catalog_path"]),
         positive_threshold=positive_threshold,
+        calibration_frame=calibration_sample(read_split_frame(split["train_path"])),
     )
     registry.log_metrics(settings.mlflow_tracking_uri, run_id, result.metrics)
     return {"metrics": result.metrics, "queries": result.queries, "products": result.products}
@@ -182,8 +185,15 @@ def export_model(
     quantize: bool = True,
     max_ndcg_drop: float = 0.01,
     positive_threshold: float = 2.33,
+    retrieval: str = "dense",
+    lexical: dict[str, Any] | None = None,
+    fusion: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """ONNX export plus product embeddings: the folder a Triton version is made of.
+
+    ``retrieval`` "hybrid" adds a BM25 index built with ``lexical`` (the settings
+    :func:`tune_lexical` chose) and the ``fusion`` settings (:func:`.export.add_hybrid`), before
+    anything is scored, so every metric below is the hybrid system's.
 
     With ``quantize`` (forced by ``precision`` "int8"/"auto") an INT8 encoder is written beside
     the fp32 one and both are scored on the held-out queries; ``precision`` picks what the
@@ -204,10 +214,25 @@ def export_model(
         fault_injection=fault_injection,
     )
     write_training_reference(artifacts, split)
+    if retrieval not in RETRIEVAL_MODES:
+        raise ValueError(f"retrieval must be one of {RETRIEVAL_MODES}, got {retrieval!r}")
+    if retrieval == "hybrid":
+        from recsys.families.search.export import add_hybrid
+
+        fusion = dict(fusion or {})
+        if fusion.get("method") == "weighted" and fusion.get("dense_weight") is None:
+            fusion["dense_weight"] = tune_dense_weight(
+                artifacts,
+                read_split_frame(split["train_path"]),
+                lexical,
+                fusion,
+                positive_threshold,
+            )
+        add_hybrid(artifacts, lexical, fusion)
     if precision not in quantization.PRECISIONS:
         raise ValueError(f"precision must be one of {quantization.PRECISIONS}, got {precision!r}")
     if not quantize and precision == "fp32":
-        return {"artifacts_dir": str(artifacts), "precision": "fp32"}
+        return {"artifacts_dir": str(artifacts), "precision": "fp32", "retrieval": retrieval}
 
     fp32_path = artifacts / quantization.FP32_ONNX_FILE
     int8_path = quantization.quantize_encoder(fp32_path)
@@ -242,10 +267,68 @@ def export_model(
     return {
         "artifacts_dir": str(artifacts),
         "precision": served,
+        "retrieval": retrieval,
         "quantization": record,
         # The served folder's held-out metrics, so the champion gate need not score it again.
         "metrics": metrics[served],
     }
+
+
+DENSE_WEIGHT_GRID = (0.2, 0.35, 0.5, 0.65, 0.8)
+
+
+def tune_dense_weight(
+    artifacts_dir: Path,
+    train_frame: pd.DataFrame,
+    lexical: dict[str, Any] | None,
+    fusion: dict[str, Any],
+    positive_threshold: float = 2.33,
+    max_queries: int = 1000,
+) -> float:
+    """The weighted fusion's dense weight with the best NDCG@10 on (a seeded sample of) the
+    TRAINING queries, over the exported folder's own catalogue embeddings and encoder: the
+    weight a "tuned weighted sum" serves, chosen without looking at the held-out queries."""
+    import json
+
+    import numpy as np
+
+    from recsys.families.search.baselines import sample_queries
+    from recsys.families.search.evaluation import (
+        hybrid_retriever,
+        judged_queries,
+        onnx_embedder,
+        ranking_metrics,
+        relevance_grade,
+    )
+    from recsys.families.search.hybrid import FusionConfig, LexicalConfig, LexicalIndex
+
+    manifest = json.loads((artifacts_dir / "manifest.json").read_text())
+    with np.load(artifacts_dir / "products.npz", allow_pickle=False) as stored:
+        product_ids = [str(i) for i in stored["ids"]]
+        product_emb = stored["embeddings"]
+        titles = [str(t) for t in stored["titles"]]
+    sample = sample_queries(train_frame, max_queries)
+    sample = sample[sample["product_uid"].astype(str).isin(set(product_ids))]
+    queries = judged_queries(sample)
+    embed = onnx_embedder(
+        artifacts_dir / "encoder.onnx",
+        artifacts_dir / "tokenizer.json",
+        int(manifest.get("max_query_tokens", 64)),
+    )
+    query_emb = embed(queries)
+    index = LexicalIndex.build(titles, LexicalConfig.from_dict(lexical or {}))
+    grade = relevance_grade(positive_threshold)
+    scores = {}
+    for weight in DENSE_WEIGHT_GRID:
+        config = FusionConfig.from_dict({**fusion, "dense_weight": weight})
+        run = hybrid_retriever(index, config)(queries, query_emb, product_ids, product_emb, 10)
+        scores[weight] = ranking_metrics(sample, run, grade, (10,))["ndcg_at_10"]
+        log.info(
+            "weighted fusion, dense weight %.2f: training NDCG@10 %.4f", weight, scores[weight]
+        )
+    best = max(DENSE_WEIGHT_GRID, key=lambda w: (scores[w], -abs(w - 0.5)))
+    log.info("weighted fusion: dense weight %.2f chosen on %d training queries", best, len(queries))
+    return best
 
 
 def write_training_reference(artifacts_dir: Path, split: dict[str, Any]) -> Path:
@@ -257,6 +340,63 @@ def write_training_reference(artifacts_dir: Path, split: dict[str, Any]) -> Path
     return write_query_reference(artifacts_dir, train["search_term"].astype(str).tolist())
 
 
+def tune_lexical(
+    settings: Settings,
+    split: dict[str, Any],
+    *,
+    tune: bool = True,
+    run_id: str | None = None,
+    positive_threshold: float = 2.33,
+) -> dict[str, Any]:
+    """The BM25 settings (stemming, ``k1``, ``b``) for this run: tuned on the TRAINING queries
+    (never the held-out ones, which judge the result) with ``tune``, else the defaults. Both the
+    BM25 baseline row and a hybrid version's index use them, so the baseline is at its best and
+    the served index is the one that was chosen. Logged to ``run_id`` as ``bm25_*`` params."""
+    from recsys import registry
+    from recsys.families.search.hybrid import LexicalConfig
+
+    if not tune:
+        return {"lexical": LexicalConfig().to_dict(), "tuned": False}
+    from recsys.families.search.baselines import tune_bm25
+
+    config, grid = tune_bm25(
+        read_split_frame(split["train_path"]),
+        read_split_frame(split["catalog_path"]),
+        positive_threshold=positive_threshold,
+    )
+    if run_id is not None:
+        registry.log_params(
+            settings.mlflow_tracking_uri,
+            run_id,
+            {f"bm25_{key}": value for key, value in config.to_dict().items()},
+        )
+    log.info("BM25 settings tuned on the training queries: %s", config.to_dict())
+    return {"lexical": config.to_dict(), "tuned": True, "grid": grid}
+
+
+def mine_negatives(
+    split: dict[str, Any], checkpoint: str, run_dir: Path, params: dict[str, Any]
+) -> dict[str, Any]:
+    """Hard negatives for the reranker from this run's bi-encoder on the training queries
+    (:mod:`.hard_negatives`), written to the run folder for the reranker's training task."""
+    from recsys.families.search.evaluation import torch_embedder
+    from recsys.families.search.hard_negatives import (
+        MiningParams,
+        mine_hard_negatives,
+        write_negatives,
+    )
+
+    mining = MiningParams(**params)
+    negatives = mine_hard_negatives(
+        torch_embedder(Path(checkpoint)),
+        read_split_frame(split["train_path"]),
+        read_split_frame(split["catalog_path"]),
+        mining,
+    )
+    path = write_negatives(negatives, run_dir / "hard_negatives.csv")
+    return {"path": str(path), "count": len(negatives), **mining.to_dict()}
+
+
 def evaluate_baselines(
     settings: Settings,
     split: dict[str, Any],
@@ -265,16 +405,22 @@ def evaluate_baselines(
     challenger_metrics: dict[str, float] | None = None,
     run_id: str | None = None,
     positive_threshold: float = 2.33,
+    lexical: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """BM25 and the un-fine-tuned base model on the held-out queries, next to the fine-tuned
-    model's metrics (``challenger_metrics``, from :func:`evaluate_model`). The table is written
-    as JSON and CSV and, with ``run_id``, logged to that MLflow run under ``evaluation/``."""
+    """BM25 (with the ``lexical`` settings :func:`tune_lexical` chose) and the un-fine-tuned
+    base model on the held-out queries, next to the fine-tuned model's metrics
+    (``challenger_metrics``, from :func:`evaluate_model`). The table is written as JSON and CSV
+    and, with ``run_id``, logged to that MLflow run under ``evaluation/``."""
     from recsys.families.search import baselines
     from recsys.families.search.encoder import resolve_base_model
+    from recsys.families.search.hybrid import LexicalConfig
 
     test, catalog = read_split_frame(split["test_path"]), read_split_frame(split["catalog_path"])
+    bm25_config = LexicalConfig.from_dict(lexical or {})
     results: dict[str, Any] = {
-        "bm25": baselines.evaluate_bm25(test, catalog, positive_threshold=positive_threshold),
+        "bm25": baselines.evaluate_bm25(
+            test, catalog, positive_threshold=positive_threshold, config=bm25_config
+        ),
         "base_model": baselines.evaluate_base_model(
             resolve_base_model(base_model), test, catalog, positive_threshold=positive_threshold
         ),

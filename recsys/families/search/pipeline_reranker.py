@@ -35,16 +35,30 @@ def fine_tune_reranker_model(
     params: dict[str, Any],
     run_name: str,
     lineage: dict[str, Any],
+    negatives: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the cross-encoder on the graded training pairs in its own MLflow run."""
+    """Fine-tune the cross-encoder on the graded training pairs in its own MLflow run, plus
+    the hard negatives ``negatives`` names (:func:`.pipeline.mine_negatives`) as target 0."""
     from recsys.families.search.encoder import resolve_base_model
+    from recsys.families.search.hard_negatives import read_negatives
     from recsys.families.search.reranker import RerankerParams, fine_tune_reranker
 
     reranker_params = RerankerParams(**params)
+    extra = read_negatives(Path(negatives["path"])) if negatives and negatives["count"] else []
+    mining = {
+        f"hard_negatives_{key}": value
+        for key, value in (negatives or {"count": 0}).items()
+        if key != "path"
+    }
     run_id, result = train_in_mlflow_run(
         settings,
         run_name + RERANKER_SUFFIX,
-        {**reranker_params.to_dict(), "base_model": base_model, "kind": "cross-encoder"},
+        {
+            **reranker_params.to_dict(),
+            **mining,
+            "base_model": base_model,
+            "kind": "cross-encoder",
+        },
         lineage,
         lambda on_epoch_end: fine_tune_reranker(
             read_split_frame(split["train_path"]),
@@ -52,6 +66,7 @@ def fine_tune_reranker_model(
             run_dir / "reranker_checkpoint",
             reranker_params,
             on_epoch_end=on_epoch_end,
+            extra_negatives=extra,
         ),
     )
     return {"checkpoint": str(result.checkpoint_dir), "run_id": run_id, "steps": result.steps}
@@ -64,20 +79,37 @@ def evaluate_reranker_model(
     reranker: dict[str, Any],
     candidates: int,
     positive_threshold: float,
+    hybrid: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Bi-encoder retrieval + cross-encoder reranking on the held-out queries, logged to the
-    reranker's run (the same metric keys as the bi-encoder's, so the rows compare)."""
+    """Bi-encoder (or, with ``hybrid`` = ``{"lexical": ..., "fusion": ...}``, hybrid)
+    retrieval + cross-encoder reranking on the held-out queries, logged to the reranker's run
+    (the same metric keys as the bi-encoder's, so the rows compare)."""
     from recsys import registry
-    from recsys.families.search.evaluation import torch_embedder
+    from recsys.families.search.evaluation import (
+        calibration_sample,
+        hybrid_retriever,
+        torch_embedder,
+    )
+    from recsys.families.search.hybrid import FusionConfig, LexicalConfig, LexicalIndex
     from recsys.families.search.reranker import evaluate_reranked, torch_pair_scorer
 
+    catalog = read_split_frame(split["catalog_path"])
+    retrieve = None
+    if hybrid is not None:
+        index = LexicalIndex.build(
+            catalog["product_title"].astype(str).tolist(),
+            LexicalConfig.from_dict(hybrid.get("lexical") or {}),
+        )
+        retrieve = hybrid_retriever(index, FusionConfig.from_dict(hybrid.get("fusion") or {}))
     result = evaluate_reranked(
         torch_embedder(Path(bi_encoder_checkpoint)),
         torch_pair_scorer(Path(reranker["checkpoint"])),
         read_split_frame(split["test_path"]),
-        read_split_frame(split["catalog_path"]),
+        catalog,
         candidates=candidates,
         positive_threshold=positive_threshold,
+        retrieve=retrieve,
+        calibration_frame=calibration_sample(read_split_frame(split["train_path"])),
     )
     registry.log_metrics(settings.mlflow_tracking_uri, reranker["run_id"], result.metrics)
     return {"metrics": result.metrics, "queries": result.queries, "products": result.products}

@@ -13,10 +13,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from recsys.families.search.evaluation import EvaluationResult, evaluate_embeddings, onnx_embedder
+from recsys.families.search.evaluation import (
+    EvaluationResult,
+    RetrieveFn,
+    evaluate_embeddings,
+    onnx_embedder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,7 @@ def evaluate_serving_artifacts(
     catalog: pd.DataFrame,
     *,
     positive_threshold: float = 2.33,
+    calibration_frame: pd.DataFrame | None = None,
 ) -> EvaluationResult:
     """Score a serving-artifacts or published version folder as it serves: queries through the
     encoder its manifest names (fp32 or INT8), the catalogue through its fp32 ``encoder.onnx``,
@@ -40,6 +47,7 @@ def evaluate_serving_artifacts(
     tokenizer = artifacts_dir / "tokenizer.json"
     query_embed = onnx_embedder(artifacts_dir / served_onnx_file(manifest), tokenizer, max_length)
     product_embed = onnx_embedder(artifacts_dir / "encoder.onnx", tokenizer, max_length)
+    retrieve = served_retriever(artifacts_dir, manifest, catalog)
     if "reranker" in manifest:
         from recsys.families.search.reranker import evaluate_reranked, onnx_pair_scorer
 
@@ -58,6 +66,8 @@ def evaluate_serving_artifacts(
             candidates=int(section["candidates"]),
             positive_threshold=positive_threshold,
             product_embed=product_embed,
+            retrieve=retrieve,
+            calibration_frame=calibration_frame,
         )
     return evaluate_embeddings(
         query_embed,
@@ -65,4 +75,31 @@ def evaluate_serving_artifacts(
         catalog,
         product_embed=product_embed,
         positive_threshold=positive_threshold,
+        retrieve=retrieve,
+        calibration_frame=calibration_frame,
     )
+
+
+def served_retriever(
+    artifacts_dir: Path, manifest: dict[str, Any], catalog: pd.DataFrame
+) -> RetrieveFn | None:
+    """How the folder retrieves: ``None`` (dense) or, with a ``hybrid`` section, its fusion of
+    dense and BM25 scores, run by the folder's own ``hybrid.py`` (the code Triton runs) with its
+    own tokenisation and BM25 parameters (``bm25.lexical.json``).
+
+    The BM25 index is rebuilt over ``catalog``'s titles, as the product embeddings are
+    re-computed over them: a champion exported from another catalogue is scored on the same
+    products as the challenger (for the challenger it is the very index it serves)."""
+    section = manifest.get("hybrid")
+    if section is None:
+        return None
+    from recsys.families.search.evaluation import hybrid_retriever
+    from recsys.families.search.hybrid import load_folder_copy
+
+    folder = Path(artifacts_dir)
+    module = load_folder_copy(folder, "recsys_gate_hybrid")
+    config = module.LexicalConfig.from_dict(
+        json.loads((folder / module.LEXICAL_CONFIG_FILE).read_text())
+    )
+    index = module.LexicalIndex.build(catalog["product_title"].astype(str).tolist(), config)
+    return hybrid_retriever(index, module.FusionConfig.from_dict(section), fuse=module.fuse)

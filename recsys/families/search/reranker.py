@@ -11,6 +11,15 @@ in [0, 1] under binary cross-entropy with logits, so ``sigmoid(logit)`` reads as
 probability and a logit >= 0 as "relevant". Judged pairs are mostly plausible products, so each
 batch also pairs every query with another query's title as a cheap negative (target 0) unless
 that title was judged for it: the reranker then also learns what an unrelated product looks like.
+Mined hard negatives (``extra_negatives``: unjudged products the bi-encoder ranks high for a
+query) join the training pairs with target 0, teaching the harder lesson of which plausible
+products are still wrong.
+
+Training shares the bi-encoder's input pipeline (:mod:`.training`): every pair is tokenised
+once, up front, exactly as serving tokenises it (query and title as one pair, longest-first
+truncation at ``max_length``); batches are length-bucketed; on CUDA they go from pinned memory
+under bf16 autocast. In-batch negatives are drawn while the whole run's batches are planned, so
+the distinct negative pairs are tokenised in one more call rather than at every step.
 
 Evaluation and serving use the same model in the same way (:func:`rerank_run` offline, the Triton
 model with a ``reranker`` manifest section online); ONNX export is verified against PyTorch.
@@ -21,8 +30,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +46,7 @@ from recsys.families.search.evaluation import (
     RANKING_DEPTH,
     EmbedFn,
     EvaluationResult,
+    RetrieveFn,
     RunDict,
     dense_run,
     judged_queries,
@@ -44,7 +55,11 @@ from recsys.families.search.evaluation import (
     relevance_grade,
 )
 from recsys.families.search.training import (
+    Batch,
+    TokenTable,
     TrainingResult,
+    bucketed_batches,
+    compiled,
     optimise,
     pick_device,
     planned_steps,
@@ -90,6 +105,8 @@ class RerankerParams:
     in_batch_negatives: bool = True
     """Also train on one other query's title per query (target 0); doubles the pairs a step."""
     seed: int = 13
+    compile: bool = False
+    """Run the cross-encoder through ``torch.compile`` (worth it on long GPU runs only)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,19 +183,106 @@ def training_pairs(frame: pd.DataFrame) -> list[tuple[str, str, float]]:
     ]
 
 
-def _with_negatives(
-    batch: list[tuple[str, str, float]], judged: dict[str, set[str]], rng: random.Random
-) -> list[tuple[str, str, float]]:
-    """``batch`` plus one other title per query (target 0), skipping titles judged for it."""
+def _in_batch_negatives(
+    batch: Sequence[int],
+    queries: Sequence[str],
+    titles: Sequence[str],
+    judged: dict[str, set[str]],
+    rng: random.Random,
+) -> list[tuple[str, str]]:
+    """One other title of ``batch`` (row indices) per query, shifted by a random offset, as
+    (query, title) negatives; titles judged for the query are skipped."""
     if len(batch) < 2:
-        return batch
+        return []
     shift = rng.randrange(1, len(batch))
     negatives = []
-    for i, (query, _, _) in enumerate(batch):
-        title = batch[(i + shift) % len(batch)][1]
+    for i, row in enumerate(batch):
+        query, title = queries[row], titles[batch[(i + shift) % len(batch)]]
         if title not in judged.get(query, ()):
-            negatives.append((query, title, 0.0))
-    return batch + negatives
+            negatives.append((query, title))
+    return negatives
+
+
+def usable_hard_negatives(
+    extra_negatives: Sequence[tuple[str, str]], judged: dict[str, set[str]]
+) -> tuple[list[tuple[str, str]], int]:
+    """The distinct mined (query, title) negatives whose title is not judged for the query (a
+    judged pair keeps its graded target), and how many were dropped as judged or repeated."""
+    kept: dict[tuple[str, str], None] = {}
+    for query, title in extra_negatives:
+        pair = (str(query), str(title))
+        if pair[1] not in judged.get(pair[0], ()):
+            kept.setdefault(pair)
+    return list(kept), len(extra_negatives) - len(kept)
+
+
+@dataclass(frozen=True)
+class _RerankerData:
+    """A run's tokenised pairs and its planned batches: ``table`` holds the training rows
+    (judged pairs, then hard negatives) followed by the distinct in-batch negatives, ``pairs``
+    the (query, title) of each row and ``targets`` its BCE target; ``epochs[e][b]`` lists the
+    table rows of batch ``b`` of epoch ``e``."""
+
+    table: TokenTable
+    pairs: list[tuple[str, str]]
+    targets: torch.Tensor
+    epochs: list[list[list[int]]]
+    in_batch_negatives: int
+
+    def batch(self, rows: list[int]) -> Batch:
+        index = torch.as_tensor(rows, dtype=torch.int64)
+        tensors, tokens, padded = self.table.gather(index)
+        tensors["targets"] = self.targets[index]
+        return Batch(tensors, len(rows), tokens, padded)
+
+
+def _tokenised_run(
+    rows: Sequence[tuple[str, str, float]],
+    judged: dict[str, set[str]],
+    tokenizer: Any,
+    params: RerankerParams,
+    total_steps: int,
+    rng: random.Random,
+) -> _RerankerData:
+    """Tokenise ``rows`` (query, title, target) once, plan every batch of the run up to
+    ``total_steps`` (length-bucketed by title then query tokens, so a batch's pairs and the
+    negatives crossed from them all have similar lengths), and tokenise the distinct in-batch
+    negatives those batches draw in one more call."""
+    queries = [query for query, _, _ in rows]
+    titles = [title for _, title, _ in rows]
+    table = TokenTable.encode(tokenizer, queries, titles, max_length=params.max_length)
+    title_tokens = table.second_segment_lengths()
+    keys = [title_tokens, table.lengths - title_tokens]
+    negative_rows: dict[tuple[str, str], int] = {}
+    epochs: list[list[list[int]]] = []
+    steps = 0
+    while steps < total_steps and len(epochs) < params.epochs:
+        batches = bucketed_batches(keys, params.batch_size, rng)[: total_steps - steps]
+        steps += len(batches)
+        planned = []
+        for batch in batches:
+            negatives = []
+            if params.in_batch_negatives:
+                for pair in _in_batch_negatives(batch, queries, titles, judged, rng):
+                    negatives.append(len(rows) + negative_rows.setdefault(pair, len(negative_rows)))
+            planned.append(batch + negatives)
+        epochs.append(planned)
+    negatives = TokenTable.encode(
+        tokenizer,
+        [query for query, _ in negative_rows],
+        [title for _, title in negative_rows],
+        max_length=params.max_length,
+    )
+    targets = torch.tensor(
+        [target for _, _, target in rows] + [0.0] * len(negative_rows), dtype=torch.float32
+    )
+    return _RerankerData(
+        TokenTable.concat(table, negatives),
+        list(zip(queries, titles, strict=True)) + list(negative_rows),
+        targets,
+        epochs,
+        len(negative_rows),
+    )
 
 
 def fine_tune_reranker(
@@ -188,10 +292,17 @@ def fine_tune_reranker(
     params: RerankerParams,
     *,
     on_epoch_end: Callable[[int, float], None] | None = None,
+    extra_negatives: Sequence[tuple[str, str]] = (),
+    device: str | torch.device | None = None,
 ) -> TrainingResult:
     """Fine-tune a cross-encoder initialised from ``base_model_dir`` on the judged pairs of
     ``train_frame`` and save weights + tokenizer to ``output_dir``. ``on_epoch_end(epoch,
-    mean_loss)`` lets the caller log to MLflow. ``TrainingResult.pairs`` counts judged pairs."""
+    mean_loss)`` lets the caller log to MLflow; ``device`` overrides the automatic choice.
+
+    ``extra_negatives`` are mined hard negatives (query, product title): each distinct one whose
+    title is not judged for its query trains with target 0 alongside the judged pairs (so it
+    also counts towards the steps of an epoch). ``TrainingResult.pairs`` counts judged pairs,
+    ``TrainingResult.hard_negatives`` the mined negatives used."""
     from recsys.families.search.encoder import load_tokenizer
 
     pairs = training_pairs(train_frame)
@@ -200,34 +311,42 @@ def fine_tune_reranker(
     judged: dict[str, set[str]] = {}
     for query, title, _ in pairs:
         judged.setdefault(query, set()).add(title)
+    hard, dropped = usable_hard_negatives(extra_negatives, judged)
+    rows = pairs + [(query, title, 0.0) for query, title in hard]
     torch.manual_seed(params.seed)
     rng = random.Random(params.seed)
-    device = pick_device()
+    device = pick_device(device)
     tokenizer = load_tokenizer(base_model_dir)
     model = load_cross_encoder(base_model_dir).to(device).train()
+    forward = compiled(model, params.compile)
     input_names = _pair_inputs(model)
     loss_fn = nn.BCEWithLogitsLoss()
+    total_steps = planned_steps(len(rows), params.batch_size, params.epochs, params.max_steps)
 
-    def epoch_batches() -> Iterator[list[tuple[str, str, float]]]:
-        order = pairs[:]
-        rng.shuffle(order)
-        for start in range(0, len(order), params.batch_size):
-            batch = order[start : start + params.batch_size]
-            yield _with_negatives(batch, judged, rng) if params.in_batch_negatives else batch
+    prepare_started = time.perf_counter()
+    data = _tokenised_run(rows, judged, tokenizer, params, total_steps, rng)
+    prepare_seconds = time.perf_counter() - prepare_started
+    log.info(
+        "fine-tune reranker: %d judged pairs, %d hard negatives (%d judged or repeated skipped), "
+        "%d distinct in-batch negatives; tokenised in %.1f s",
+        len(pairs),
+        len(hard),
+        dropped,
+        data.in_batch_negatives,
+        prepare_seconds,
+    )
 
-    def batch_loss(batch: list[tuple[str, str, float]]) -> torch.Tensor:
-        queries, titles, targets = zip(*batch, strict=True)
-        encoded = _encode_pairs(tokenizer, queries, titles, params.max_length)
-        logits = model(**{name: encoded[name].to(device) for name in input_names}).logits
-        target = torch.tensor(targets, dtype=torch.float32, device=device)
-        return loss_fn(logits.squeeze(-1).float(), target)
+    def batch_loss(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = forward(**{name: tensors[name] for name in input_names}).logits
+        return loss_fn(logits.squeeze(-1).float(), tensors["targets"])
 
+    planned_epochs = iter(data.epochs)
     outcome = optimise(
         model,
-        epoch_batches,
+        lambda: (data.batch(batch) for batch in next(planned_epochs)),
         batch_loss,
-        epochs=params.epochs,
-        total_steps=planned_steps(len(pairs), params.batch_size, params.epochs, params.max_steps),
+        epochs=len(data.epochs),
+        total_steps=total_steps,
         learning_rate=params.learning_rate,
         warmup_fraction=WARMUP_FRACTION,
         device=device,
@@ -238,7 +357,13 @@ def fine_tune_reranker(
     with _quiet_transformers():
         model.cpu().eval().save_pretrained(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
-    return training_result(output_dir, len(pairs), outcome)
+    return training_result(
+        output_dir,
+        len(pairs),
+        outcome,
+        prepare_seconds=prepare_seconds,
+        hard_negatives=len(hard),
+    )
 
 
 def _score_by_length(
@@ -357,36 +482,51 @@ def evaluate_reranked(
     k_values: tuple[int, ...] = (10, 100),
     product_embed: EmbedFn | None = None,
     score_threshold: float = 0.5,
+    retrieve: RetrieveFn | None = None,
+    calibration_frame: pd.DataFrame | None = None,
 ) -> EvaluationResult:
     """Retrieve over the whole ``catalog`` with the bi-encoder, rerank each query's
     ``candidates`` best with the cross-encoder and score the run with the same ranx metrics as
     :func:`.evaluation.evaluate_embeddings`. Precision/recall/F1 judge the held-out pairs
-    by ``sigmoid(logit) >= score_threshold`` against ``relevance >= positive_threshold``."""
+    by ``sigmoid(logit) >= score_threshold`` against ``relevance >= positive_threshold``.
+    ``retrieve`` (default :func:`.evaluation.dense_run`) is the first stage the served
+    configuration uses, e.g. :func:`.evaluation.hybrid_retriever`. With ``calibration_frame``
+    (training pairs) the probability threshold is the F1-best one on those pairs."""
     query_texts = judged_queries(test_frame)
     product_ids = catalog["product_uid"].astype(str).tolist()
     product_titles = catalog["product_title"].astype(str).tolist()
     query_emb = query_embed(query_texts)
     product_emb = (product_embed or query_embed)(product_titles)
-    run = dense_run(
-        query_texts, query_emb, product_ids, product_emb, depth=max(RANKING_DEPTH, candidates)
+    run = (retrieve or dense_run)(
+        query_texts, query_emb, product_ids, product_emb, max(RANKING_DEPTH, candidates)
     )
     titles = dict(zip(product_ids, product_titles, strict=True))
     run = rerank_run(run, titles, score_pairs, candidates)
     metrics = ranking_metrics(test_frame, run, relevance_grade(positive_threshold), k_values)
 
-    pair_titles = [
-        titles.get(pid, str(own))
-        for pid, own in zip(
-            test_frame["product_uid"].astype(str), test_frame["product_title"], strict=True
-        )
-    ]
-    logits = np.asarray(
-        score_pairs(test_frame["search_term"].astype(str).tolist(), pair_titles), dtype=np.float64
-    )
-    probabilities = 1.0 / (1.0 + np.exp(-logits))
+    def probabilities(frame: pd.DataFrame) -> np.ndarray:
+        pair_titles = [
+            titles.get(pid, str(own))
+            for pid, own in zip(
+                frame["product_uid"].astype(str), frame["product_title"], strict=True
+            )
+        ]
+        queries = frame["search_term"].astype(str).tolist()
+        logits = np.asarray(score_pairs(queries, pair_titles), dtype=np.float64)
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    calibration: dict[str, Any] = {"score_threshold": score_threshold}
+    if calibration_frame is not None:
+        calibration = {
+            "train_relevance": calibration_frame["relevance"].to_numpy(),
+            "train_scores": probabilities(calibration_frame),
+        }
     metrics.update(
         pair_classification_metrics(
-            test_frame["relevance"].to_numpy(), probabilities, positive_threshold, score_threshold
+            test_frame["relevance"].to_numpy(),
+            probabilities(test_frame),
+            positive_threshold,
+            **calibration,
         )
     )
     result = EvaluationResult(metrics=metrics, queries=len(query_texts), products=len(product_ids))

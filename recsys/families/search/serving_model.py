@@ -43,6 +43,15 @@ there for the online drift check (:class:`QuerySampler`). The drift check sees a
 cannot write from outside: Triton's own inference count of the version against the samples that
 arrived, and the state of the sample folder.
 
+A manifest with a ``hybrid`` section makes retrieval hybrid: BM25 over the product titles
+(the ``bm25.*`` index files) is fused with the dense scores by ``hybrid.py``, a copy of
+``recsys.families.search.hybrid`` that the export put in the version folder and that this model
+loads from there (the gate scored that same code). SCORES are then fused scores.
+
+ONNX Runtime runs on the CPU unless ``RECSYS_ORT_DEVICE`` (inherited from tritonserver's
+environment) says ``cuda`` (the CUDA execution provider, an error if this onnxruntime has none)
+or ``auto`` (CUDA when available, else CPU, logged): the compose GPU override sets it.
+
 A manifest with a ``reranker`` section (see :func:`reranker_config`) makes this a two-stage
 model: the bi-encoder retrieves the ``max(candidates, TOP_K)`` best products by dot product, a
 cross-encoder (``reranker.onnx`` + ``reranker_tokenizer.json``, titles from ``products.npz``)
@@ -55,9 +64,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -119,6 +130,41 @@ def reranker_config(manifest: dict[str, Any]) -> dict[str, Any] | None:
         "onnx_inputs": inputs,
         **numbers,
     }
+
+
+def onnx_providers(setting: str | None, available: list[str]) -> list[str]:
+    """ONNX Runtime's execution providers for ``RECSYS_ORT_DEVICE`` (``cpu``, the default;
+    ``cuda``; ``auto``). ``cuda`` without the CUDA provider is an error naming what this
+    onnxruntime has, not a silent CPU fallback: a GPU host that serves on the CPU must be
+    noticed, not discovered from latency graphs."""
+    choice = (setting or "cpu").strip().lower()
+    cuda = "CUDAExecutionProvider"
+    if choice == "cpu":
+        return ["CPUExecutionProvider"]
+    if choice == "cuda":
+        if cuda not in available:
+            raise RuntimeError(
+                f"RECSYS_ORT_DEVICE=cuda but this onnxruntime offers only {available} "
+                "(install onnxruntime-gpu)"
+            )
+        return [cuda, "CPUExecutionProvider"]
+    if choice == "auto":
+        return [cuda, "CPUExecutionProvider"] if cuda in available else ["CPUExecutionProvider"]
+    raise ValueError(f"RECSYS_ORT_DEVICE must be cpu, cuda or auto, got {setting!r}")
+
+
+def load_hybrid_module(version_dir: Path, version: str) -> Any:
+    """The version folder's own ``hybrid.py`` (never the platform's), under a module name of
+    its own per version so two loaded versions never share one."""
+    path = version_dir / "hybrid.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{version_dir} lacks hybrid.py (manifest hybrid)")
+    name = f"recsys_served_hybrid_v{version}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def _padded_tokenizer(path: Path, max_length: int) -> Tokenizer:
@@ -559,8 +605,11 @@ class TritonPythonModel:
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.providers = onnx_providers(
+            os.environ.get("RECSYS_ORT_DEVICE"), ort.get_available_providers()
+        )
         self.session = ort.InferenceSession(
-            str(version_dir / self.onnx_file), options, providers=["CPUExecutionProvider"]
+            str(version_dir / self.onnx_file), options, providers=self.providers
         )
         self.onnx_inputs = list(
             self.manifest.get("onnx_inputs") or [i.name for i in self.session.get_inputs()]
@@ -590,6 +639,7 @@ class TritonPythonModel:
         if expected_dim is not None and int(expected_dim) != dim:
             raise ValueError(f"products.npz dim {dim} != manifest embedding_dim {expected_dim}")
         self.max_top_k = min(int(self.manifest.get("max_top_k", 100)), n_products)
+        self._load_hybrid(version_dir, str(args["model_version"]), n_products)
         self._load_reranker(version_dir, options, titles)
 
         self.fault_mode, self.fault_sleep_s, self.fault_after = parse_fault_injection(
@@ -612,13 +662,32 @@ class TritonPythonModel:
             f"{args.get('model_name')} v{args['model_version']} ({args.get('model_instance_name')})"
             f": {n_products} products, dim {dim}, encoder {self.onnx_file}, pid {os.getpid()}, "
             f"limits {self.max_query_bytes} B/query {self.max_request_bytes} B/request, "
-            f"fault_injection={self.manifest.get('fault_injection')!r}"
+            f"fault_injection={self.manifest.get('fault_injection')!r}, "
+            f"onnx providers {self.providers}"
+            + (
+                f", hybrid retrieval ({self.fusion.method}, depth {self.fusion.depth})"
+                if self.lexical is not None
+                else ""
+            )
             + (
                 f", reranker {self.reranker_file} over {self.rerank_candidates} candidates"
                 if self.reranker is not None
                 else ""
             )
         )
+
+    def _load_hybrid(self, version_dir: Path, version: str, n_products: int) -> None:
+        """The BM25 index and fusion settings, or ``self.lexical = None`` (dense retrieval)."""
+        self.lexical = None
+        section = self.manifest.get("hybrid")
+        if section is None:
+            return
+        if not isinstance(section, dict):
+            raise ValueError(f"manifest hybrid must be an object, got {section!r}")
+        module = load_hybrid_module(version_dir, version)
+        self.fusion = module.FusionConfig.from_dict(section)
+        self.fuse = module.fuse
+        self.lexical = module.LexicalIndex.load(version_dir, products=n_products)
 
     def _load_reranker(self, version_dir: Path, options: Any, titles: Any) -> None:
         """The cross-encoder session, its pair tokenizer and the titles it reads, or
@@ -637,7 +706,7 @@ class TritonPythonModel:
                 f"{len(self.product_ids)} products"
             )
         session = ort.InferenceSession(
-            str(version_dir / config["onnx_file"]), options, providers=["CPUExecutionProvider"]
+            str(version_dir / config["onnx_file"]), options, providers=self.providers
         )
         graph_inputs = [i.name for i in session.get_inputs()]
         inputs = list(config["onnx_inputs"] or graph_inputs)
@@ -713,13 +782,19 @@ class TritonPythonModel:
         if self.query_sampler is not None:
             self._sample(texts)
         scores = self._embed(texts) @ self.product_embeddings.T
+        lexical = self.lexical.scores(texts) if self.lexical is not None else None
         ranked = []
         row = 0
         for index, queries, top_k in parsed:
-            block = scores[row : row + len(queries)]
+            rows = slice(row, row + len(queries))
             row += len(queries)
             depth = top_k if self.reranker is None else max(top_k, self.rerank_candidates)
-            ranked.append((index, queries, top_k, *_best(block, min(depth, block.shape[1]))))
+            depth = min(depth, scores.shape[1])
+            if lexical is None:
+                top = _best(scores[rows], depth)
+            else:
+                top = self.fuse(scores[rows], lexical[rows], self.fusion, depth)
+            ranked.append((index, queries, top_k, *top))
         if self.reranker is not None:
             ranked = self._rerank(ranked)
         for index, _, top_k, top, top_scores in ranked:
@@ -766,6 +841,7 @@ class TritonPythonModel:
         self.session = None
         self.product_embeddings = None
         self.reranker = None
+        self.lexical = None
         if self.query_sampler is not None:
             self.query_sampler.shutdown()
         counters = getattr(self, "error_counters", None)
