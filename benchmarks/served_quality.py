@@ -49,6 +49,15 @@ def dag_params(profile: str, overrides: dict[str, Any]) -> dict[str, Any]:
     return apply_profile({**declared, **overrides, "profile": profile}, declared)
 
 
+def trained_summary(result: Any) -> dict[str, Any]:
+    """What a cached training stage keeps of a ``TrainingResult``."""
+    return {
+        "checkpoint": str(result.checkpoint_dir),
+        "steps": result.steps,
+        "samples_per_second": result.samples_per_second,
+    }
+
+
 def stage(work: Path, name: str, fn, timings: dict[str, float]) -> Any:
     """Run ``fn`` once; its JSON result is cached in ``work/<name>.json``."""
     cached = work / f"{name}.json"
@@ -116,11 +125,7 @@ def main() -> int:
             work / "bi_encoder",
             training,
         )
-        return {
-            "checkpoint": str(result.checkpoint_dir),
-            "steps": result.steps,
-            "samples_per_second": result.samples_per_second,
-        }
+        return trained_summary(result)
 
     trained = stage(work, "train_bi_encoder", train_bi_encoder, timings)
 
@@ -221,11 +226,7 @@ def main() -> int:
                 reranker_params,
                 extra_negatives=extra,
             )
-            return {
-                "checkpoint": str(result.checkpoint_dir),
-                "steps": result.steps,
-                "samples_per_second": result.samples_per_second,
-            }
+            return trained_summary(result)
 
         reranker = stage(work, "train_reranker", train_reranker, timings)
 

@@ -295,15 +295,7 @@ def run_triton(
         running_triton(work / "triton", response_cache_bytes=0) as triton,  # every request runs
     ):
         server = triton.server
-        os.environ.update(
-            {
-                "MLFLOW_TRACKING_URI": mlflow_uri,
-                "RECSYS_TRITON_REPO": str(triton.repo),
-                "RECSYS_TRITON_GRPC_PORT": str(server.grpc_port),
-                "RECSYS_TRITON_HTTP_PORT": str(server.http_port),
-                "RECSYS_TRITON_METRICS_PORT": str(server.metrics_port),
-            }
-        )
+        os.environ.update(triton.platform_environment(mlflow_uri))
         base = load_settings()
         served["knobs"] = base.serving_knobs(requested)
         served["knobs_from_flags"] = requested

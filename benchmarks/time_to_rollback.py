@@ -203,16 +203,7 @@ def main() -> int:
     good = build_test_serving_artifacts(work / "good")
     bad = build_test_serving_artifacts(work / "bad", {"mode": "raise", "after_requests": 40})
     with mlflow_server(work / "mlflow") as mlflow_uri, running_triton(work / "triton") as triton:
-        server = triton.server
-        os.environ.update(
-            {
-                "MLFLOW_TRACKING_URI": mlflow_uri,
-                "RECSYS_TRITON_REPO": str(triton.repo),
-                "RECSYS_TRITON_GRPC_PORT": str(server.grpc_port),
-                "RECSYS_TRITON_HTTP_PORT": str(server.http_port),
-                "RECSYS_TRITON_METRICS_PORT": str(server.metrics_port),
-            }
-        )
+        os.environ.update(triton.platform_environment(mlflow_uri))
         settings = load_settings()
         v1 = deploy(settings, good)
         traffic = Traffic(settings.triton_grpc_url, settings.model_name, args.rps)

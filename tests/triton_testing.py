@@ -203,6 +203,17 @@ class TritonHarness:
     admin_key: str
     """The key the server requires for model control (the session's ``RECSYS_TRITON_ADMIN_KEY``)."""
 
+    def platform_environment(self, mlflow_uri: str) -> dict[str, str]:
+        """The ``RECSYS_*`` / MLflow variables that point the platform's settings at this server
+        and ``mlflow_uri`` (benchmarks put them in ``os.environ`` before ``load_settings``)."""
+        return {
+            "MLFLOW_TRACKING_URI": mlflow_uri,
+            "RECSYS_TRITON_REPO": str(self.repo),
+            "RECSYS_TRITON_GRPC_PORT": str(self.server.grpc_port),
+            "RECSYS_TRITON_HTTP_PORT": str(self.server.http_port),
+            "RECSYS_TRITON_METRICS_PORT": str(self.server.metrics_port),
+        }
+
     @property
     def admin_headers(self) -> dict[str, str]:
         """gRPC metadata a raw ``tritonclient`` call needs for load/unload/repository index."""
