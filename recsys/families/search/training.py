@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 POSTFIX_EVERY = 10
 """Steps between progress-bar loss readouts on CUDA: reading a loss waits for the GPU."""
+PROGRESS_LINE_EVERY_S = 60.0
+"""Without a progress bar (Airflow task logs, CI), one log line per this many seconds of
+training, so a run that takes an hour on a CPU never looks hung."""
 
 
 @dataclass(frozen=True)
@@ -445,7 +448,7 @@ def optimise(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     step, samples, tokens, padded_tokens = 0, 0, 0, 0
-    started = time.perf_counter()
+    started = last_line = time.perf_counter()
     step_losses: list[float] = []
     epoch_losses: list[float] = []
     bar = progress_bar(total=total_steps, desc=desc, unit="step")
@@ -468,6 +471,14 @@ def optimise(
             bar.update(1)
             if not bar.disable and (not use_amp or step % POSTFIX_EVERY == 0):
                 bar.set_postfix(epoch=epoch + 1, loss=f"{float(losses[-1]):.4f}", refresh=False)
+            elif bar.disable and time.perf_counter() - last_line >= PROGRESS_LINE_EVERY_S:
+                last_line = time.perf_counter()
+                elapsed = last_line - started
+                log.info(
+                    "%s: step %d/%d (%.0f%%), %.0fs elapsed, about %.0fs left",
+                    desc, step, total_steps, 100.0 * step / total_steps, elapsed,
+                    elapsed / step * (total_steps - step),
+                )  # fmt: skip
             if step >= total_steps:
                 break
         values = torch.stack(losses).float().tolist() if losses else []
