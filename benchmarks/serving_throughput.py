@@ -301,8 +301,8 @@ def run_triton(
         served["knobs_from_flags"] = requested
         control = TritonControl(base.triton_grpc_url, timeout_s=120, load_timeout_s=300)
         served["server_version"] = str(control.client.get_server_metadata().version)
-        for system in TRITON_SYSTEMS:
-            model = MODELS[system]
+        for system in artifacts:
+            model = MODELS.get(system, f"bench_{system}")
             settings = dataclasses.replace(base, model_name=model)
             run_id = registry.start_training_run(
                 mlflow_uri, "serving-throughput", system, {}, {"benchmark": "serving_throughput"}
@@ -511,11 +511,12 @@ def markdown(record: dict[str, Any]) -> str:
     for baseline in baselines:
         header += [f"req/s vs {LABELS[baseline]}", f"p99 vs {LABELS[baseline]}"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    for system in (*TRITON_SYSTEMS, *BASELINES):
+    extras = sorted(results.keys() - {*TRITON_SYSTEMS, *BASELINES})  # --served-folder systems
+    for system in (*TRITON_SYSTEMS, *extras, *BASELINES):
         for level, row in results.get(system, {}).items():
             cells = [
-                LABELS[system], level, row["throughput_rps"], row["p50_ms"], row["p99_ms"],
-                f"{row['errors']}/{row['requests']}",
+                LABELS.get(system, system), level, row["throughput_rps"], row["p50_ms"],
+                row["p99_ms"], f"{row['errors']}/{row['requests']}",
             ]  # fmt: skip
             for baseline in baselines:
                 if system == baseline:
@@ -526,6 +527,11 @@ def markdown(record: dict[str, Any]) -> str:
                     f"{r[k]}x" if r.get(k) is not None else "-" for k in ("throughput", "p99")
                 ]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    for name in extras:
+        lines += ["", f"| clients | {name}/fp32 req/s | {name}/fp32 p50 | {name}/fp32 p99 |"]
+        lines.append("|---:|---:|---:|---:|")
+        for level, r in comparisons.get(f"{name}_vs_fp32", {}).items():
+            lines.append(f"| {level} | {r['throughput']}x | {r['p50']}x | {r['p99']}x |")
     int8 = comparisons.get("int8_vs_fp32", {})
     if int8:
         lines += ["", "| clients | INT8/fp32 req/s | INT8/fp32 p50 | INT8/fp32 p99 |"]
@@ -701,11 +707,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="keep the exported fp32/INT8 artifacts here and reuse them on the next run",
     )
+    parser.add_argument(
+        "--served-folder",
+        action="append",
+        default=[],
+        metavar="NAME=FOLDER",
+        help="also deploy and measure this serving folder on Triton (e.g. a hybrid + reranker "
+        "export); reported as NAME with its ratios to the fp32 bi-encoder",
+    )
     parser.add_argument("--keep-workdir", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.skip_baseline:
         args.baselines = []
+    args.served_folders = {}
+    for item in args.served_folder:
+        name, _, folder = item.partition("=")
+        if not name.isidentifier() or not (Path(folder) / "manifest.json").is_file():
+            parser.error(f"--served-folder {item!r}: want NAME=FOLDER with a manifest.json")
+        args.served_folders[name] = Path(folder)
     if min(args.concurrency) < 1 or args.requests < 1 or args.duration_s <= 0:
         parser.error("--concurrency, --requests and --duration-s must be positive")
     if min(args.baseline_workers, args.baseline_threads, args.baseline_inflight) < 1:
@@ -750,6 +770,7 @@ def main() -> int:
     print(f"Triton serving knobs: {knobs} (from flags: {requested_knobs(args)})", flush=True)
     try:
         artifacts, export_info = cached_artifacts(model_dir, catalog, work, args)
+        artifacts.update(args.served_folders)  # measured after fp32 and INT8, Triton only
         print(f"artifacts: {export_info}", flush=True)
         results, answers, served = run_triton(work, artifacts, queries, args)
         baseline_results, baseline_answers = run_baselines(
@@ -764,6 +785,8 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     comparisons: dict[str, Any] = {"int8_vs_fp32": ratios(results[INT8], results[FP32])}
+    for name in args.served_folders:  # e.g. hybrid + reranker: what it costs over fp32 dense
+        comparisons[f"{name}_vs_fp32"] = ratios(results[name], results[FP32])
     agreements = {"int8_vs_fp32": agreement(answers[INT8], answers[FP32])}
     for baseline in BASELINES:
         if baseline not in results:
