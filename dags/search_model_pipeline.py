@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 
 from recsys.alerts import task_failure_alert
 from recsys.config import SERVED_MODEL_SUFFIXES, pipeline_schedule
@@ -401,6 +401,13 @@ def search_model_pipeline():
     def reranker_enabled() -> bool:
         return bool(get_current_context()["params"]["train_reranker"])
 
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    def hard_negatives_wanted() -> bool:
+        """Mining needs this run's bi-encoder, so the reranker then trains after it; without
+        hard negatives the reranker trains beside the bi-encoder (both training slots)."""
+        _, _, params = settings_and_dir()
+        return params["hard_negatives_per_query"] > 0
+
     @task
     def mine_hard_negatives(split: dict, trained: dict) -> dict:
         """The reranker's hard negatives, from this run's bi-encoder on the training queries."""
@@ -419,8 +426,9 @@ def search_model_pipeline():
             },
         )
 
-    @task
-    def fine_tune_reranker(validated: dict, split: dict, negatives: dict) -> dict:
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+    def fine_tune_reranker(validated: dict, split: dict) -> dict:
+        """Runs once the mining is done, or at once when it is skipped (no hard negatives)."""
         from recsys.families.search.pipeline_reranker import fine_tune_reranker_model
 
         settings, run_dir, params = settings_and_dir()
@@ -444,7 +452,8 @@ def search_model_pipeline():
             reranker_params,
             get_current_context()["run_id"],
             data_lineage(validated),
-            negatives=negatives,
+            # None when mining was skipped: the reranker trains on judged pairs only.
+            negatives=get_current_context()["ti"].xcom_pull(task_ids="mine_hard_negatives"),
         )
 
     @task
@@ -511,9 +520,12 @@ def search_model_pipeline():
             reranker_settings(settings), reranker["run_id"], exported["artifacts_dir"], lineage
         )
 
+    enabled = reranker_enabled()
     negatives = mine_hard_negatives(split, trained)
-    reranker_enabled() >> negatives
-    reranker = fine_tune_reranker(validated, split, negatives)
+    enabled >> hard_negatives_wanted() >> negatives
+    reranker = fine_tune_reranker(validated, split)
+    enabled >> reranker
+    negatives >> reranker
     reranker_evaluation = evaluate_reranker(split, trained, reranker, lexical)
     reranker_exported = export_reranker(split, exported, reranker)
     reranker_decision = reranker_gate(split, reranker, reranker_exported, decision)

@@ -92,3 +92,15 @@ def test_the_pipeline_gates_deploys_on_the_champion(dagbag):
     assert "promoted" in deploy.upstream_task_ids
     assert "reranker_promoted" in dag.get_task("deploy_reranker").upstream_task_ids
     assert dag.params["force_deploy"] is False
+
+
+def test_the_reranker_waits_for_the_bi_encoder_only_when_it_mines_hard_negatives(dagbag):
+    """Hard negatives come from this run's bi-encoder, so mining follows ``fine_tune``; without
+    them (the default) the reranker trains beside the bi-encoder, one training slot each."""
+    dag = dagbag.get_dag("search_model_pipeline")
+    mine, reranker = dag.get_task("mine_hard_negatives"), dag.get_task("fine_tune_reranker")
+    assert {"fine_tune", "hard_negatives_wanted"} <= mine.upstream_task_ids
+    assert "fine_tune" not in reranker.upstream_task_ids
+    assert "mine_hard_negatives" in reranker.upstream_task_ids
+    assert reranker.trigger_rule == "none_failed_min_one_success"  # runs when mining is skipped
+    assert dag.params["hard_negatives_per_query"] == 0
