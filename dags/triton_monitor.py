@@ -7,7 +7,9 @@ run starts when one ends (a 20-second schedule with ``max_active_runs=1``).
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
+from typing import Any
 
 from airflow.sdk import Param, dag, get_current_context, task
 
@@ -20,6 +22,8 @@ from recsys.scheduling import (
     MONITORING_QUEUE,
     WEIGHT_RULE,
 )
+
+log = logging.getLogger(__name__)
 
 DOC = """
 ### Triton monitor
@@ -46,6 +50,10 @@ previous known-good registry version into Triton, verifies it with a smoke query
 version, moves the `champion` / `previous` aliases, tags the bad version with the reason, and
 writes an audit record and an alert.
 
+**Where to read the verdict**: the `rollback` task's log starts with one `Verdict on <model>:`
+line (rollback due or not, why, and why the watch ended); the full verdict is the
+`watch_metrics` task's XCom.
+
 Isolation: both tasks are in the `monitoring` pool with the highest priority. The `training`
 pool and the default pool cannot fill the executor, so a rollback gets a worker slot within
 seconds even while training holds every training slot.
@@ -55,6 +63,21 @@ which is remembered until they are back. A task that fails for good alerts once;
 failure again within an hour is recorded, not paged. A failed rollback is not retried for 15
 minutes.
 """
+
+
+def verdict_line(verdict: dict[str, Any]) -> str:
+    """The watch's verdict in one log line, for a person reading the task log in the UI: the
+    XCom holds everything, but nobody should have to read JSON to learn whether the model was
+    rolled back and why."""
+    watch = verdict.get("watch") or {}
+    outcome = "rollback due" if verdict.get("should_rollback") else "no rollback"
+    reasons = "; ".join(verdict.get("reasons") or ["no verdict"])
+    ended = watch.get("ended_because") or "unknown"
+    judged, breaching = watch.get("judged_windows", 0), watch.get("breaching_windows", 0)
+    return (
+        f"Verdict on {verdict.get('model', '?')}: {outcome} ({reasons}); watch ended: {ended}, "
+        f"{judged} windows judged, {breaching} breaching"
+    )
 
 
 def monitor_dag(dag_id: str, model_suffix: str, family: str | None = None):
@@ -144,6 +167,7 @@ def monitor_dag(dag_id: str, model_suffix: str, family: str | None = None):
             from recsys.rollback import rollback as run_rollback
 
             verdict = watch_result(verdict)
+            log.info("%s", verdict_line(verdict))
             if not verdict["should_rollback"]:
                 raise AirflowSkipException(
                     "no rollback due: " + "; ".join(verdict.get("reasons") or ["no verdict"])

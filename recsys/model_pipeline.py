@@ -23,6 +23,12 @@ from recsys.config import Settings
 
 log = logging.getLogger(__name__)
 
+# GX logs one "Skipping registering function ... because it is a closure" line per API function
+# when it is first imported (200+ INFO lines), which buries a pipeline task's own lines and its
+# error in the Airflow UI's log view. The pipelines' DAG files import this module before any
+# task imports GX, and Airflow's `namespace_levels` setting filters only its structlog loggers.
+logging.getLogger("great_expectations._docs_decorators").setLevel(logging.WARNING)
+
 
 class PromotionDecision(NamedTuple):
     promote: bool
@@ -95,14 +101,26 @@ def version_lineage(
     airflow_run_id: str,
 ) -> dict[str, Any]:
     """Registry tags every version carries, whatever its family: data, GX result, params,
-    held-out metrics, git sha, the Airflow run that made it and the champion gate's decision."""
+    held-out metrics, git sha, the Airflow run that made it and the champion gate's decision.
+
+    ``gate`` says the outcome in words a person browsing the registry reads at a glance (a
+    version the gate kept out but ``force_deploy`` served anyway must not look like a normal
+    promotion), and ``promotion`` the gate's reason with the metric values."""
+    promoted = bool(decision.get("promote"))
+    forced = not promoted and bool(params.get("force_deploy"))
+    reason = decision["reason"]
+    if forced:
+        reason += "; deployed anyway: force_deploy skips the gate (rehearsal)"
     return {
         **data_lineage(validated),
         "gx_success": str(validated["quality"]["success"]),
         "gx_result": validated["quality"],
         "params": dict(params),
         "metrics": metrics,
-        "promotion": decision["reason"],
+        "gate": "passed"
+        if promoted
+        else ("failed, deployed anyway (force_deploy)" if forced else "failed, not deployed"),
+        "promotion": reason,
         "airflow_run_id": airflow_run_id,
     }
 
