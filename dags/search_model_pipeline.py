@@ -73,25 +73,64 @@ monitor and its rollback need. The schedule is manual and drift-triggered unless
             0, type="integer", minimum=0, description="Use only the first N rows (0 = all)"
         ),
         "base_model": Param("minilm", type="string", description="'minilm' or a local HF folder"),
-        "epochs": Param(1, type="integer", minimum=1),
-        "batch_size": Param(32, type="integer", minimum=2),
-        "learning_rate": Param(5e-5, type="number", exclusiveMinimum=0),
+        "epochs": Param(
+            1, type="integer", minimum=1, description="Bi-encoder: passes over the data"
+        ),
+        "batch_size": Param(
+            32,
+            type="integer",
+            minimum=2,
+            description="Bi-encoder: pairs per step (each pair's title is a negative for the rest)",
+        ),
+        "learning_rate": Param(
+            5e-5, type="number", exclusiveMinimum=0, description="Bi-encoder: peak AdamW rate"
+        ),
         "max_steps": Param(0, type="integer", minimum=0, description="0 = all epochs"),
-        "max_length": Param(64, type="integer", minimum=8, maximum=512),
+        "max_length": Param(
+            64,
+            type="integer",
+            minimum=8,
+            maximum=512,
+            description="Bi-encoder: tokens kept of a query or title",
+        ),
         "scale": Param(
             20.0, type="number", exclusiveMinimum=0, description="In-batch softmax temperature"
         ),
-        "warmup_fraction": Param(0.1, type="number", minimum=0, maximum=1),
-        "positive_threshold": Param(2.33, type="number", minimum=1, maximum=3),
-        "test_fraction": Param(0.2, type="number", exclusiveMinimum=0, exclusiveMaximum=1),
-        "seed": Param(13, type="integer"),
+        "warmup_fraction": Param(
+            0.1,
+            type="number",
+            minimum=0,
+            maximum=1,
+            description="Share of steps the learning rate warms up over",
+        ),
+        "positive_threshold": Param(
+            2.33,
+            type="number",
+            minimum=1,
+            maximum=3,
+            description="Relevance (1-3) from which a judged pair counts as relevant",
+        ),
+        "test_fraction": Param(
+            0.2,
+            type="number",
+            exclusiveMinimum=0,
+            exclusiveMaximum=1,
+            description="Share of queries held out for evaluation (split by query)",
+        ),
+        "seed": Param(13, type="integer", description="Split, shuffling and sampling seed"),
         "precision": Param(
             "auto",
             type="string",
             enum=["auto", "fp32", "int8"],
             description="auto: INT8 when its NDCG@10 drop is within max_ndcg_drop, else fp32",
         ),
-        "max_ndcg_drop": Param(0.01, type="number", minimum=0, maximum=1),
+        "max_ndcg_drop": Param(
+            0.01,
+            type="number",
+            minimum=0,
+            maximum=1,
+            description="Largest NDCG@10 loss INT8 may cost and still be served",
+        ),
         "min_gain": Param(
             0.0, type="number", minimum=0, description="NDCG@10 gain needed over the champion"
         ),
@@ -150,12 +189,26 @@ monitor and its rollback need. The schedule is manual and drift-triggered unless
             type="boolean",
             description="Bi-encoder: torch.compile the model (long GPU runs; slow to start)",
         ),
-        "train_reranker": Param(True, type="boolean"),
-        "reranker_epochs": Param(1, type="integer", minimum=1),
-        "reranker_batch_size": Param(16, type="integer", minimum=2),
-        "reranker_learning_rate": Param(3e-5, type="number", exclusiveMinimum=0),
+        "train_reranker": Param(
+            True, type="boolean", description="Also train and serve the cross-encoder reranker"
+        ),
+        "reranker_epochs": Param(
+            1, type="integer", minimum=1, description="Cross-encoder: passes over the pairs"
+        ),
+        "reranker_batch_size": Param(
+            16, type="integer", minimum=2, description="Cross-encoder: judged pairs per step"
+        ),
+        "reranker_learning_rate": Param(
+            3e-5, type="number", exclusiveMinimum=0, description="Cross-encoder: peak AdamW rate"
+        ),
         "reranker_max_steps": Param(0, type="integer", minimum=0, description="0 = all epochs"),
-        "reranker_max_length": Param(96, type="integer", minimum=16, maximum=512),
+        "reranker_max_length": Param(
+            96,
+            type="integer",
+            minimum=16,
+            maximum=512,
+            description="Cross-encoder: tokens of a query + title pair",
+        ),
         "reranker_in_batch_negatives": Param(
             True, type="boolean", description="Also train on another query's title (target 0)"
         ),
@@ -179,13 +232,27 @@ monitor and its rollback need. The schedule is manual and drift-triggered unless
         "reranker_compile": Param(
             False, type="boolean", description="Cross-encoder: torch.compile the model"
         ),
-        "hard_negatives_min_rank": Param(4, type="integer", minimum=1),
-        "hard_negatives_max_rank": Param(30, type="integer", minimum=1),
+        "hard_negatives_min_rank": Param(
+            4,
+            type="integer",
+            minimum=1,
+            description="First bi-encoder rank mined (the very top may be unlabelled matches)",
+        ),
+        "hard_negatives_max_rank": Param(
+            30, type="integer", minimum=1, description="Last bi-encoder rank mined"
+        ),
         "reranker_must_beat_bi_encoder": Param(
             True, type="boolean", description="Serve the reranker only if it beats the bi-encoder"
         ),
-        "smoke_query": Param("angle bracket", type="string", minLength=1),
-        "top_k": Param(10, type="integer", minimum=1, maximum=100),
+        "smoke_query": Param(
+            "angle bracket",
+            type="string",
+            minLength=1,
+            description="Query a new version must answer over gRPC before it serves",
+        ),
+        "top_k": Param(
+            10, type="integer", minimum=1, maximum=100, description="Results of the smoke query"
+        ),
         "fault_injection": Param(
             None,
             type=["null", "object"],

@@ -104,3 +104,12 @@ def test_the_reranker_waits_for_the_bi_encoder_only_when_it_mines_hard_negatives
     assert "mine_hard_negatives" in reranker.upstream_task_ids
     assert reranker.trigger_rule == "none_failed_min_one_success"  # runs when mining is skipped
     assert dag.params["hard_negatives_per_query"] == 0
+
+
+def test_every_param_of_the_trigger_forms_says_what_it_is_for(dagbag):
+    """The Airflow trigger form shows each param's description next to it: a param without one
+    is a number a user has to guess at."""
+    for dag_id in ("search_model_pipeline", "recommend_model_pipeline"):
+        params = dagbag.get_dag(dag_id).params
+        missing = [key for key in params if not (params.get_param(key).description or "").strip()]
+        assert not missing, (dag_id, missing)

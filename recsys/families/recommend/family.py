@@ -107,10 +107,27 @@ class RecommendFamily(ModelFamily):
                 "description": "Use only the first N users by id (0 = all): demo and tests",
             },
             "epochs": {**integer, "default": None, "description": "null = the model default"},
-            "sasrec_dim": {**integer, "default": None},
-            "sasrec_max_len": {**integer, "default": None},
-            "bpr_epochs": {"default": 30, "type": "integer", "minimum": 1},
-            "negatives_seed": {"default": 2024, "type": "integer"},
+            "sasrec_dim": {
+                **integer,
+                "default": None,
+                "description": "SASRec embedding size; null = the model default",
+            },
+            "sasrec_max_len": {
+                **integer,
+                "default": None,
+                "description": "Most recent items of a history SASRec reads; null = the default",
+            },
+            "bpr_epochs": {
+                "default": 30,
+                "type": "integer",
+                "minimum": 1,
+                "description": "Epochs of the BPR baseline",
+            },
+            "negatives_seed": {
+                "default": 2024,
+                "type": "integer",
+                "description": "Seed of the 99 sampled negatives of the HR/NDCG@5/10 protocol",
+            },
         }
 
     def validate(self, data_path: str, run_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
