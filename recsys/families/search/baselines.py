@@ -32,7 +32,7 @@ from recsys.families.search.evaluation import (
     ranking_metrics,
     relevance_grade,
 )
-from recsys.families.search.hybrid import LexicalConfig, LexicalIndex
+from recsys.families.search.hybrid import LexicalConfig, LexicalIndex, positive_top_indices
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +60,6 @@ QUERY_BLOCK = 256
 54,667-product Home Depot catalogue, where all 2,359 held-out queries at once would be ~0.5 GB."""
 
 
-def _top_products(row: np.ndarray, depth: int) -> np.ndarray:
-    """Indices of the ``depth`` best positive scores, best first (ties: lower index first).
-    Products scored 0 share no term with the query: BM25 did not retrieve them."""
-    hits = np.flatnonzero(row > 0)  # ascending index
-    if len(hits) > depth:
-        values = row[hits]
-        kth = np.partition(values, len(values) - depth)[len(values) - depth]  # depth-th best
-        above = hits[values > kth]
-        hits = np.concatenate([above, hits[values == kth][: depth - len(above)]])
-    return hits[np.lexsort((hits, -row[hits]))]
-
-
 def lexical_run(
     index: LexicalIndex,
     query_texts: Sequence[str],
@@ -90,7 +78,7 @@ def lexical_run(
     for start in range(0, len(queries), block):
         chunk = queries[start : start + block]
         for query, row in zip(chunk, index.scores(chunk), strict=True):
-            top = _top_products(row, depth)
+            top = positive_top_indices(row, depth)
             if len(top):
                 run[query] = {product_ids[i]: float(row[i]) for i in top}
     return run

@@ -18,10 +18,10 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from recsys.families.search.evaluation import EmbedFn
+from recsys.families.search.evaluation import EmbedFn, judged_queries
+from recsys.families.search.hybrid import top_indices
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def mine_hard_negatives(
     ``catalog``, leaving out every product judged for that query."""
     if params.per_query == 0 or train_frame.empty:
         return []
-    queries = sorted(train_frame["search_term"].astype(str).unique())
+    queries = judged_queries(train_frame)
     judged: dict[str, set[str]] = {}
     for query, pid in zip(
         train_frame["search_term"].astype(str), train_frame["product_uid"].astype(str), strict=True
@@ -77,9 +77,8 @@ def mine_hard_negatives(
     for start in range(0, len(queries), block):
         batch = queries[start : start + block]
         scores = embed(batch) @ product_emb.T
-        top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
         for row, query in enumerate(batch):
-            ranked = top[row][np.argsort(-scores[row, top[row]], kind="stable")]
+            ranked = top_indices(scores[row], depth)
             window = [
                 int(i)
                 for i in ranked[params.min_rank - 1 : depth]

@@ -214,11 +214,24 @@ class LexicalIndex:
         return out
 
 
-def _top(scores: np.ndarray, depth: int) -> np.ndarray:
-    """Column indices of the ``depth`` best scores, best first (ties: lower index first)."""
+def top_indices(scores: np.ndarray, depth: int) -> np.ndarray:
+    """Indices of the ``depth`` best values of the 1-d ``scores``, best first. Ties go to the
+    lower index, both in which tied values make the cut and in their order, so every caller
+    (the served fusion, the BM25 baseline, hard-negative mining) ranks ties the same way."""
     depth = min(depth, scores.shape[0])
-    part = np.argpartition(-scores, depth - 1)[:depth]
-    return part[np.lexsort((part, -scores[part]))]
+    if depth <= 0:
+        return np.empty(0, dtype=np.int64)
+    kth = np.partition(scores, scores.shape[0] - depth)[scores.shape[0] - depth]  # depth-th best
+    above = np.flatnonzero(scores > kth)
+    chosen = np.concatenate([above, np.flatnonzero(scores == kth)[: depth - len(above)]])
+    return chosen[np.lexsort((chosen, -scores[chosen]))]
+
+
+def positive_top_indices(scores: np.ndarray, depth: int) -> np.ndarray:
+    """:func:`top_indices` among the positive scores only: a product BM25 scores 0 shares no
+    term with the query, so BM25 did not retrieve it."""
+    hits = np.flatnonzero(scores > 0)
+    return hits[top_indices(scores[hits], depth)]
 
 
 def _min_max(values: np.ndarray) -> np.ndarray:
@@ -245,9 +258,8 @@ def fuse(
     indices = np.empty((n, k), dtype=np.int64)
     scores = np.empty((n, k), dtype=np.float32)
     for row in range(n):
-        dense_top = _top(dense[row], depth)
-        lexical_top = _top(lexical[row], depth)
-        lexical_top = lexical_top[lexical[row, lexical_top] > 0]
+        dense_top = top_indices(dense[row], depth)
+        lexical_top = positive_top_indices(lexical[row], depth)
         candidates = np.union1d(dense_top, lexical_top)
         if config.method == "rrf":
             fused = np.zeros(products, dtype=np.float64)
@@ -263,7 +275,7 @@ def fuse(
         ranked, ranked_scores = candidates[order], values[order]
         if len(ranked) < k:
             taken = set(ranked.tolist())
-            rest = [c for c in _top(dense[row], products) if c not in taken]
+            rest = [c for c in top_indices(dense[row], products) if c not in taken]
             floor = float(ranked_scores.min()) if len(ranked_scores) else 0.0
             ranked = np.concatenate([ranked, np.asarray(rest[: k - len(ranked)], dtype=np.int64)])
             ranked_scores = np.concatenate(
