@@ -128,6 +128,21 @@ def hybrid_retriever(
     return retrieve
 
 
+def catalog_hybrid_retriever(
+    titles: list[str],
+    lexical: dict[str, Any] | None,
+    fusion: dict[str, Any] | None,
+    module: Any = None,
+) -> RetrieveFn:
+    """:func:`hybrid_retriever` over a BM25 index of ``titles`` built with the ``lexical``
+    settings, fused by ``fusion``; ``module`` is the hybrid code to run (default the platform's
+    :mod:`.hybrid`; the gate passes a version folder's own copy)."""
+    if module is None:
+        from recsys.families.search import hybrid as module
+    index = module.LexicalIndex.build(titles, module.LexicalConfig.from_dict(lexical or {}))
+    return hybrid_retriever(index, module.FusionConfig.from_dict(fusion or {}), fuse=module.fuse)
+
+
 def ranking_metrics(
     test_frame: pd.DataFrame,
     run: RunDict,

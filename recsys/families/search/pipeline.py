@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUALITY_SUITES = ("products", "queries", "relevance_labels")
-RETRIEVAL_MODES = ("dense", "hybrid")
 EXPERIMENT = "product_search"
 
 
@@ -203,6 +202,7 @@ def export_model(
     """
     from recsys.families.search import quantization
     from recsys.families.search.export import build_serving_artifacts
+    from recsys.families.search.hybrid import RETRIEVAL_MODES
     from recsys.families.search.promotion import evaluate_serving_artifacts
 
     catalog = read_split_frame(split["catalog_path"])

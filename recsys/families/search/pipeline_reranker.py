@@ -87,20 +87,19 @@ def evaluate_reranker_model(
     from recsys import registry
     from recsys.families.search.evaluation import (
         calibration_sample,
-        hybrid_retriever,
+        catalog_hybrid_retriever,
         torch_embedder,
     )
-    from recsys.families.search.hybrid import FusionConfig, LexicalConfig, LexicalIndex
     from recsys.families.search.reranker import evaluate_reranked, torch_pair_scorer
 
     catalog = read_split_frame(split["catalog_path"])
     retrieve = None
     if hybrid is not None:
-        index = LexicalIndex.build(
+        retrieve = catalog_hybrid_retriever(
             catalog["product_title"].astype(str).tolist(),
-            LexicalConfig.from_dict(hybrid.get("lexical") or {}),
+            hybrid.get("lexical"),
+            hybrid.get("fusion"),
         )
-        retrieve = hybrid_retriever(index, FusionConfig.from_dict(hybrid.get("fusion") or {}))
     result = evaluate_reranked(
         torch_embedder(Path(bi_encoder_checkpoint)),
         torch_pair_scorer(Path(reranker["checkpoint"])),

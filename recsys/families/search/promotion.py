@@ -93,13 +93,14 @@ def served_retriever(
     section = manifest.get("hybrid")
     if section is None:
         return None
-    from recsys.families.search.evaluation import hybrid_retriever
+    from recsys.families.search.evaluation import catalog_hybrid_retriever
     from recsys.families.search.hybrid import load_folder_copy
 
     folder = Path(artifacts_dir)
     module = load_folder_copy(folder, "recsys_gate_hybrid")
-    config = module.LexicalConfig.from_dict(
-        json.loads((folder / module.LEXICAL_CONFIG_FILE).read_text())
+    return catalog_hybrid_retriever(
+        catalog["product_title"].astype(str).tolist(),
+        json.loads((folder / module.LEXICAL_CONFIG_FILE).read_text()),
+        section,
+        module,
     )
-    index = module.LexicalIndex.build(catalog["product_title"].astype(str).tolist(), config)
-    return hybrid_retriever(index, module.FusionConfig.from_dict(section), fuse=module.fuse)
