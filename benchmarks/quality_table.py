@@ -64,11 +64,12 @@ def cached(work: Path, name: str, compute: Callable[[], dict[str, Any]]) -> dict
     if path.is_file():
         print(f"[{name}] cached: {path}")
         return json.loads(path.read_text())
+    print(f"[{name}] started", flush=True)  # stages take minutes: say which one runs
     started = time.perf_counter()
     result = compute()
     result["seconds"] = round(time.perf_counter() - started, 1)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"[{name}] {result['seconds']} s: {json.dumps(result.get('metrics', {}))}")
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"[{name}] {result['seconds']} s: {json.dumps(result.get('metrics', {}))}", flush=True)
     return result
 
 

@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
+
+from benchmarks.quality_table import cached  # noqa: E402  (one stage cache for both benchmarks)
 
 
 def dag_params(profile: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -56,21 +58,6 @@ def trained_summary(result: Any) -> dict[str, Any]:
         "steps": result.steps,
         "samples_per_second": result.samples_per_second,
     }
-
-
-def stage(work: Path, name: str, fn, timings: dict[str, float]) -> Any:
-    """Run ``fn`` once; its JSON result is cached in ``work/<name>.json``."""
-    cached = work / f"{name}.json"
-    if cached.is_file():
-        print(f"[cached] {name}", flush=True)
-        return json.loads(cached.read_text())
-    print(f"[start] {name}", flush=True)
-    started = time.perf_counter()
-    result = fn()
-    timings[name] = round(time.perf_counter() - started, 1)
-    cached.write_text(json.dumps({**result, "_seconds": timings[name]}, indent=2, default=str))
-    print(f"[done] {name} in {timings[name]:.0f}s", flush=True)
-    return result
 
 
 def main() -> int:
@@ -100,18 +87,16 @@ def main() -> int:
     params = dag_params(args.profile, overrides)
     work = Path(args.work or ROOT / ".bench_work" / f"served_{args.profile}").resolve()
     work.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
 
-    validated = stage(
-        work, "validate", lambda: pipeline.validate_data(args.data, work, args.max_rows), timings
+    validated = cached(
+        work, "validate", lambda: pipeline.validate_data(args.data, work, args.max_rows)
     )
-    split = stage(
+    split = cached(
         work,
         "split",
         lambda: pipeline.split_data(
             validated["clean_path"], work, params["test_fraction"], params["seed"]
         ),
-        timings,
     )
 
     def train_bi_encoder() -> dict[str, Any]:
@@ -127,7 +112,7 @@ def main() -> int:
         )
         return trained_summary(result)
 
-    trained = stage(work, "train_bi_encoder", train_bi_encoder, timings)
+    trained = cached(work, "train_bi_encoder", train_bi_encoder)
 
     def tune_bm25() -> dict[str, Any]:
         from recsys.families.search.baselines import tune_bm25 as tune
@@ -142,13 +127,13 @@ def main() -> int:
         )
         return {"lexical": config.to_dict(), "grid": grid}
 
-    lexical = stage(work, "tune_bm25", tune_bm25, timings)
+    lexical = cached(work, "tune_bm25", tune_bm25)
     fusion = {
         "method": params["fusion"],
         "depth": params["fusion_depth"],
         "dense_weight": params["fusion_dense_weight"],
     }
-    exported = stage(
+    exported = cached(
         work,
         "export",
         lambda: pipeline.export_model(
@@ -164,7 +149,6 @@ def main() -> int:
             lexical=lexical["lexical"],
             fusion=fusion,
         ),
-        timings,
     )
     systems: dict[str, dict[str, Any]] = {}
     test = pipeline.read_split_frame(split["test_path"])
@@ -180,11 +164,11 @@ def main() -> int:
         )
         return {"metrics": result.metrics, "queries": result.queries, "products": result.products}
 
-    systems["bi_encoder"] = stage(
-        work, "score_bi_encoder", lambda: score(exported["artifacts_dir"]), timings
+    systems["bi_encoder"] = cached(
+        work, "score_bi_encoder", lambda: score(exported["artifacts_dir"])
     )
     if params["train_reranker"]:
-        negatives = stage(
+        negatives = cached(
             work,
             "mine_hard_negatives",
             lambda: pipeline.mine_negatives(
@@ -198,7 +182,6 @@ def main() -> int:
                     "seed": params["seed"],
                 },
             ),
-            timings,
         )
 
         def train_reranker() -> dict[str, Any]:
@@ -228,7 +211,7 @@ def main() -> int:
             )
             return trained_summary(result)
 
-        reranker = stage(work, "train_reranker", train_reranker, timings)
+        reranker = cached(work, "train_reranker", train_reranker)
 
         def export_reranker() -> dict[str, Any]:
             folder = copy_fp32_artifacts(
@@ -245,9 +228,9 @@ def main() -> int:
             )
             return {"artifacts_dir": str(folder)}
 
-        reranker_folder = stage(work, "export_reranker", export_reranker, timings)
-        systems["reranker"] = stage(
-            work, "score_reranker", lambda: score(reranker_folder["artifacts_dir"]), timings
+        reranker_folder = cached(work, "export_reranker", export_reranker)
+        systems["reranker"] = cached(
+            work, "score_reranker", lambda: score(reranker_folder["artifacts_dir"])
         )
 
     metric = "ndcg_at_10"
@@ -256,11 +239,7 @@ def main() -> int:
         systems["reranker"]["metrics"][metric] > systems["bi_encoder"]["metrics"][metric]
     ):
         chosen = "reranker"
-    training_seconds = sum(
-        json.loads((work / f"{name}.json").read_text()).get("_seconds", 0.0)
-        for name in ("train_bi_encoder", "train_reranker")
-        if (work / f"{name}.json").is_file()
-    )
+    training_seconds = trained["seconds"] + (reranker["seconds"] if params["train_reranker"] else 0)
     served = {
         "profile": args.profile,
         "system": chosen,
@@ -272,7 +251,7 @@ def main() -> int:
         "lexical": lexical["lexical"],
         "queries": systems[chosen]["queries"],
         "products": systems[chosen]["products"],
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "command": "python benchmarks/served_quality.py " + " ".join(sys.argv[1:]),
     }
     out = Path(args.out)
