@@ -73,7 +73,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(RESULTS / "quality_table.json"))
     args = parser.parse_args()
 
-    from recsys.families.search import pipeline
+    from recsys.families.search import pipeline, pipeline_reranker
     from recsys.families.search.evaluation import calibration_sample
     from recsys.families.search.export import add_reranker, copy_fp32_artifacts
     from recsys.families.search.promotion import evaluate_serving_artifacts
@@ -128,11 +128,7 @@ def main() -> int:
         return {"lexical": config.to_dict(), "grid": grid}
 
     lexical = cached(work, "tune_bm25", tune_bm25)
-    fusion = {
-        "method": params["fusion"],
-        "depth": params["fusion_depth"],
-        "dense_weight": params["fusion_dense_weight"],
-    }
+    fusion = pipeline.fusion_settings(params)
     exported = cached(
         work,
         "export",
@@ -175,12 +171,7 @@ def main() -> int:
                 split,
                 trained["checkpoint"],
                 work,
-                {
-                    "per_query": params["hard_negatives_per_query"],
-                    "min_rank": params["hard_negatives_min_rank"],
-                    "max_rank": params["hard_negatives_max_rank"],
-                    "seed": params["seed"],
-                },
+                pipeline.mining_settings(params),
             ),
         )
 
@@ -189,18 +180,7 @@ def main() -> int:
             from recsys.families.search.hard_negatives import read_negatives
             from recsys.families.search.reranker import fine_tune_reranker
 
-            reranker_params = RerankerParams(
-                epochs=params["reranker_epochs"],
-                batch_size=params["reranker_batch_size"],
-                learning_rate=params["reranker_learning_rate"],
-                max_steps=params["reranker_max_steps"],
-                max_length=params["reranker_max_length"],
-                candidates=params["rerank_candidates"],
-                in_batch_negatives=params["reranker_in_batch_negatives"],
-                positive_threshold=params["positive_threshold"],
-                seed=params["seed"],
-                compile=params["reranker_compile"],
-            )
+            reranker_params = RerankerParams(**pipeline_reranker.reranker_params(params))
             extra = read_negatives(Path(negatives["path"])) if negatives["count"] else []
             result = fine_tune_reranker(
                 pipeline.read_split_frame(split["train_path"]),

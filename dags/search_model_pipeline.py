@@ -360,18 +360,11 @@ def search_model_pipeline():
             lexical=lexical["lexical"],
         )
 
-    def fusion_settings(params: dict) -> dict:
-        return {
-            "method": params["fusion"],
-            "depth": params["fusion_depth"],
-            "dense_weight": params["fusion_dense_weight"],
-        }
-
     @task
     def export_onnx(split: dict, trained: dict, lexical: dict) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from recsys.families.search.pipeline import export_model
+        from recsys.families.search.pipeline import export_model, fusion_settings
         from recsys.families.search.quantization import QuantizationRejectedError
 
         settings, run_dir, params = settings_and_dir()
@@ -478,45 +471,31 @@ def search_model_pipeline():
     @task
     def mine_hard_negatives(split: dict, trained: dict) -> dict:
         """The reranker's hard negatives, from this run's bi-encoder on the training queries."""
-        from recsys.families.search.pipeline import mine_negatives
+        from recsys.families.search.pipeline import mine_negatives, mining_settings
 
         _, run_dir, params = settings_and_dir()
         return mine_negatives(
             split,
             trained["checkpoint"],
             run_dir,
-            {
-                "per_query": params["hard_negatives_per_query"],
-                "min_rank": params["hard_negatives_min_rank"],
-                "max_rank": params["hard_negatives_max_rank"],
-                "seed": params["seed"],
-            },
+            mining_settings(params),
         )
 
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def fine_tune_reranker(validated: dict, split: dict) -> dict:
         """Runs once the mining is done, or at once when it is skipped (no hard negatives)."""
-        from recsys.families.search.pipeline_reranker import fine_tune_reranker_model
+        from recsys.families.search.pipeline_reranker import (
+            fine_tune_reranker_model,
+            reranker_params,
+        )
 
         settings, run_dir, params = settings_and_dir()
-        reranker_params = {
-            "epochs": params["reranker_epochs"],
-            "batch_size": params["reranker_batch_size"],
-            "learning_rate": params["reranker_learning_rate"],
-            "max_steps": params["reranker_max_steps"],
-            "max_length": params["reranker_max_length"],
-            "candidates": params["rerank_candidates"],
-            "in_batch_negatives": params["reranker_in_batch_negatives"],
-            "positive_threshold": params["positive_threshold"],
-            "seed": params["seed"],
-            "compile": params["reranker_compile"],
-        }
         return fine_tune_reranker_model(
             settings,
             split,
             run_dir,
             params["base_model"],
-            reranker_params,
+            reranker_params(params),
             get_current_context()["run_id"],
             data_lineage(validated),
             # None when mining was skipped: the reranker trains on judged pairs only.
@@ -525,6 +504,7 @@ def search_model_pipeline():
 
     @task
     def evaluate_reranker(split: dict, trained: dict, reranker: dict, lexical: dict) -> dict:
+        from recsys.families.search.pipeline import fusion_settings
         from recsys.families.search.pipeline_reranker import evaluate_reranker_model
 
         settings, _, params = settings_and_dir()

@@ -374,6 +374,25 @@ def tune_lexical(
     return {"lexical": config.to_dict(), "tuned": True, "grid": grid}
 
 
+def fusion_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`.hybrid.FusionConfig` settings of a run's DAG params (``fusion*``)."""
+    return {
+        "method": params["fusion"],
+        "depth": params["fusion_depth"],
+        "dense_weight": params["fusion_dense_weight"],
+    }
+
+
+def mining_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`.hard_negatives.MiningParams` of a run's DAG params (``hard_negatives_*``)."""
+    return {
+        "per_query": params["hard_negatives_per_query"],
+        "min_rank": params["hard_negatives_min_rank"],
+        "max_rank": params["hard_negatives_max_rank"],
+        "seed": params["seed"],
+    }
+
+
 def mine_negatives(
     split: dict[str, Any], checkpoint: str, run_dir: Path, params: dict[str, Any]
 ) -> dict[str, Any]:

@@ -27,6 +27,25 @@ def reranker_settings(settings: Settings) -> Settings:
     return served_model_settings(settings, RERANKER_SUFFIX)
 
 
+SHARED_PARAMS = ("positive_threshold", "seed")
+"""DAG params both models of a run share; every other :class:`.reranker.RerankerParams` field
+is the DAG param ``reranker_<field>`` (``candidates``: ``rerank_candidates``)."""
+
+
+def reranker_params(params: dict[str, Any]) -> dict[str, Any]:
+    """:class:`.reranker.RerankerParams` fields from a run's DAG params."""
+    import dataclasses
+
+    from recsys.families.search.reranker import RerankerParams
+
+    def key(name: str) -> str:
+        if name in SHARED_PARAMS:
+            return name
+        return "rerank_candidates" if name == "candidates" else f"reranker_{name}"
+
+    return {f.name: params[key(f.name)] for f in dataclasses.fields(RerankerParams)}
+
+
 def fine_tune_reranker_model(
     settings: Settings,
     split: dict[str, Any],
