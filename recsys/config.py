@@ -102,14 +102,8 @@ class Settings:
         ``serving`` (CLI flags, pipeline params; a ``None`` value means "not set"). Checked by
         :func:`~recsys.triton.repository.check_serving_knobs` (a ``ValueError`` names a bad
         one)."""
-        knobs = {
-            "instance_count": self.triton_instances,
-            "max_batch_size": self.triton_max_batch_size,
-            "dynamic_batching": self.triton_dynamic_batching,
-            "max_queue_delay_us": self.triton_max_queue_delay_us,
-            "intra_op_threads": self.triton_intra_op_threads,
-            "response_cache": _DEFAULT_SERVING["response_cache"],
-        }
+        knobs = {knob: getattr(self, field) for field, knob in SERVING_ENV.values()}
+        knobs["response_cache"] = _DEFAULT_SERVING["response_cache"]
         given = {k: v for k, v in dict(serving or {}).items() if v is not None}
         return check_serving_knobs({**knobs, **given})
 
