@@ -12,6 +12,7 @@ from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 
 from recsys.alerts import task_failure_alert
 from recsys.config import SERVED_MODEL_SUFFIXES, pipeline_schedule
+from recsys.families.search.hybrid import FUSION_METHODS, RETRIEVAL_MODES
 from recsys.families.search.profiles import PROFILE_NAMES
 from recsys.model_pipeline import ROLLOUT_PARAMS, data_lineage, rollout_handoff, serving_params
 from recsys.model_pipeline import version_lineage as version_tags
@@ -153,13 +154,13 @@ monitor and its rollback need. The schedule is manual and drift-triggered unless
         "retrieval": Param(
             "dense",
             type="string",
-            enum=["dense", "hybrid"],
+            enum=list(RETRIEVAL_MODES),
             description="'hybrid' serves BM25 over titles fused with the bi-encoder",
         ),
         "fusion": Param(
             "rrf",
             type="string",
-            enum=["rrf", "weighted"],
+            enum=list(FUSION_METHODS),
             description="How hybrid retrieval fuses: reciprocal rank, or a weighted score sum",
         ),
         "fusion_dense_weight": Param(

@@ -40,6 +40,7 @@ from typing import Any
 
 from recsys.config import Settings, check_model_name, load_settings
 from recsys.families.search.client import search_answered
+from recsys.families.search.hybrid import RETRIEVAL_MODES
 from recsys.families.search.profiles import PROFILE_NAMES
 
 EXIT_FAILED = 1
@@ -796,7 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="search: a named param set: 'cpu' (about an hour on 2 cores) or 'gpu'",
     )
     train.add_argument(
-        "--retrieval", choices=["dense", "hybrid"], help="search: serve dense or hybrid retrieval"
+        "--retrieval", choices=RETRIEVAL_MODES, help="search: serve dense or hybrid retrieval"
     )
     train.add_argument("--unpause", action="store_true", help="unpause the DAG if it is paused")
     train.add_argument("--wait", action="store_true", help="follow the run until it ends")
