@@ -15,7 +15,7 @@ from recsys.alerts import FailureAlert
 from recsys.assets import retraining_request
 from recsys.families import available, drift_dag_id, get_family
 from recsys.model_pipeline import family_settings
-from recsys.scheduling import DEFAULT_POOL, DRIFT_PRIORITY, WEIGHT_RULE
+from recsys.scheduling import DEFAULT_POOL, DRIFT_PRIORITY, MONITORING_QUEUE, WEIGHT_RULE
 
 DOC = """
 ### Input drift
@@ -71,6 +71,7 @@ def drift_dag(family: str):
             "pool": DEFAULT_POOL,
             "priority_weight": DRIFT_PRIORITY,
             "weight_rule": WEIGHT_RULE,
+            "queue": MONITORING_QUEUE,
         },
         params={
             "retrain_on_drift": Param(True, type="boolean"),

@@ -9,7 +9,13 @@ from airflow.sdk import Param, dag, get_current_context, task
 from recsys.alerts import FailureAlert
 from recsys.delivery.analysis import RolloutAnalysisOperator
 from recsys.families import rollout_dag_id, served_models
-from recsys.scheduling import DEFAULT_POOL, ROLLOUT_PRIORITY, WEIGHT_RULE
+from recsys.scheduling import (
+    DEFAULT_POOL,
+    MONITORING_QUEUE,
+    ROLLOUT_PRIORITY,
+    SERVING_QUEUE,
+    WEIGHT_RULE,
+)
 
 DOC = """
 ### Rollout: canary, A/B experiment or shadow
@@ -72,6 +78,8 @@ def rollout_dag(dag_id: str, model_suffix: str, family: str):
             "pool": DEFAULT_POOL,
             "priority_weight": ROLLOUT_PRIORITY,
             "weight_rule": WEIGHT_RULE,
+            # The analysis and `finish` (promote or abort) never wait behind training.
+            "queue": MONITORING_QUEUE,
             "on_failure_callback": alert,
         },
         params={
@@ -109,7 +117,7 @@ def rollout_dag(dag_id: str, model_suffix: str, family: str):
         },
     )  # fmt: skip
     def rollout():
-        @task(retries=1)
+        @task(retries=1, queue=SERVING_QUEUE)
         def start() -> dict:
             """Load the candidate beside the stable version behind the router (idempotent:
             a rollout of this version already under way is taken over)."""

@@ -16,7 +16,13 @@ from recsys.families.search.hybrid import FUSION_METHODS, RETRIEVAL_MODES
 from recsys.families.search.profiles import PROFILE_NAMES
 from recsys.model_pipeline import ROLLOUT_PARAMS, data_lineage, rollout_handoff, serving_params
 from recsys.model_pipeline import version_lineage as version_tags
-from recsys.scheduling import TRAINING_POOL, TRAINING_PRIORITY, TRAINING_QUEUE, WEIGHT_RULE
+from recsys.scheduling import (
+    TRAINING_POOL,
+    TRAINING_PRIORITY,
+    TRAINING_QUEUE,
+    WEIGHT_RULE,
+    route_pipeline_tasks,
+)
 
 DOC = """
 ### Search model pipeline
@@ -590,4 +596,5 @@ def search_model_pipeline():
     )
 
 
-search_model_pipeline()
+# Register, deploy and the rollout handoff run on the `serving` queue, the rest on `training`.
+route_pipeline_tasks(search_model_pipeline())

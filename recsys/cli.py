@@ -1,6 +1,7 @@
 """`recsys` command line: run the stack, train, deploy, roll back and inspect the platform.
 
 recsys stack up|down|status          start/stop/inspect Triton, MLflow and Airflow on loopback
+                                     (up --executor celery: Redis + a Celery worker per queue)
 recsys data validate PATH            run the Great Expectations gate on a relevance CSV
 recsys train [--wait]                trigger search_model_pipeline on the running stack
                                      (--family recommend: recommend_model_pipeline)
@@ -110,8 +111,9 @@ def _stack(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     if args.action == "up":
-        print(f"starting the stack (state in {settings.home})")
-        stack.up(settings)
+        executor = stack.resolve_executor(args.executor)
+        print(f"starting the stack (state in {settings.home}, {executor} executor)")
+        stack.up(settings, executor=executor)
         _print_services(stack.status(settings))
         # Where the password is, never the password: this output ends up in logs people keep.
         print(f"\nAirflow login: {stack.airflow_login_hint(settings)}")
@@ -764,6 +766,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     stack_cmd = sub.add_parser("stack", help="start, stop or inspect the local stack")
     stack_cmd.add_argument("action", choices=["up", "down", "status"])
+    stack_cmd.add_argument(
+        "--executor",
+        choices=["local", "celery"],
+        default=None,
+        help="up: Airflow's executor; celery adds a Redis broker and one worker per queue "
+        "(training, serving, monitoring) (default $RECSYS_AIRFLOW_EXECUTOR, else local)",
+    )
     stack_cmd.set_defaults(func=_stack)
 
     data = sub.add_parser("data", help="data-quality tools")

@@ -14,6 +14,14 @@ an hour. Airflow's own mechanisms do the isolation, and every DAG takes its numb
   when slots do free up.
 * **Queues** name where a task belongs on an executor that has queues (CeleryExecutor: one
   worker per queue, ``monitoring`` never behind ``training``); LocalExecutor ignores them.
+  Every task of every DAG names one of :data:`QUEUES`: the pipelines' data, training,
+  evaluation and export tasks ``training`` (the GPU worker), their register / deploy /
+  promotion tasks and a rollout's ``start`` ``serving``, and the monitor's watch and rollback,
+  a rollout's analysis and ``finish`` and the drift checks ``monitoring``. Deferred tasks
+  (the watch, the analysis) wait in the triggerer whatever their queue; the queue decides the
+  worker they start and resume on. ``recsys stack up --executor celery`` runs one worker per
+  queue (:func:`worker_concurrency`, ``serving``'s worker also takes Airflow's ``default``
+  queue).
 * **CPU niceness**: on one machine, training shares the cores with Triton, the scheduler, the
   triggerer and the rollback. Pipeline tasks lower their own CPU priority
   (``RECSYS_TRAINING_NICE``, default 10), so the kernel runs those first when cores are busy.
@@ -40,7 +48,28 @@ MONITORING_POOL = "monitoring"
 DEFAULT_POOL = "default_pool"
 
 TRAINING_QUEUE = "training"
+SERVING_QUEUE = "serving"
 MONITORING_QUEUE = "monitoring"
+QUEUES = (TRAINING_QUEUE, SERVING_QUEUE, MONITORING_QUEUE)
+"""Every queue a platform task may name (Celery: one worker each)."""
+AIRFLOW_DEFAULT_QUEUE = "default"
+"""Airflow's ``[operators] default_queue``: where a task without a queue goes (a DAG someone
+adds by hand); the ``serving`` worker takes it too, so such a task still runs."""
+
+PIPELINE_SERVING_TASKS = frozenset(
+    {
+        "register",
+        "promoted",
+        "deploy",
+        "rolled_out",
+        "start_rollout_analysis",
+        "register_reranker",
+        "reranker_promoted",
+        "deploy_reranker",
+    }
+)
+"""Tasks of the model pipelines that register, gate the deploy of, deploy (publish, load,
+smoke-test, move the aliases) or hand a rollout on: ``serving``, not behind training."""
 
 MONITORING_PRIORITY = 1000
 """Priority weight of the monitor's tasks (rollback first among everything waiting)."""
@@ -57,6 +86,29 @@ first task above a rollback."""
 RESERVED_MONITORING_SLOTS = 2
 """Executor slots nothing but the monitoring pool can take: one per monitored model's rollback
 (bi-encoder and reranker) running at the same time."""
+
+
+def worker_concurrency(path: Path = POOLS_FILE) -> dict[str, int]:
+    """Task slots of each queue's Celery worker: ``training`` as many as the training pool
+    (the pool, not the worker, caps training, as on LocalExecutor), ``serving`` two (a deploy
+    and a rollout handoff side by side) and ``monitoring`` the reserved monitoring slots (one
+    rollback per monitored model at the same time)."""
+    return {
+        TRAINING_QUEUE: pool_slots(path)[TRAINING_POOL],
+        SERVING_QUEUE: 2,
+        MONITORING_QUEUE: RESERVED_MONITORING_SLOTS,
+    }
+
+
+def route_pipeline_tasks(dag):
+    """Put a model pipeline's :data:`PIPELINE_SERVING_TASKS` on the ``serving`` queue (the
+    rest keep the DAG's ``training`` default); returns ``dag``. For pipelines whose tasks are
+    built elsewhere (:func:`recsys.model_pipeline.pipeline_dag`, its rollout handoff)."""
+    for task in dag.tasks:
+        if task.task_id in PIPELINE_SERVING_TASKS:
+            task.queue = SERVING_QUEUE
+    return dag
+
 
 NICE_ENV = "RECSYS_TRAINING_NICE"
 DEFAULT_TRAINING_NICE = 10

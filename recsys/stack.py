@@ -13,6 +13,16 @@ Airflow its SimpleAuthManager with a generated password. Secrets live in
 Airflow workers through the environment or files, and are masked in what this module records;
 the Airflow password is never printed, only the file that holds it.
 
+Executors: LocalExecutor by default. ``up(executor="celery")`` (``recsys stack up --executor
+celery``, default ``$RECSYS_AIRFLOW_EXECUTOR``) runs Airflow's CeleryExecutor instead: a Redis
+server of the stack's own (loopback, ``$RECSYS_REDIS_PORT``, a generated password in a 0600
+config file, no persistence) is the broker, ``celery-results.db`` (SQLite) the result backend,
+and one ``airflow celery worker`` per queue of :data:`recsys.scheduling.QUEUES` runs the tasks
+routed to it, so the ``monitoring``
+worker runs a rollback while the ``training`` worker is busy. A worker is healthy when it
+answers a Celery ping through the broker. The executor a stack was started with is recorded
+until ``down``.
+
 Local users: the state folder (``$RECSYS_HOME``) is private to its owner (0700, tightened on
 ``up`` when it is wider), and every service and Airflow command starts with umask
 :data:`SERVICE_UMASK`, so the databases (``mlflow.db``, ``basic_auth.db``, ``airflow.db``),
@@ -26,10 +36,11 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +58,14 @@ from recsys.credentials import (
     stored_secret,
     triton_admin_key,
 )
-from recsys.scheduling import POOLS_FILE, executor_parallelism
+from recsys.scheduling import (
+    AIRFLOW_DEFAULT_QUEUE,
+    POOLS_FILE,
+    QUEUES,
+    SERVING_QUEUE,
+    executor_parallelism,
+    worker_concurrency,
+)
 
 AIRFLOW_USER = "admin"
 AIRFLOW_PASSWORD_SECRET = "airflow_admin_password"
@@ -58,6 +76,20 @@ PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 TRITON_CACHE_BYTES_ENV = "RECSYS_TRITON_CACHE_BYTES"
 """Size in bytes of Triton's response cache (default 64 MiB; 0 starts Triton without one)."""
+
+LOCAL_EXECUTOR = "local"
+CELERY_EXECUTOR = "celery"
+EXECUTORS = {LOCAL_EXECUTOR: "LocalExecutor", CELERY_EXECUTOR: "CeleryExecutor"}
+"""``up``'s executor choices and the Airflow executor each runs."""
+EXECUTOR_ENV = "RECSYS_AIRFLOW_EXECUTOR"
+"""The executor ``recsys stack up`` uses when ``--executor`` is not given (``local``)."""
+REDIS_PORT_ENV = "RECSYS_REDIS_PORT"
+"""Port of the stack's Redis (Celery broker and results; only with the celery executor)."""
+DEFAULT_REDIS_PORT = 6389
+"""Not Redis's 6379: a system Redis may already listen there."""
+REDIS_PASSWORD_SECRET = "redis_password"
+"""Name of the generated Redis password under ``$RECSYS_HOME/stack/secrets``."""
+REDIS_SERVICE = "redis"
 
 
 class StackError(RuntimeError):
@@ -71,6 +103,11 @@ class Service:
     env: dict[str, str]
     health_url: str | None
     ui: str | None = None
+    probe: Callable[[], bool] | None = None
+    """Health check that is not an HTTP GET (Redis's PING, a Celery worker's ping)."""
+    after_servers: bool = False
+    """Started only once every server answers: it runs or schedules tasks, and a task whose
+    worker cannot reach the api-server's execution API fails."""
 
 
 def _bin(name: str) -> str:
@@ -218,8 +255,10 @@ def recsys_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def airflow_env(settings: Settings) -> dict[str, str]:
-    """Airflow configuration for a single-machine deployment on SQLite, loopback only."""
+def airflow_env(settings: Settings, executor: str | None = None) -> dict[str, str]:
+    """Airflow configuration for a single-machine deployment on SQLite, loopback only, with
+    ``executor`` (default: the stack's, :func:`stack_executor`)."""
+    executor = executor or stack_executor(settings)
     home = settings.home / "airflow"
     home.mkdir(parents=True, exist_ok=True)
     passwords = home / "simple_auth_manager_passwords.json"
@@ -233,7 +272,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__EXECUTOR": EXECUTORS[executor],
         # Capped pools + reserved monitoring slots (recsys.scheduling, deploy/airflow/pools.json).
         "AIRFLOW__CORE__PARALLELISM": str(executor_parallelism()),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
@@ -247,7 +286,178 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL": "30",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
         **service_credentials(settings),
+        **(celery_env(settings) if executor == CELERY_EXECUTOR else {}),
     }
+
+
+def resolve_executor(executor: str | None = None) -> str:
+    """``executor``, else ``$RECSYS_AIRFLOW_EXECUTOR``, else ``local``; one of
+    :data:`EXECUTORS`."""
+    value = (executor or os.environ.get(EXECUTOR_ENV, "").strip() or LOCAL_EXECUTOR).lower()
+    if value not in EXECUTORS:
+        raise StackError(f"unknown executor {value!r}: choose one of {', '.join(EXECUTORS)}")
+    return value
+
+
+def _executor_file(settings: Settings) -> Path:
+    return stack_dir(settings) / "executor"
+
+
+def stack_executor(settings: Settings) -> str:
+    """The executor the stack was started with (recorded by ``up`` until ``down``), else the
+    one ``up`` would choose now (:func:`resolve_executor`)."""
+    path = _executor_file(settings)
+    recorded = path.read_text().strip() if path.exists() else ""
+    return recorded if recorded in EXECUTORS else resolve_executor()
+
+
+def redis_port() -> int:
+    """``$RECSYS_REDIS_PORT``, else :data:`DEFAULT_REDIS_PORT`."""
+    raw = os.environ.get(REDIS_PORT_ENV, "").strip()
+    try:
+        port = int(raw) if raw else DEFAULT_REDIS_PORT
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise StackError(f"${REDIS_PORT_ENV}={raw!r} is not a TCP port")
+    return port
+
+
+def redis_url(settings: Settings, db: int) -> str:
+    """The stack's Redis, database ``db``, with its password (a secret: never log it)."""
+    password = _secret(settings, REDIS_PASSWORD_SECRET)
+    return f"redis://:{password}@127.0.0.1:{redis_port()}/{db}"
+
+
+def celery_results_db(settings: Settings) -> Path:
+    """Celery's result backend: a SQLite file of its own (not Airflow's metadata DB)."""
+    return stack_dir(settings) / "celery-results.db"
+
+
+def celery_env(settings: Settings) -> dict[str, str]:
+    """CeleryExecutor's configuration: the stack's Redis as broker (db 0), and a SQLite
+    database of its own as result backend (Airflow warns against a Redis result backend and
+    recommends a database; a file of its own keeps the workers' writes out of ``airflow.db``)."""
+    return {
+        "AIRFLOW__CELERY__BROKER_URL": redis_url(settings, 0),
+        "AIRFLOW__CELERY__RESULT_BACKEND": f"db+sqlite:///{celery_results_db(settings)}",
+        # Celery's default for Redis, set so Airflow does not warn that it is unset: a task not
+        # acknowledged within a day (acks are late) is redelivered, and Airflow ignores the copy.
+        "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "86400",
+        "AIRFLOW__OPERATORS__DEFAULT_QUEUE": AIRFLOW_DEFAULT_QUEUE,
+    }
+
+
+def redis_config(settings: Settings) -> Path:
+    """Write (mode 0600) the config of the stack's Redis and return its path: loopback only,
+    the generated password (in the file, never in argv), no persistence (``save ""``, no
+    append-only file): a lost queue is re-sent by Airflow's scheduler, not restored."""
+    folder = stack_dir(settings) / "redis"
+    folder.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    path = folder / "redis.conf"
+    _write_private(
+        path,
+        "bind 127.0.0.1\n"
+        "protected-mode yes\n"
+        f"port {redis_port()}\n"
+        f"requirepass {_secret(settings, REDIS_PASSWORD_SECRET)}\n"
+        'save ""\n'
+        "appendonly no\n"
+        f"dir {folder}\n"
+        'logfile ""\n'
+        "daemonize no\n",
+    )
+    return path
+
+
+def redis_alive(settings: Settings) -> bool:
+    """The stack's Redis answers PING with its password."""
+    import redis
+
+    client = redis.Redis(
+        host="127.0.0.1",
+        port=redis_port(),
+        password=_secret(settings, REDIS_PASSWORD_SECRET),
+        socket_timeout=2,
+        socket_connect_timeout=2,
+    )
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def worker_node(queue: str) -> str:
+    """The Celery node name of the worker of ``queue`` (``training@<host>``)."""
+    return f"{queue}@{socket.gethostname()}"
+
+
+def worker_alive(settings: Settings, node: str, timeout_s: float = 2.0) -> bool:
+    """The Celery worker ``node`` answers a ping sent through the stack's broker."""
+    if not redis_alive(settings):  # a ping to a broker that is down would retry for a while
+        return False
+    from celery import Celery
+
+    app = Celery(broker=redis_url(settings, 0), set_as_current=False)
+    try:
+        replies = app.control.ping(destination=[node], timeout=timeout_s)
+    except Exception:  # broker errors of every transport: not healthy
+        return False
+    finally:
+        app.close()
+    return any(node in reply for reply in replies)
+
+
+def redis_service(settings: Settings, base_env: dict[str, str]) -> Service:
+    """The stack's Redis (celery executor only): Celery's broker."""
+    command = [shutil.which("redis-server") or "redis-server", str(redis_config(settings))]
+    return Service(
+        REDIS_SERVICE,
+        command,
+        base_env,
+        None,
+        f"redis://127.0.0.1:{redis_port()} (password in {secrets_dir(settings.home)})",
+        probe=lambda: redis_alive(settings),
+    )
+
+
+def worker_service_name(queue: str) -> str:
+    return f"airflow-worker-{queue}"
+
+
+def celery_worker_services(settings: Settings, af_env: dict[str, str]) -> list[Service]:
+    """One ``airflow celery worker`` per queue, with :func:`recsys.scheduling.worker_concurrency`
+    task slots; ``serving``'s also takes Airflow's ``default`` queue. Their log servers would
+    bind every interface; the api-server reads the task log files directly, so none starts."""
+    workers = []
+    for queue, slots in worker_concurrency().items():
+        queues = [queue, AIRFLOW_DEFAULT_QUEUE] if queue == SERVING_QUEUE else [queue]
+        node = worker_node(queue)
+        command = [
+            _bin("airflow"), "celery", "worker",
+            "--queues", ",".join(queues),
+            "--concurrency", str(slots),
+            "--celery-hostname", node,
+            "--skip-serve-logs",
+            "--without-mingle", "--without-gossip",
+        ]  # fmt: skip
+        workers.append(
+            Service(
+                worker_service_name(queue),
+                command,
+                af_env,
+                None,
+                f"Celery {node}, queues {','.join(queues)}, {slots} slots",
+                probe=lambda node=node: worker_alive(settings, node),
+                after_servers=True,
+            )
+        )
+    return workers
+
+
+CELERY_SERVICE_NAMES = (REDIS_SERVICE, *(worker_service_name(q) for q in QUEUES))
 
 
 def airflow_password(settings: Settings) -> str:
@@ -340,9 +550,12 @@ def triton_cache_bytes() -> int:
     return value
 
 
-def services(settings: Settings) -> list[Service]:
-    """The stack's services in start order."""
+def services(settings: Settings, executor: str | None = None) -> list[Service]:
+    """The stack's services in start order, for ``executor`` (default: the stack's)."""
     from recsys.triton.server import TritonServer
+
+    executor = executor or stack_executor(settings)
+    celery = executor == CELERY_EXECUTOR
 
     base = {**os.environ, **recsys_env(settings)}
     triton = TritonServer(
@@ -359,7 +572,7 @@ def services(settings: Settings) -> list[Service]:
         query_sample_dir=settings.query_sample_dir,
         query_sample_rate=settings.query_sample_rate,
     )
-    af_env = {**base, **airflow_env(settings)}
+    af_env = {**base, **airflow_env(settings, executor)}
     airflow = _bin("airflow")
     af_health = f"http://127.0.0.1:{settings.airflow_port}/api/v2/monitor/health"
     return [
@@ -372,13 +585,18 @@ def services(settings: Settings) -> list[Service]:
             f"metrics {settings.triton_metrics_url}",
         ),
         mlflow_service(settings, base),
+        *([redis_service(settings, base)] if celery else []),
         Service("airflow-api-server", [airflow, "api-server"], af_env, af_health,
                 f"http://127.0.0.1:{settings.airflow_port}"),
         # Their log servers would bind every interface; on one machine the api-server reads the
         # task log files directly, so they are not started.
-        Service("airflow-scheduler", [airflow, "scheduler", "--skip-serve-logs"], af_env, None),
-        Service("airflow-dag-processor", [airflow, "dag-processor"], af_env, None),
-        Service("airflow-triggerer", [airflow, "triggerer", "--skip-serve-logs"], af_env, None),
+        Service("airflow-scheduler", [airflow, "scheduler", "--skip-serve-logs"], af_env, None,
+                after_servers=True),
+        Service("airflow-dag-processor", [airflow, "dag-processor"], af_env, None,
+                after_servers=True),
+        Service("airflow-triggerer", [airflow, "triggerer", "--skip-serve-logs"], af_env, None,
+                after_servers=True),
+        *(celery_worker_services(settings, af_env) if celery else []),
     ]  # fmt: skip
 
 
@@ -412,6 +630,10 @@ def _healthy(url: str | None) -> bool:
         return requests.get(url, timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+def _service_healthy(service: Service) -> bool:
+    return service.probe() if service.probe is not None else _healthy(service.health_url)
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
@@ -483,7 +705,7 @@ def wait_healthy(
 ) -> None:
     """Block until ``service`` answers its health check; fail with its log if it dies or the
     monotonic ``deadline`` passes."""
-    while not _healthy(service.health_url):
+    while not _service_healthy(service):
         if process.poll() is not None:
             raise StackError(
                 f"{service.name} exited with code {process.returncode}; log {log_path}:\n"
@@ -514,22 +736,48 @@ def running_mlflow_server(home: Path, port: int, timeout_s: float = 120.0) -> It
         process.wait(timeout=5)
 
 
-def up(settings: Settings, timeout_s: float = 180.0, echo=print) -> list[Service]:
+def up(
+    settings: Settings, timeout_s: float = 180.0, echo=print, executor: str | None = None
+) -> list[Service]:
     """Start every service that is not already running and wait until each is healthy.
 
-    Two phases: the servers (Triton, MLflow, Airflow's api-server) start together and are
-    waited for, and only then the scheduler, dag-processor and triggerer. The scheduler starts
-    tasks at once, and a task whose worker cannot reach the api-server's execution API fails
-    (the first monitor runs of a fresh stack did, and each alerted)."""
+    Two phases: the servers (Triton, MLflow, Redis with the celery executor, Airflow's
+    api-server) start together and are waited for, and only then the scheduler, dag-processor,
+    triggerer and Celery workers. The scheduler starts tasks at once, and a task whose worker
+    cannot reach the api-server's execution API fails (the first monitor runs of a fresh stack
+    did, and each alerted).
+
+    ``executor``: ``local`` or ``celery`` (default ``$RECSYS_AIRFLOW_EXECUTOR``, else
+    ``local``). A stack that runs keeps its executor: switching needs ``down`` first."""
+    executor = resolve_executor(executor)
+    running = stack_executor(settings)
+    if running != executor and any(
+        _running_pid(settings, service.name) for service in services(settings, running)
+    ):
+        raise StackError(
+            f"the stack runs with the {running} executor; `recsys stack down` before starting "
+            f"it with {executor}"
+        )
+    if executor == CELERY_EXECUTOR and shutil.which("redis-server") is None:
+        raise StackError(
+            "the celery executor needs a Redis server binary, and `redis-server` is not on PATH: "
+            "install it (`apt-get install redis-server`; scripts/setup.sh does) or start the "
+            "stack with the default `--executor local`"
+        )
     prepare_state_dirs(settings, echo)
+    _executor_file(settings).write_text(executor + "\n")
     settings.triton_repo.mkdir(parents=True, exist_ok=True)
     migrate_airflow_db(settings)
     deadline = time.monotonic() + timeout_s
-    all_services = services(settings)
-    servers = [s for s in all_services if s.health_url is not None]
-    workers = [s for s in all_services if s.health_url is None]
+    all_services = services(settings, executor)
+    servers = [s for s in all_services if not s.after_servers]
+    workers = [s for s in all_services if s.after_servers]
     for phase in (servers, workers):
         started = [_start(settings, service, echo) for service in phase]
+        waiting = [entry for entry in started if entry and entry[0].probe is not None]
+        if waiting:
+            names = ", ".join(service.name for service, _, _ in waiting)
+            echo(f"  waiting for {names} to answer (up to {deadline - time.monotonic():.0f}s)")
         for service, process, log_path in filter(None, started):
             wait_healthy(service, process, log_path, deadline)
     return all_services
@@ -576,8 +824,12 @@ def _terminate_tree(pid: int, timeout_s: float) -> None:
 
 
 def down(settings: Settings, timeout_s: float = 30.0, echo=print) -> None:
-    """Stop, in reverse start order, only the processes this launcher started."""
-    for service in reversed(services(settings)):
+    """Stop, in reverse start order (the Celery workers before Redis), only the processes this
+    launcher started, then forget the stack's executor."""
+    celery = stack_executor(settings) == CELERY_EXECUTOR or any(
+        _pid_file(settings, name).exists() for name in CELERY_SERVICE_NAMES
+    )
+    for service in reversed(services(settings, CELERY_EXECUTOR if celery else LOCAL_EXECUTOR)):
         pid = _running_pid(settings, service.name)
         if pid is not None:
             _terminate_tree(pid, timeout_s)
@@ -587,6 +839,7 @@ def down(settings: Settings, timeout_s: float = 30.0, echo=print) -> None:
 
                 cleanup_shared_memory()
         _pid_file(settings, service.name).unlink(missing_ok=True)
+    _executor_file(settings).unlink(missing_ok=True)
 
 
 def status(settings: Settings) -> list[dict[str, object]]:
@@ -598,7 +851,7 @@ def status(settings: Settings) -> list[dict[str, object]]:
             {
                 "service": service.name,
                 "pid": pid,
-                "healthy": bool(pid) and _healthy(service.health_url),
+                "healthy": bool(pid) and _service_healthy(service),
                 "endpoint": service.ui or "",
             }
         )

@@ -64,6 +64,57 @@ def test_monitoring_outranks_everything_and_training_cannot_fill_the_executor(da
         assert dagbag.get_dag(dag_id).is_paused_upon_creation is False, dag_id
 
 
+def test_every_task_is_routed_to_the_queue_of_its_kind_of_work(dagbag):
+    """Queues (CeleryExecutor: one worker each): training work on ``training``, register and
+    deploy on ``serving``, the monitor, its rollback, a rollout's analysis and finish and the
+    drift checks on ``monitoring`` -- as the scheduler sees them, after serialization."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    from recsys.scheduling import (
+        MONITORING_QUEUE,
+        PIPELINE_SERVING_TASKS,
+        QUEUES,
+        SERVING_QUEUE,
+        TRAINING_QUEUE,
+    )
+
+    queues: dict[str, dict[str, str]] = {}
+    for dag_id, dag in dagbag.dags.items():
+        serialized = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+        queues[dag_id] = {task.task_id: task.queue for task in serialized.tasks}
+        assert queues[dag_id] == {task.task_id: task.queue for task in dag.tasks}, dag_id
+        for task_id, queue in queues[dag_id].items():
+            assert queue in QUEUES, (dag_id, task_id, queue)
+
+    def on(dag_id: str, queue: str) -> set[str]:
+        return {task_id for task_id, q in queues[dag_id].items() if q == queue}
+
+    for dag_id, training in {
+        "search_model_pipeline": {"validate_data", "fine_tune", "fine_tune_reranker",
+                                  "evaluate", "export_onnx", "champion_gate", "reranker_gate"},
+        "recommend_model_pipeline": {"validate_data", "train", "evaluate", "export", "gate"},
+    }.items():  # fmt: skip
+        serving = on(dag_id, SERVING_QUEUE)
+        assert serving == PIPELINE_SERVING_TASKS & queues[dag_id].keys(), (dag_id, serving)
+        assert {"register", "promoted", "deploy", "start_rollout_analysis"} <= serving, dag_id
+        assert training <= on(dag_id, TRAINING_QUEUE), dag_id
+        assert on(dag_id, MONITORING_QUEUE) == set(), dag_id
+    monitors = [dag_id for dag_id in queues if dag_id.startswith("triton_monitor")]
+    assert len(monitors) == 3
+    for dag_id in monitors:
+        assert queues[dag_id] == {"watch_metrics": MONITORING_QUEUE, "rollback": MONITORING_QUEUE}
+    rollouts = [dag_id for dag_id in queues if dag_id.startswith("rollout")]
+    assert len(rollouts) == 3
+    for dag_id in rollouts:
+        assert queues[dag_id] == {
+            "start": SERVING_QUEUE,
+            "analyze": MONITORING_QUEUE,
+            "finish": MONITORING_QUEUE,
+        }, dag_id
+    for dag_id in ("query_drift", "input_drift_recommend"):
+        assert set(queues[dag_id].values()) == {MONITORING_QUEUE}, dag_id
+
+
 @pytest.mark.parametrize(
     "params_class, prefix",
     [
