@@ -12,6 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recsys.triton.replicas import (
+    REPLICAS_ENV,
+    ReplicaEntry,
+    TritonReplica,
+    parse_replicas,
+    resolve_entries,
+)
 from recsys.triton.repository import (
     InvalidModelNameError,
     check_serving_knobs,
@@ -94,6 +101,32 @@ class Settings:
     2000 microseconds)."""
     triton_intra_op_threads: int = _DEFAULT_SERVING["intra_op_threads"]
     """ONNX Runtime threads per model instance (``RECSYS_TRITON_INTRA_OP_THREADS``, 1)."""
+    triton_replica_entries: tuple[ReplicaEntry, ...] = ()
+    """The Triton replicas deploys, rollbacks and the monitor talk to
+    (``RECSYS_TRITON_REPLICAS``, :mod:`recsys.triton.replicas`); empty: the one server at
+    ``triton_host``. Clients keep calling ``triton_host`` (a load balancer in front of the
+    replicas)."""
+
+    def triton_replicas(self) -> list[TritonReplica]:
+        """Every Triton replica now (``dns+`` entries are looked up on each call, so replicas
+        that a scale-out added are found): the ``RECSYS_TRITON_REPLICAS`` list, or the single
+        server at ``triton_host`` with its gRPC and metrics ports. Raises
+        :class:`~recsys.triton.replicas.ReplicaDiscoveryError` when a DNS name resolves to
+        nothing."""
+        if not self.triton_replica_entries:
+            return [
+                TritonReplica(
+                    self.triton_host, self.triton_host, self.triton_grpc_port,
+                    self.triton_metrics_port,
+                )
+            ]  # fmt: skip
+        return resolve_entries(self.triton_replica_entries)
+
+    @property
+    def has_replicas(self) -> bool:
+        """Whether a replica list is configured (even one of one entry): deploys, rollbacks and
+        the monitor then name the replica in what they record."""
+        return bool(self.triton_replica_entries)
 
     def serving_knobs(self, serving: dict[str, Any] | None = None) -> dict[str, Any]:
         """Every serving knob a platform deploy publishes a version with: these settings (the
@@ -183,6 +216,7 @@ def load_settings() -> Settings:
         airflow_port=int(os.environ.get("RECSYS_AIRFLOW_PORT", "8080")),
         query_sample_dir=_env_path("RECSYS_QUERY_SAMPLE_DIR", home / "query_samples"),
         query_sample_rate=_sample_rate(os.environ.get("RECSYS_QUERY_SAMPLE_RATE", "0.1")),
+        triton_replica_entries=parse_replicas(os.environ.get(REPLICAS_ENV, "")),
         **serving_from_env(),
     )
 

@@ -17,6 +17,15 @@ from recsys.config import Settings
 log = logging.getLogger(__name__)
 
 
+def _not_retired_fields(errors: dict[str, Any], named: bool) -> dict[str, Any]:
+    """What the audit record says is still loaded: per replica when replicas are named."""
+    per_replica = {
+        replica: {str(v): s for v, s in error.still_loaded.items()}
+        for replica, error in errors.items()
+    }
+    return per_replica if named else next(iter(per_replica.values()))
+
+
 def register_model(
     settings: Settings, run_id: str, artifacts_dir: str, lineage: dict[str, Any]
 ) -> dict[str, Any]:
@@ -69,18 +78,34 @@ def deploy_model(
     into the audit record.
 
     A deploy is refused (:class:`~recsys.delivery.rollout.RolloutError`) while a rollout of
-    the model is under way; afterwards the model's router, if it has one, routes to ``version``."""
+    the model is under way; afterwards the model's router, if it has one, routes to ``version``.
+
+    With several Triton replicas (``RECSYS_TRITON_REPLICAS``, :mod:`recsys.triton.replicas`)
+    the version is published once into the shared repository, every replica is asked what it
+    serves before any is touched, and then each loads ``version`` and answers its smoke query
+    in turn. Only when all did does the alias move. When one fails, that replica is restored
+    as above and the replicas that had already switched go back to what each served before
+    (:func:`~recsys.rollback.revert_replicas`); the audit log names the failing replica and
+    every reverted one, and :class:`~recsys.rollback.DeployFailedError` says what each serves.
+    Clients never see two champions: the registry is untouched until every replica serves."""
     from recsys import audit, registry
     from recsys.alerts import mark_alerted
     from recsys.delivery.rollout import RolloutError, active_rollout
     from recsys.locking import model_lock
-    from recsys.rollback import restore_after_failed_deploy, router_follows
+    from recsys.monitoring.policy import metrics_targets
+    from recsys.rollback import (
+        DeployFailedError,
+        restore_after_failed_deploy,
+        revert_replicas,
+        router_follows,
+    )
     from recsys.triton.control import (
         TritonAuthError,
         TritonControl,
         TritonUnavailableError,
         VersionsNotRetiredError,
     )
+    from recsys.triton.replicas import TritonReplica
     from recsys.triton.repository import (
         check_requested_knobs,
         publish_version,
@@ -92,8 +117,10 @@ def deploy_model(
     model = settings.model_name
     knobs = settings.serving_knobs(serving)  # a bad knob is bad input before anything is done
     requested = {k: v for k, v in (serving or {}).items() if v is not None}
-    control = TritonControl(settings.triton_grpc_url)
-    not_retired: VersionsNotRetiredError | None = None
+    replicas = settings.triton_replicas()
+    controls = {replica.name: TritonControl(replica.grpc_url) for replica in replicas}
+    named = settings.has_replicas  # records and messages name the replica
+    not_retired: dict[str, VersionsNotRetiredError] = {}
     with model_lock(settings.home / "locks", model):
         # Fails (RegistryUnavailableError) before Triton is touched when the registry cannot be
         # read: a version that could not be promoted must not be loaded.
@@ -112,34 +139,59 @@ def deploy_model(
         repo = settings.triton_repo
         if requested:  # explicit knobs must be what the (immutable) version is served with
             check_requested_knobs(repo, model, version, requested)
-        served_before: list[int] | None = None
+        # What a failure restores is what each replica served, whatever the registry says;
+        # every replica is asked before any is touched, so one that cannot be reached fails
+        # the deploy while nothing has changed.
+        served_before: dict[str, list[int] | None] = {r.name: None for r in replicas}
+        switched: list[TritonReplica] = []
+        answers: dict[str, list[Any]] = {}
+        current = replicas[0]
         try:
-            # What a failure restores is what Triton served, whatever the registry says.
-            served_before = control.loaded_versions(model)
+            for current in replicas:
+                served_before[current.name] = controls[current.name].loaded_versions(model)
             config = version_serving_config(repo, model, version)
             served_with = version_serving_knobs(repo, model, version)
-            try:
-                control.load_version(model, version, repo, config=config)
-            except VersionsNotRetiredError as exc:
-                not_retired = exc  # version is READY and pinned; reported once the rest is done
-            answer = smoke_test_version(control, repo, model, version, smoke_request)
+            for current in replicas:
+                control = controls[current.name]
+                try:
+                    control.load_version(model, version, repo, config=config)
+                except VersionsNotRetiredError as exc:
+                    not_retired[current.name] = exc  # READY and pinned; reported at the end
+                answers[current.name] = smoke_test_version(
+                    control, repo, model, version, smoke_request
+                )
+                switched.append(current)
         except Exception as exc:
             failure = restore_after_failed_deploy(
                 settings,
-                control,
+                controls[current.name],
                 version,
-                served_before,
+                served_before[current.name],
                 exc,
                 smoke_request=smoke_request,
+                replica=current.name if named else None,
             )
+            if switched:
+                reverted = revert_replicas(
+                    settings,
+                    switched,
+                    controls,
+                    served_before,
+                    f"deploy of v{version} failed on replica {current.name}",
+                    smoke_request=smoke_request,
+                )
+                failure = DeployFailedError(f"{failure}; {reverted}", failure.serving)
             if isinstance(exc, TritonUnavailableError | TritonAuthError):
                 exc.add_note(str(failure))  # keep the type: the CLI maps it to its exit code
                 raise
             raise failure from exc
+        answer = answers[replicas[0].name]
         old = registry.promote_to_champion(settings.mlflow_tracking_uri, model, version)
         extra = router_follows(settings, version, f"deploy of v{version}")
-        if not_retired is not None:
-            extra["not_retired"] = {str(v): s for v, s in not_retired.still_loaded.items()}
+        if named:
+            extra["replicas"] = [replica.name for replica in replicas]
+        if not_retired:
+            extra["not_retired"] = _not_retired_fields(not_retired, named)
         audit.append_record(
             settings.audit_log,
             "deploy",
@@ -156,22 +208,31 @@ def deploy_model(
 
     # The monitor judges the new version from this moment on, not from a window that mixes in
     # the version it replaced.
-    rebaseline(settings.monitor_state, model, settings.triton_metrics_url)
-    log.info("version %d serves; smoke test -> %s", version, answer[:3])
-    if not_retired is not None:
+    rebaseline(settings.monitor_state, model, metrics_targets(settings))
+    log.info(
+        "version %d serves%s; smoke test -> %s",
+        version,
+        f" on {len(replicas)} replicas" if named else "",
+        answer[:3],
+    )
+    if not_retired:
         done = "deployed: it passed its smoke query and is champion" + (
             f", replacing v{old}" if old is not None and old != version else ""
         )
-        error = not_retired.with_done(done)
+        first = next(iter(not_retired.values()))
+        error = first.with_done(done)
         audit.send_alert(
             settings.alerts_log,
             f"{model} v{version} deployed, but older versions are still loaded",
             {"model": model, "version": version, "replaced": old, **extra, "error": str(error)},
         )
-        raise mark_alerted(error) from not_retired
-    return {
+        raise mark_alerted(error) from first
+    result: dict[str, Any] = {
         "version": version,
         "replaced": old,
         "smoke": answer,
         "serving": served_with,
     }
+    if named:
+        result["replicas"] = extra["replicas"]
+    return result

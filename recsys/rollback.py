@@ -40,6 +40,8 @@ ROLLBACK_COMPLETED = "rollback_registry_completed"
 DEPLOY_FAILED = "deploy_failed"
 DEPLOY_RESTORED = "deploy_restored"
 DEPLOY_RESTORE_FAILED = "deploy_restore_failed"
+REPLICA_REVERTED = "replica_reverted"
+REPLICA_REVERT_FAILED = "replica_revert_failed"
 
 
 class RollbackError(RuntimeError):
@@ -242,17 +244,20 @@ def rollback(
     """
     from recsys import audit, registry
     from recsys.locking import model_lock
-    from recsys.monitoring.policy import rebaseline
+    from recsys.monitoring.policy import metrics_targets, rebaseline
     from recsys.triton.control import TritonControl, VersionsNotRetiredError
     from recsys.triton.repository import smoke_test_version, version_serving_config
 
     check_to_version(to_version)
     model = check_model_name(settings.model_name)
     metrics = metrics or {}
-    control = TritonControl(settings.triton_grpc_url)
+    replicas = settings.triton_replicas()
+    controls = {replica.name: TritonControl(replica.grpc_url) for replica in replicas}
+    control = controls[replicas[0].name]
+    named = settings.has_replicas
     plan_error: RegistryUnavailableError | None = None
     update_error: BaseException | None = None
-    not_retired: VersionsNotRetiredError | None = None
+    not_retired: dict[str, VersionsNotRetiredError] = {}
     with model_lock(settings.home / "locks", model):
         try:
             plan = _plan_from_registry(settings, reason, to_version)
@@ -263,16 +268,28 @@ def rollback(
                 settings, reason, to_version, control.loaded_versions(model)
             )
         bad, good = plan.bad, plan.good
+        served_before: dict[str, list[int] | None] = {r.name: None for r in replicas}
+        switched: list[Any] = []
+        current = replicas[0]
         try:
+            if named:  # every replica is asked before any is switched
+                for current in replicas:
+                    served_before[current.name] = controls[current.name].loaded_versions(model)
             # The version comes back with the batching/instances/cache it was published with.
             config = version_serving_config(settings.triton_repo, model, good)
-            try:
-                control.load_version(model, good, settings.triton_repo, config=config)
-            except VersionsNotRetiredError as exc:
-                not_retired = exc  # good is READY and pinned; reported once the rest is done
-            # Pinned: while the bad version drains, it must not be the one that answers.
-            answer = smoke_test_version(control, settings.triton_repo, model, good, smoke_request)
+            for current in replicas:
+                control = controls[current.name]
+                try:
+                    control.load_version(model, good, settings.triton_repo, config=config)
+                except VersionsNotRetiredError as exc:
+                    not_retired[current.name] = exc  # good is READY and pinned; reported later
+                # Pinned: while the bad version drains, it must not be the one that answers.
+                answer = smoke_test_version(
+                    control, settings.triton_repo, model, good, smoke_request
+                )
+                switched.append(current)
         except Exception as exc:
+            control = controls[current.name]
             versions, unknown = serving_now(control, model)
             if versions == [bad]:
                 serving = f"v{bad} keeps serving"
@@ -280,6 +297,19 @@ def rollback(
                 serving = f"v{good} serves (it loaded, then failed the check)"
             else:
                 serving = describe_serving(model, versions, unknown)
+            reverted = ""
+            if named:
+                serving = f"on replica {current.name}, {serving}"
+                # The replicas that switched (and this one, if its load went through) go back:
+                # the fleet and the registry must say the same thing.
+                reverted = revert_replicas(
+                    settings,
+                    [*switched, current],
+                    controls,
+                    served_before,
+                    f"rollback to v{good} failed on replica {current.name}",
+                    smoke_request=smoke_request,
+                )
             audit.append_record(
                 settings.audit_log,
                 ROLLBACK_FAILED,
@@ -290,9 +320,20 @@ def rollback(
                 error=str(exc),
                 metrics=metrics,
                 serving_now=versions,
+                **(
+                    {
+                        "failed_replica": current.name,
+                        "reverted_replicas": [r.name for r in switched],
+                        "replicas": [r.name for r in replicas],
+                    }
+                    if named
+                    else {}
+                ),
             )
+            where = f" on replica {current.name}" if named else ""
             raise RollbackError(
-                f"rollback of {model} from v{bad} to v{good} failed: {exc}; {serving}"
+                f"rollback of {model} from v{bad} to v{good} failed{where}: {exc}; {serving}"
+                + (f"; {reverted}" if reverted else "")
             ) from exc
         fields = {
             **router_follows(settings, good, f"rollback to v{good}"),
@@ -304,8 +345,14 @@ def rollback(
             "planned_from": plan.source,
             "serving_switched": True,
         }
-        if not_retired is not None:
-            fields["not_retired"] = {str(v): s for v, s in not_retired.still_loaded.items()}
+        if named:
+            fields["replicas"] = [replica.name for replica in replicas]
+        if not_retired:
+            per_replica = {
+                name: {str(v): s for v, s in error.still_loaded.items()}
+                for name, error in not_retired.items()
+            }
+            fields["not_retired"] = per_replica if named else next(iter(per_replica.values()))
         if plan_error is None:
             try:
                 registry.record_rollback(
@@ -331,7 +378,7 @@ def rollback(
             )
     # The served version changed either way, so the old baseline and breach count are stale;
     # a fresh baseline lets the next check judge the restored version at once.
-    rebaseline(settings.monitor_state, model, settings.triton_metrics_url)
+    rebaseline(settings.monitor_state, model, metrics_targets(settings))
     details = {
         "model": model,
         "from_version": bad,
@@ -341,10 +388,11 @@ def rollback(
         "registry_updated": failure is None,
     }
     leftover = ""
-    if not_retired is not None:
+    first_not_retired = next(iter(not_retired.values()), None)
+    if first_not_retired is not None:
         details["not_retired"] = fields["not_retired"]
         leftover = "; still loaded: " + ", ".join(
-            f"v{v} ({s})" for v, s in sorted(not_retired.still_loaded.items())
+            f"v{v} ({s})" for v, s in sorted(first_not_retired.still_loaded.items())
         )
     if failure is not None:
         message = (
@@ -361,13 +409,13 @@ def rollback(
         settings.alerts_log, f"{model} rolled back from v{bad} to v{good}{leftover}", details
     )
     log.warning("rolled back %s from v%d to v%d: %s", model, bad, good, reason)
-    if not_retired is not None:
+    if first_not_retired is not None:
         raise mark_alerted(
-            not_retired.with_done(
+            first_not_retired.with_done(
                 f"rolled back from v{bad}: v{good} passed its smoke query and is champion in "
                 "the registry"
             )
-        ) from not_retired
+        ) from first_not_retired
     return record
 
 
@@ -460,9 +508,12 @@ def restore_after_failed_deploy(
     error: BaseException,
     *,
     smoke_request: dict[str, Any] | None = None,
+    replica: str | None = None,
 ) -> DeployFailedError:
     """Put back what Triton served before a deploy of ``version`` failed with ``error``, record
     it, and return the error the deploy raises (the caller holds the model lock).
+    ``replica`` names the Triton replica ``control`` talks to (records and the message say
+    it; ``None`` with a single server).
 
     ``served_before`` is what Triton served when the deploy started (None if it could not be
     read: then nothing was sent to Triton and nothing is restored). That version is loaded
@@ -484,6 +535,8 @@ def restore_after_failed_deploy(
     except Exception as exc:  # reported in the record and the error, never dropped
         action, target, fell_back = "none", None, False
         why = f"could not work out what to restore: {exc.__class__.__name__}: {exc}"
+    where = {"replica": replica} if replica else {}
+    on = f" on replica {replica}" if replica else ""
     current, unknown = serving_now(control, model)
     if action == "load" and current == [target]:
         action, why = "none", f"{why}; Triton still serves it (the attempt did not replace it)"
@@ -493,6 +546,7 @@ def restore_after_failed_deploy(
         settings.audit_log,
         DEPLOY_FAILED,
         model,
+        **where,
         version=version,
         reason=str(error),
         served_before=served_before,
@@ -521,6 +575,7 @@ def restore_after_failed_deploy(
                 settings.audit_log,
                 DEPLOY_RESTORE_FAILED,
                 model,
+                **where,
                 version=version,
                 restoring=target,
                 error=str(exc),
@@ -534,6 +589,7 @@ def restore_after_failed_deploy(
                 settings.audit_log,
                 DEPLOY_RESTORED,
                 model,
+                **where,
                 version=version,
                 restored=target,
                 from_version=version if fell_back else None,
@@ -551,6 +607,81 @@ def restore_after_failed_deploy(
                     f"`recsys rollback --to {target}`"
                 )
     serving = describe_serving(model, current, unknown)
-    message = f"deploy of {model} v{version} failed: {error}; {outcome}; {serving}"
+    if replica:
+        serving = serving.replace("Triton serves", f"replica {replica} serves", 1)
+    message = f"deploy of {model} v{version} failed{on}: {error}; {outcome}; {serving}"
     log.error(message)
     return DeployFailedError(message, current)
+
+
+def revert_replicas(
+    settings: Settings,
+    replicas: list[Any],
+    controls: dict[str, Any],
+    served_before: dict[str, list[int] | None],
+    why: str,
+    *,
+    smoke_request: dict[str, Any] | None = None,
+) -> str:
+    """Put each of ``replicas`` (:class:`~recsys.triton.replicas.TritonReplica`, newest switch
+    first) back to the versions it served before a deploy or rollback that failed on another
+    replica (``why``), so that the replicas agree with each other and with the registry. Each
+    restored version is loaded with the knobs it was published with and smoke-tested pinned; a
+    replica that served nothing before is unloaded. Every replica gets a ``replica_reverted``
+    or ``replica_revert_failed`` record; returns one clause per replica for the error message
+    (a replica that cannot be reverted is reported, never skipped silently)."""
+    from recsys import audit
+    from recsys.triton.control import VersionsNotRetiredError
+    from recsys.triton.repository import smoke_test_version, version_serving_config
+
+    model, repo = settings.model_name, settings.triton_repo
+    clauses = []
+    for replica in reversed(replicas):
+        control = controls[replica.name]
+        before = served_before.get(replica.name)
+        leftover = ""
+        try:
+            if before is None:
+                raise RuntimeError("what it served before the attempt is unknown")
+            now = control.loaded_versions(model)
+            if now == before:
+                done = "still serves " + (", ".join(f"v{v}" for v in before) or "nothing")
+            elif not before:
+                control.unload(model)
+                done = "unloaded (it served nothing before)"
+            else:
+                config = version_serving_config(repo, model, before[-1])
+                try:
+                    control.load_versions(model, before, repo, config=config)
+                except VersionsNotRetiredError as exc:  # restored; say what lingers
+                    leftover = f" (still loaded: {exc.still_loaded})"
+                for version in before:
+                    smoke_test_version(control, repo, model, version, smoke_request)
+                done = "back on " + ", ".join(f"v{v}" for v in before) + leftover
+        except Exception as exc:
+            current, unknown = serving_now(control, model)
+            audit.append_record(
+                settings.audit_log,
+                REPLICA_REVERT_FAILED,
+                model,
+                replica=replica.name,
+                restoring=before,
+                reason=why,
+                error=f"{exc.__class__.__name__}: {exc}",
+                serving_now=current,
+            )
+            log.error("replica %s of %s could not be reverted: %s", replica.name, model, exc)
+            state = describe_serving(model, current, unknown).replace("Triton serves", "serves")
+            clauses.append(f"replica {replica.name} could NOT be reverted ({exc}); it {state}")
+            continue
+        audit.append_record(
+            settings.audit_log,
+            REPLICA_REVERTED,
+            model,
+            replica=replica.name,
+            restored=before,
+            reason=why,
+            serving_now=serving_now(control, model)[0],
+        )
+        clauses.append(f"replica {replica.name} {done}")
+    return "; ".join(clauses)

@@ -132,6 +132,15 @@ def start_rollout(
     if mode == "shadow":
         weight = 0.0
     model, repo = settings.model_name, settings.triton_repo
+    replicas = settings.triton_replicas()
+    if len(replicas) > 1:
+        # The router and its analysis run inside one Triton; across replicas each would split
+        # and count on its own. Refused rather than half done.
+        raise RolloutError(
+            f"a {mode} of {model} needs a single Triton server, and {len(replicas)} replicas "
+            "are configured (RECSYS_TRITON_REPLICAS); deploy v"
+            f"{version} to every replica with `recsys deploy` instead"
+        )
     control = TritonControl(settings.triton_grpc_url)
     with model_lock(settings.home / "locks", model):
         current = active_rollout(settings)

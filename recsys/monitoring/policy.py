@@ -31,7 +31,8 @@ needs far more CPU or memory than the one before is the likely cause of a satura
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,16 @@ class Verdict:
     judged: bool = False
     """Whether the window was compared with the thresholds at all (False: no baseline yet, a
     growing window, too little traffic, no metrics for the model)."""
+    replicas: dict[str, dict[str, Any]] | None = None
+    """With several Triton replicas: each replica's own judgement of its window (``requests``,
+    ``error_rate``, ``breached``, ``reasons``, ``unreadable``); ``None`` with a single server."""
+    bad_replica: str | None = None
+    """The one replica that breached while the others served the same versions well: a
+    replica's problem (its host, its process), not the version's, so no rollback is due."""
+    replica_events: list[dict[str, Any]] = field(default_factory=list)
+    """What this check found that a person must hear about once (``kind``: ``replica_unhealthy``,
+    ``replica_recovered``, ``replica_blind``, ``replica_readable``; ``replica``; ``reason``).
+    The watch alerts and audits them; the state remembers what was already alerted."""
 
     @property
     def success_rate(self) -> float | None:
@@ -147,6 +158,15 @@ class Verdict:
             "p99_latency_ms": self.p99_latency_ms,
             "closed_outage": self.closed_outage,
             "judged": self.judged,
+            **(
+                {
+                    "replicas": self.replicas,
+                    "bad_replica": self.bad_replica,
+                    "replica_events": self.replica_events,
+                }
+                if self.replicas is not None
+                else {}
+            ),
         }
 
 
@@ -167,7 +187,11 @@ class MonitorState:
     saw last, for the task that acts on it and for people asking what the monitor thinks."""
     outages: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per model, an open metrics outage (``since``, ``error``, ``alerted_at``): remembered so
-    that one outage gives one alert, however many checks and watch runs it lasts."""
+    that one outage gives one alert, however many checks and watch runs it lasts. With several
+    replicas, a replica whose metrics cannot be read has its own (``<model>@<replica>``)."""
+    replica_breaches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per ``<model>@<replica>``, an open breach of one replica (``since``, ``alerted_at``,
+    ``reasons``): one bad replica, one alert, until it is judged healthy again."""
     recovered_from: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,6 +201,7 @@ class MonitorState:
             "consecutive": dict(sorted(self.consecutive.items())),
             "last_verdicts": dict(sorted(self.last_verdicts.items())),
             "outages": dict(sorted(self.outages.items())),
+            "replica_breaches": dict(sorted(self.replica_breaches.items())),
         }
 
     @classmethod
@@ -188,8 +213,9 @@ class MonitorState:
             raise ValueError("negative consecutive-breach count")
         last_verdicts = data.get("last_verdicts") or {}
         outages = data.get("outages") or {}
-        if not isinstance(last_verdicts, dict) or not isinstance(outages, dict):
-            raise ValueError("'last_verdicts' and 'outages' must be mappings")
+        breaches = data.get("replica_breaches") or {}  # absent from older state files
+        if not all(isinstance(x, dict) for x in (last_verdicts, outages, breaches)):
+            raise ValueError("'last_verdicts', 'outages' and 'replica_breaches' must be mappings")
         return cls(
             snapshots={
                 str(model): MetricsSnapshot.from_dict(snap)
@@ -198,6 +224,7 @@ class MonitorState:
             consecutive=consecutive,
             last_verdicts={str(k): dict(v) for k, v in last_verdicts.items()},
             outages={str(k): dict(v) for k, v in outages.items()},
+            replica_breaches={str(k): dict(v) for k, v in breaches.items()},
         )
 
     @classmethod
@@ -330,13 +357,14 @@ def evaluate(
 
 
 def check_once(
-    metrics_url: str,
+    metrics_url: str | Mapping[str, str],
     model: str,
     state_path: Path | str,
     thresholds: Thresholds | None = None,
     *,
     timeout_s: float = 5.0,
     exclude_versions: frozenset[str] = frozenset(),
+    replica_grace_s: float = 60.0,
 ) -> Verdict:
     """One check: scrape, judge the window since the stored snapshot, persist the new snapshot,
     breach count and verdict, and return the verdict.
@@ -352,9 +380,22 @@ def check_once(
     ``exclude_versions`` are left out of the model's window: the candidate of a rollout, which
     its own analysis judges against the stable version (:mod:`recsys.delivery.analysis`), so a
     faulty canary is aborted once, by the rollout, and not also rolled back by the monitor.
+
+    ``metrics_url`` may map replica names to their metrics URLs (several Triton replicas):
+    see :func:`check_replicas`, which judges each replica and the whole.
     """
     thresholds = thresholds or Thresholds()
     state_path = Path(state_path)
+    if not isinstance(metrics_url, str):
+        return check_replicas(
+            dict(metrics_url),
+            model,
+            state_path,
+            thresholds,
+            timeout_s=timeout_s,
+            exclude_versions=exclude_versions,
+            grace_s=replica_grace_s,
+        )
     with _locked(state_path):
         state = MonitorState.load(state_path)
         current = scrape(metrics_url, timeout_s=timeout_s).for_model(model)
@@ -431,6 +472,238 @@ def check_once(
     return verdict
 
 
+def replica_key(model: str, replica: str) -> str:
+    """The state file's key of one replica of ``model`` (its snapshot, outage, breach)."""
+    return f"{model}@{replica}"
+
+
+def _replica_summary(verdict: Verdict | None, stats: WindowStats | None) -> dict[str, Any]:
+    return {
+        "requests": None if stats is None else stats.requests,
+        "error_rate": None if stats is None else stats.error_rate,
+        "p99_latency_ms": None if stats is None else stats.p99_latency_ms,
+        "versions": None if stats is None else stats.version,
+        "judged": bool(verdict and verdict.judged),
+        "breached": bool(verdict and verdict.breached),
+        "reasons": [] if verdict is None else list(verdict.reasons),
+    }
+
+
+def check_replicas(
+    targets: dict[str, str],
+    model: str,
+    state_path: Path,
+    thresholds: Thresholds,
+    *,
+    timeout_s: float = 5.0,
+    exclude_versions: frozenset[str] = frozenset(),
+    grace_s: float = 60.0,
+) -> Verdict:
+    """:func:`check_once` for a model served by several Triton replicas (``targets``: replica
+    name -> metrics URL): every replica is scraped and judged on its own window, and the whole
+    (their windows added up, what clients behind the load balancer see) is judged as one model.
+
+    * The whole decides rollbacks, with the same rules and hysteresis as one server.
+    * Exactly one replica breaching while at least one other serves the same model well is
+      that replica's problem (its host, its process), not the version's: the verdict names it
+      (``bad_replica``), no rollback is due, and one ``replica_unhealthy`` event is raised per
+      breach (again only after the replica has been healthy in between). Rolling a good version
+      back because one machine is sick would not help anyone.
+    * A replica whose metrics cannot be read is left out of the whole and, after ``grace_s``,
+      raises one ``replica_blind`` event; when every replica is unreadable,
+      :class:`~recsys.monitoring.metrics.MetricsUnavailableError` is raised as for one server.
+    """
+    from recsys.monitoring.metrics import MetricsUnavailableError
+    from recsys.monitoring.window import combine
+
+    if not targets:
+        raise MetricsUnavailableError(f"no Triton replica to read {model}'s metrics from")
+    with _locked(state_path):
+        state = MonitorState.load(state_path)
+        snapshots: dict[str, MetricsSnapshot] = {}
+        unreadable: dict[str, str] = {}
+        for name, url in sorted(targets.items()):
+            try:
+                snapshots[name] = scrape(url, timeout_s=timeout_s).for_model(model)
+            except MetricsUnavailableError as exc:
+                unreadable[name] = str(exc)
+        if not snapshots:
+            listed = "; ".join(f"{name}: {error}" for name, error in unreadable.items())
+            raise MetricsUnavailableError(f"no replica's metrics are readable ({listed})")
+        now = max(snapshot.taken_at for snapshot in snapshots.values())
+        events: list[dict[str, Any]] = []
+        notes = []
+        if state.recovered_from is not None:
+            notes.append(f"monitor state was corrupt and has been reset ({state.recovered_from})")
+        if exclude_versions:
+            listed = ", ".join(f"v{v}" for v in sorted(exclude_versions))
+            notes.append(f"{listed} left out: a rollout's candidate, judged by its analysis")
+        closed_outage = state.outages.pop(model, None)
+        if closed_outage is not None:
+            notes.append(
+                f"metrics readable again (unreadable since {_clock(closed_outage.get('since'))})"
+            )
+        for name, error in unreadable.items():
+            outage = state.outages.setdefault(replica_key(model, name), {"since": now})
+            outage.update(error=error, last_failure_at=now)
+            notes.append(f"replica {name}: metrics unreadable, left out of the whole ({error})")
+            if outage.get("alerted_at") is None and now - float(outage["since"]) >= grace_s:
+                outage["alerted_at"] = now
+                events.append(
+                    {"kind": "replica_blind", "replica": name, "since": outage["since"],
+                     "reason": f"metrics of replica {name} unreadable since "
+                     f"{_clock(outage['since'])}: {error}"}
+                )  # fmt: skip
+        for name in snapshots:
+            outage = state.outages.pop(replica_key(model, name), None)
+            if outage is not None and outage.get("alerted_at") is not None:
+                events.append(
+                    {"kind": "replica_readable", "replica": name, "since": outage.get("since"),
+                     "reason": f"metrics of replica {name} readable again"}
+                )  # fmt: skip
+
+        windows: dict[str, WindowStats] = {}
+        baselined = []
+        age = 0.0
+        for name, current in snapshots.items():
+            previous = state.snapshots.get(replica_key(model, name))
+            if previous is None or current.taken_at <= previous.taken_at:
+                baselined.append(name)
+                continue
+            window = {
+                key: value
+                for key, value in compute_window(previous, current).items()
+                if key[1] not in exclude_versions
+            }
+            stats = with_host_usage(aggregate_model(window, model), current)
+            if stats is not None:
+                windows[name] = stats
+            age = max(age, current.taken_at - previous.taken_at)
+        count = state.consecutive.get(model, 0)
+        whole = combine(list(windows.values()), model) if windows else None
+        keep_baseline = False
+        per_replica: dict[str, Verdict] = {}
+        bad_replica = None
+        if whole is None:
+            why = (
+                f"no baseline yet for replica(s) {', '.join(baselined)}"
+                if baselined
+                else "no metrics for the model on any replica"
+            )
+            verdict = Verdict(
+                model=model,
+                breached=False,
+                should_rollback=False,
+                reasons=[*notes, f"{why}: stored baseline snapshots, nothing to compare yet"],
+                stats=None,
+                consecutive=count,
+            )
+        elif whole.requests < thresholds.min_requests and age < thresholds.max_window_s:
+            keep_baseline = True
+            verdict = Verdict(
+                model=model,
+                breached=False,
+                should_rollback=False,
+                reasons=[
+                    *notes,
+                    f"window growing: {whole.requests:g} requests on {len(windows)} replicas in "
+                    f"{age:.0f}s (judged at {thresholds.min_requests} requests or after "
+                    f"{thresholds.max_window_s:g}s); no decision yet",
+                ],
+                stats=whole,
+                consecutive=count,
+            )
+        else:
+            for name, stats in windows.items():
+                judged = evaluate(
+                    stats, thresholds, state.consecutive.get(replica_key(model, name), 0)
+                )
+                per_replica[name] = judged
+                state.consecutive[replica_key(model, name)] = judged.consecutive
+            breaching = sorted(n for n, v in per_replica.items() if v.breached)
+            healthy = sorted(n for n, v in per_replica.items() if v.judged and not v.breached)
+            verdict = evaluate(whole, thresholds, count)
+            verdict.model = model
+            if len(breaching) == 1 and healthy:
+                bad_replica = breaching[0]
+                bad = per_replica[bad_replica]
+                verdict = replace(
+                    verdict,
+                    breached=False,
+                    should_rollback=False,
+                    consecutive=0,
+                    reasons=[
+                        f"replica {bad_replica} breaches on its own: "
+                        + "; ".join(bad.reasons[:-1] or bad.reasons),
+                        f"replica(s) {', '.join(healthy)} serve the same versions well, so "
+                        "this is the replica's problem (its host or process), not the "
+                        "version's: no rollback",
+                    ],
+                )
+                key = replica_key(model, bad_replica)
+                breach = state.replica_breaches.setdefault(key, {"since": now})
+                breach["reasons"] = bad.reasons
+                if (
+                    breach.get("alerted_at") is None
+                    and bad.consecutive >= thresholds.consecutive_windows
+                ):
+                    breach["alerted_at"] = now
+                    events.append(
+                        {"kind": "replica_unhealthy", "replica": bad_replica,
+                         "since": breach["since"], "reason": "; ".join(verdict.reasons),
+                         "stats": None if bad.stats is None else bad.stats.to_dict()}
+                    )  # fmt: skip
+            elif breaching:
+                verdict.reasons = [
+                    *verdict.reasons,
+                    "breaching replicas: " + ", ".join(breaching)
+                    + (f" (healthy: {', '.join(healthy)})" if healthy else ""),
+                ]  # fmt: skip
+            for name in healthy:
+                breach = state.replica_breaches.pop(replica_key(model, name), None)
+                if breach is not None and breach.get("alerted_at") is not None:
+                    events.append(
+                        {"kind": "replica_recovered", "replica": name, "since": breach["since"],
+                         "reason": f"replica {name} is healthy again"}
+                    )  # fmt: skip
+            verdict.reasons = [*notes, *verdict.reasons]
+        verdict.closed_outage = closed_outage
+        verdict.bad_replica = bad_replica
+        verdict.replica_events = events
+        verdict.replicas = {
+            name: {
+                **_replica_summary(per_replica.get(name), windows.get(name)),
+                "unreadable": unreadable.get(name),
+            }
+            for name in sorted(targets)
+        }
+        if not keep_baseline:
+            for name, snapshot in snapshots.items():
+                state.snapshots[replica_key(model, name)] = snapshot
+        state.consecutive[model] = verdict.consecutive
+        state.last_verdicts[model] = {**verdict.to_dict(), "checked_at": now}
+        state.save(state_path)
+    log.log(
+        logging.WARNING if verdict.breached or bad_replica else logging.DEBUG,
+        "monitor %s on %d replicas: breached=%s rollback=%s bad_replica=%s; %s",
+        model,
+        len(targets),
+        verdict.breached,
+        verdict.should_rollback,
+        bad_replica,
+        "; ".join(verdict.reasons),
+    )
+    return verdict
+
+
+def metrics_targets(settings: Any) -> str | dict[str, str]:
+    """Where the monitor reads ``settings``' metrics: the single server's URL, or with a replica
+    list (``RECSYS_TRITON_REPLICAS``) every replica's, by name."""
+    if not settings.has_replicas:
+        return str(settings.triton_metrics_url)
+    return {replica.name: replica.metrics_url for replica in settings.triton_replicas()}
+
+
 def _clock(timestamp: Any) -> str:
     """A unix time as ``HH:MM:SS`` UTC for messages (``?`` when unknown)."""
     import datetime as _dt
@@ -496,15 +769,22 @@ def reset_model(state_path: Path | str, model: str) -> None:
         state = MonitorState.load(state_path)
         state.snapshots.pop(model, None)
         state.consecutive.pop(model, None)
+        _forget_replicas(state, model)
         state.save(state_path)
 
 
 def rebaseline(
-    state_path: Path | str, model: str, metrics_url: str, *, timeout_s: float = 5.0
+    state_path: Path | str,
+    model: str,
+    metrics_url: str | Mapping[str, str],
+    *,
+    timeout_s: float = 5.0,
 ) -> bool:
     """Like :func:`reset_model`, but store a fresh snapshot as the new baseline right away, so
     the next :func:`check_once` already judges the window since this moment instead of spending
     a whole interval re-baselining (one scrape interval less before a bad version is caught).
+    ``metrics_url`` may map replica names to their URLs: each replica gets its baseline, and
+    their breach counts and open breaches are forgotten with the model's.
 
     Returns whether a baseline was stored; when the metrics cannot be read the model is simply
     reset (the next check re-baselines), since a switch that already happened must not fail on
@@ -512,8 +792,11 @@ def rebaseline(
     """
     from recsys.monitoring.metrics import MetricsUnavailableError
 
+    targets = {"": metrics_url} if isinstance(metrics_url, str) else dict(metrics_url)
+    snapshots: dict[str, MetricsSnapshot] = {}
     try:
-        snapshot = scrape(metrics_url, timeout_s=timeout_s).for_model(model)
+        for name, url in targets.items():
+            snapshots[name] = scrape(url, timeout_s=timeout_s).for_model(model)
     except MetricsUnavailableError as exc:
         log.warning("could not re-baseline %s (%s); the next check will", model, exc)
         reset_model(state_path, model)
@@ -521,7 +804,17 @@ def rebaseline(
     state_path = Path(state_path)
     with _locked(state_path):
         state = MonitorState.load(state_path)
-        state.snapshots[model] = snapshot
+        _forget_replicas(state, model)
+        for name, snapshot in snapshots.items():
+            state.snapshots[replica_key(model, name) if name else model] = snapshot
         state.consecutive.pop(model, None)
         state.save(state_path)
     return True
+
+
+def _forget_replicas(state: MonitorState, model: str) -> None:
+    """Drop every per-replica baseline, breach count and open breach of ``model``."""
+    prefix = replica_key(model, "")
+    for table in (state.snapshots, state.consecutive, state.replica_breaches):
+        for key in [k for k in table if k.startswith(prefix)]:
+            table.pop(key)

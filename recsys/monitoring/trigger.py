@@ -23,6 +23,11 @@ What the watch does with the other outcomes:
   ``metrics_grace_s``, the watch sends one alert and writes an audit record for the outage,
   which the monitor state remembers across checks and watch runs. The next successful check
   closes it: a ``monitor_metrics_restored`` audit record, no second alert.
+* With several Triton replicas (``replicas``: the ``RECSYS_TRITON_REPLICAS`` text, resolved
+  again at every check so that ``dns+`` names follow a scale-out), every replica is judged and
+  the whole too (:func:`recsys.monitoring.policy.check_replicas`). A single bad replica is
+  named in one alert and one audit record (``replica_unhealthy``) and never rolls the version
+  back; a replica whose metrics stay unreadable is alerted once (``replica_blind``).
 * When the newest audit record of the model is a failed rollback, a breach does not end the
   watch again for :data:`FAILED_ROLLBACK_QUIET_S`. That failure has already alerted and needs a
   person; rolling back again every few seconds would alert every few seconds.
@@ -52,6 +57,8 @@ log = logging.getLogger(__name__)
 
 MONITOR_BLIND = "monitor_metrics_unavailable"
 MONITOR_RESTORED = "monitor_metrics_restored"
+REPLICA_EVENTS_ALERTED = {"replica_unhealthy", "replica_blind"}
+"""Replica events that page a person (once per episode); the others are only audited."""
 ROLLBACK_FAILED = "rollback_failed"
 FAILED_ROLLBACK_QUIET_S = 15 * 60.0
 """After a rollback of a model failed (alerted, with the reason), a still-breaching model does
@@ -135,8 +142,11 @@ class MetricsWatchTrigger(BaseTrigger):
         run_id: str = "",
         task_id: str = "",
         triton_repo: str = "",
+        replicas: str = "",
     ) -> None:
         super().__init__()
+        self.replicas = replicas
+        """``RECSYS_TRITON_REPLICAS`` (empty: the single server at ``metrics_url``)."""
         self.triton_repo = triton_repo
         """Where the model's router keeps its routing: the candidate of a rollout under way is
         left out of the monitor's window (its analysis judges it)."""
@@ -174,6 +184,7 @@ class MetricsWatchTrigger(BaseTrigger):
                 "run_id": self.run_id,
                 "task_id": self.task_id,
                 "triton_repo": self.triton_repo,
+                "replicas": self.replicas,
             },
         )
 
@@ -188,18 +199,21 @@ class MetricsWatchTrigger(BaseTrigger):
         self.summary.checks += 1
         try:
             verdict = check_once(
-                self.metrics_url,
+                self._targets(),
                 self.model,
                 self.state_path,
                 Thresholds(**self.thresholds),
                 timeout_s=self.timeout_s,
                 exclude_versions=self._rollout_candidates(),
+                replica_grace_s=self.metrics_grace_s,
             )
         except MetricsUnavailableError as exc:
             self.summary.unavailable_checks += 1
             self._note_unavailable(str(exc), now)
         else:
             self.last_verdict = verdict.to_dict()
+            for event in verdict.replica_events:
+                self._note_replica_event(event)
             if verdict.closed_outage is not None:
                 self._note_restored(verdict.closed_outage)
             if verdict.judged:
@@ -221,6 +235,42 @@ class MetricsWatchTrigger(BaseTrigger):
         if now >= self.watch_until:
             return self._finish("watch period over")
         return None
+
+    def _targets(self) -> str | dict[str, str]:
+        """The metrics URL, or every replica's by name (``dns+`` names resolved now; a name
+        that resolves to nothing is an unreadable check, handled like any outage)."""
+        if not self.replicas:
+            return self.metrics_url
+        from recsys.triton.replicas import ReplicaDiscoveryError, metrics_targets
+
+        try:
+            return metrics_targets(self.replicas)
+        except ReplicaDiscoveryError as exc:
+            raise MetricsUnavailableError(str(exc)) from exc
+
+    def _note_replica_event(self, event: dict[str, Any]) -> None:
+        """Audit every replica event; alert the ones a person must act on, naming the model
+        and the replica (the policy raises each once per episode)."""
+        from recsys import audit
+
+        kind, replica = str(event["kind"]), str(event["replica"])
+        audit.append_record(
+            Path(self.audit_log), kind, self.model, actor=self.dag_id or "monitor",
+            replica=replica, reason=event.get("reason"),
+        )  # fmt: skip
+        if kind not in REPLICA_EVENTS_ALERTED:
+            return
+        what = (
+            "is unhealthy; the other replicas serve the same version well, so it was NOT "
+            "rolled back: take the replica out of service and look at its host"
+            if kind == "replica_unhealthy"
+            else "cannot be monitored: its metrics are unreadable (the others are still judged)"
+        )
+        audit.send_alert(
+            Path(self.alerts_log),
+            f"{self.model}: Triton replica {replica} {what}",
+            {**self._where(), **event, "kind": kind},
+        )
 
     def _rollout_candidates(self) -> frozenset[str]:
         """The candidate version of a rollout under way (none without a router). An unreadable
@@ -354,6 +404,7 @@ class MetricsWatchOperator(BaseOperator):
     def execute(self, context: Mapping[str, Any]) -> None:
         from recsys.config import load_settings, served_model_settings
         from recsys.monitoring.config import THRESHOLD_FIELDS, load_thresholds
+        from recsys.triton.replicas import format_entries
 
         settings = served_model_settings(load_settings(), self.model_suffix, self.family)
         params = context["params"]
@@ -377,6 +428,7 @@ class MetricsWatchOperator(BaseOperator):
                 run_id=ti.run_id,
                 task_id=ti.task_id,
                 triton_repo=str(settings.triton_repo),
+                replicas=format_entries(settings.triton_replica_entries),
             ),
             method_name="execute_complete",
             timeout=watch + TRIGGER_TIMEOUT_MARGIN,

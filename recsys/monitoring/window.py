@@ -173,15 +173,32 @@ def aggregate_model(stats: dict[tuple[str, str], WindowStats], model: str) -> Wi
     parts = [s for (name, _), s in stats.items() if name == model]
     if not parts:
         return None
-    parts.sort(key=lambda s: _version_sort_key(s.version))
+    return combine(parts, model)
+
+
+def combine(parts: list[WindowStats], model: str) -> WindowStats:
+    """One :class:`WindowStats` of several windows of ``model``: its versions
+    (:func:`aggregate_model`), or the same model on several Triton replicas (the whole a client
+    behind the load balancer sees). Counts add up, means are re-weighted by successes, the p99
+    is the worst part's, ``pending`` adds up, and the host gauges are the busiest part's (the
+    host that saturates first is the one that hurts). ``version`` lists the distinct versions."""
+    parts = sorted(parts, key=lambda s: _version_sort_key(s.version))
+    versions: list[str] = []
+    for part in parts:
+        for version in part.version.split(","):
+            if version not in versions:
+                versions.append(version)
     requests = sum(s.requests for s in parts)
     failures = sum(s.failures for s in parts)
     rejected = sum(s.rejected for s in parts)
     seconds = max(s.seconds for s in parts)
     p99s = [s.p99_latency_ms for s in parts if s.p99_latency_ms is not None]
+    cpu = [s.cpu_utilization for s in parts if s.cpu_utilization is not None]
+    memory = [s for s in parts if s.memory_utilization is not None]
+    busiest = max(memory, key=lambda s: s.memory_utilization or 0.0) if memory else None
     return WindowStats(
         model=model,
-        version=",".join(s.version for s in parts),
+        version=",".join(versions),
         seconds=seconds,
         requests=requests,
         failures=failures,
@@ -196,6 +213,9 @@ def aggregate_model(stats: dict[tuple[str, str], WindowStats], model: str) -> Wi
         rejected=rejected,
         rejected_rate=_rejected_rate(rejected, requests),
         rejected_by_reason=_sum_by_reason(parts, "rejected_by_reason"),
+        cpu_utilization=max(cpu) if cpu else None,
+        memory_used_bytes=busiest.memory_used_bytes if busiest else None,
+        memory_total_bytes=busiest.memory_total_bytes if busiest else None,
     )
 
 
