@@ -532,6 +532,36 @@ def _complete_pending(settings: Settings) -> int:
 # -- status / audit / query -------------------------------------------------------------------
 
 
+def _replicas(args: argparse.Namespace) -> int:
+    """``recsys replicas status|sync``: exit 3 when a replica cannot be reached (status), 1 when
+    one could not be brought to the champion (sync)."""
+    from recsys.deploy import replica_versions, sync_replicas
+
+    settings = _settings_for(args)
+    model = settings.model_name
+    if args.replicas_command == "sync":
+        result = sync_replicas(settings)
+        if result.get("note"):
+            print(f"{model}: nothing to sync ({result['note']})")
+            return 0
+        for name, state in result["replicas"].items():
+            detail = f" (served {state['was']})" if state["state"] == "synced" else ""
+            detail = f" ({state['error']})" if state["state"] == "unreachable" else detail
+            print(f"  {name:<24} {state['state']}{detail}")
+        print(f"{model}: champion v{result['champion']} on every reachable replica")
+        return 0
+    versions = replica_versions(settings)
+    unreachable = False
+    print(f"{model} on {len(versions)} Triton replica(s):")
+    for name, served in versions.items():
+        if isinstance(served, str):
+            unreachable = True
+            print(f"  {name:<24} {served}")
+        else:
+            print(f"  {name:<24} {', '.join(f'v{v}' for v in served) or 'nothing loaded'}")
+    return EXIT_UNAVAILABLE if unreachable else 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from recsys.operations import platform_status
 
@@ -918,6 +948,18 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--model", type=_model_name, default=None, help=MODEL_HELP)
     rollback.set_defaults(func=_rollback)
 
+    replicas = sub.add_parser(
+        "replicas", help="what each Triton replica serves; load the champion where missing"
+    )
+    replicas_sub = replicas.add_subparsers(dest="replicas_command", required=True)
+    for name, helptext in (
+        ("status", "what every replica (RECSYS_TRITON_REPLICAS) serves of the model"),
+        ("sync", "load the champion on every replica that does not serve it"),
+    ):
+        command = replicas_sub.add_parser(name, help=helptext)
+        command.add_argument("--model", type=_model_name, default=None, help=MODEL_HELP)
+        command.set_defaults(func=_replicas)
+
     status = sub.add_parser("status", help="services, served versions, aliases, audit")
     status.add_argument("--model", type=_model_name, default=None, help=MODEL_HELP)
     status.set_defaults(func=_status)
@@ -981,9 +1023,11 @@ def exit_code_for(exc: BaseException) -> int:
 
     from recsys.registry import RegistryUnavailableError
     from recsys.triton.control import TritonUnavailableError
+    from recsys.triton.replicas import ReplicaDiscoveryError
 
     unavailable = (
         TritonUnavailableError,
+        ReplicaDiscoveryError,
         RegistryUnavailableError,
         requests.ConnectionError,
         requests.Timeout,
@@ -998,7 +1042,16 @@ def exit_code_for(exc: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+    command = " ".join(
+        filter(
+            None,
+            (
+                args.command,
+                getattr(args, "data_command", None),
+                getattr(args, "replicas_command", None),
+            ),
+        )
+    )
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -236,3 +236,115 @@ def deploy_model(
     if named:
         result["replicas"] = extra["replicas"]
     return result
+
+
+class ReplicaSyncError(RuntimeError):
+    """A replica that lacked the champion could not be brought in line (the load or its smoke
+    query failed); the message names each such replica (``replicas``) and the error."""
+
+    def __init__(self, message: str, replicas: list[str]) -> None:
+        super().__init__(message)
+        self.replicas = list(replicas)
+
+
+def replica_versions(settings: Settings) -> dict[str, list[int] | str]:
+    """What every Triton replica serves of ``settings.model_name`` now: the READY versions, or
+    the reason the replica could not be asked (it is reported, never guessed)."""
+    from recsys.triton.control import TritonControl
+
+    answer: dict[str, list[int] | str] = {}
+    for replica in settings.triton_replicas():
+        try:
+            with TritonControl(replica.grpc_url, timeout_s=10.0) as control:
+                answer[replica.name] = control.loaded_versions(settings.model_name)
+        except Exception as exc:  # reported per replica, with its reason
+            answer[replica.name] = f"unreachable: {exc.__class__.__name__}: {exc}"
+    return answer
+
+
+def sync_replicas(
+    settings: Settings, smoke_request: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Load the ``champion`` version onto every replica that does not serve exactly it.
+
+    Triton runs with explicit model control, so a replica that joined after the last deploy (a
+    scale-out, a restarted container or pod) starts with nothing loaded, and a replica that was
+    down during a rollback still serves what it served before. The monitor DAG runs this at the
+    start of every watch, and ``recsys replicas sync`` runs it by hand. Each replica brought in
+    line is smoke-tested pinned to the champion and audited (``replica_synced``); a replica that
+    cannot be reached is left to the monitor, which alerts on it once; a replica that fails to
+    load or answer is audited (``replica_sync_failed``) and makes this raise
+    :class:`ReplicaSyncError` after the others were handled. Nothing happens with a single
+    server (no ``RECSYS_TRITON_REPLICAS``), with no champion yet, or during a rollout.
+
+    Returns ``{"champion", "replicas": {name: {"state", ...}}}`` where state is ``in_sync``,
+    ``synced`` (with ``was``), ``unreachable`` or ``failed`` (with ``error``)."""
+    from recsys import registry
+    from recsys.delivery.rollout import active_rollout
+    from recsys.locking import model_lock
+    from recsys.triton.control import TritonControl
+
+    model = settings.model_name
+    if not settings.has_replicas:
+        return {"champion": None, "replicas": {}, "note": "a single Triton server"}
+    with model_lock(settings.home / "locks", model):
+        champion = registry.alias_version(settings.mlflow_tracking_uri, model, registry.CHAMPION)
+        if champion is None:
+            return {"champion": None, "replicas": {}, "note": "no champion to serve yet"}
+        if active_rollout(settings) is not None:
+            return {"champion": champion, "replicas": {}, "note": "a rollout is under way"}
+        states: dict[str, dict[str, Any]] = {}
+        for replica in settings.triton_replicas():
+            with TritonControl(replica.grpc_url) as control:
+                states[replica.name] = _sync_one(
+                    settings, control, replica.name, champion, smoke_request
+                )
+    failed = {name: s for name, s in states.items() if s["state"] == "failed"}
+    if failed:
+        listed = "; ".join(f"replica {name}: {s['error']}" for name, s in failed.items())
+        raise ReplicaSyncError(
+            f"{model} v{champion} could not be loaded on every replica: {listed}", sorted(failed)
+        )
+    return {"champion": champion, "replicas": states}
+
+
+def _sync_one(
+    settings: Settings,
+    control: Any,
+    replica: str,
+    champion: int,
+    smoke_request: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Bring one replica to the champion (see :func:`sync_replicas`); returns its state."""
+    import contextlib
+
+    from recsys import audit
+    from recsys.triton.control import TritonUnavailableError, VersionsNotRetiredError
+    from recsys.triton.repository import smoke_test_version, version_serving_config
+
+    model, repo = settings.model_name, settings.triton_repo
+    try:
+        was = control.loaded_versions(model)
+    except TritonUnavailableError as exc:  # the monitor alerts on a replica it cannot read
+        return {"state": "unreachable", "error": str(exc)}
+    if was == [champion]:
+        return {"state": "in_sync"}
+    try:
+        config = version_serving_config(repo, model, champion)
+        with contextlib.suppress(VersionsNotRetiredError):  # READY and alone in the policy
+            control.load_version(model, champion, repo, config=config)
+        smoke_test_version(control, repo, model, champion, smoke_request)
+    except Exception as exc:  # recorded here, raised by the caller after the other replicas
+        error = f"{exc.__class__.__name__}: {exc}"
+        audit.append_record(
+            settings.audit_log, "replica_sync_failed", model,
+            replica=replica, version=champion, was=was, error=error,
+        )  # fmt: skip
+        return {"state": "failed", "was": was, "error": error}
+    audit.append_record(
+        settings.audit_log, "replica_synced", model,
+        replica=replica, version=champion, was=was,
+        reason="the replica did not serve the champion (it joined or restarted since)",
+    )  # fmt: skip
+    log.warning("replica %s of %s served %s; now serves v%d", replica, model, was, champion)
+    return {"state": "synced", "was": was}

@@ -330,22 +330,14 @@ def _settled(replicas: Replicas, model: str, expected: dict[str, float]) -> None
         time.sleep(0.1)
 
 
-def test_the_monitor_names_a_single_bad_replica_and_rolls_back_a_bad_version(
-    replicas, search_artifacts
-):
+def _watch(settings: Any, **options: Any) -> Any:
+    """The monitor's metrics watch over every replica, as the monitor DAG defers it."""
     from recsys.monitoring.trigger import MetricsWatchTrigger
     from recsys.triton.replicas import format_entries
 
-    settings = replicas.configure()
-    model = settings.model_name
-    # Every instance of this version raises once it has answered 20 requests (one instance per
-    # replica): a replica that gets more traffic fails first, as a sick host would.
-    faulty = search_artifacts("faulty", fault={"mode": "raise", "after_requests": 20})
-    version = register_version(settings, faulty)
-    deploy_model(settings, version, str(faulty), SMOKE)  # one smoke request on each replica
-    trigger = MetricsWatchTrigger(
+    return MetricsWatchTrigger(
         settings.triton_metrics_url,
-        model,
+        settings.model_name,
         str(settings.monitor_state),
         Thresholds(max_error_rate=0.05, min_requests=5).to_dict(),
         watch_until=time.time() + 600,
@@ -353,7 +345,21 @@ def test_the_monitor_names_a_single_bad_replica_and_rolls_back_a_bad_version(
         alerts_log=str(settings.alerts_log),
         dag_id="triton_monitor",
         replicas=format_entries(settings.triton_replica_entries),
+        **options,
     )
+
+
+def test_the_monitor_names_a_single_bad_replica_and_rolls_back_a_bad_version(
+    replicas, search_artifacts
+):
+    settings = replicas.configure()
+    model = settings.model_name
+    # Every instance of this version raises once it has answered 20 requests (one instance per
+    # replica): a replica that gets more traffic fails first, as a sick host would.
+    faulty = search_artifacts("faulty", fault={"mode": "raise", "after_requests": 20})
+    version = register_version(settings, faulty)
+    deploy_model(settings, version, str(faulty), SMOKE)  # one smoke request on each replica
+    trigger = _watch(settings)
     assert _traffic(replicas, "a", model, 10) == 0  # a: 11 answered, healthy
     assert _traffic(replicas, "b", model, 30) == 11  # b: 19 more answered, then 11 failures
     _settled(replicas, model, {"a": 11, "b": 31})
@@ -401,3 +407,44 @@ def test_a_replica_whose_metrics_are_unreadable_is_left_out_and_named(replicas, 
     assert [(e["kind"], e["replica"]) for e in later.replica_events] == [("replica_blind", "b")]
     again = check_once(targets, model, settings.monitor_state, thresholds, replica_grace_s=0)
     assert again.replica_events == []  # one outage, one event
+
+
+def test_a_replica_that_restarted_empty_is_brought_to_the_champion(
+    replicas, search_artifacts, capsys
+):
+    from recsys.cli import main
+
+    settings = replicas.configure()
+    model = settings.model_name
+    good = search_artifacts("good")
+    v1 = register_version(settings, good)
+    deploy_model(settings, v1, str(good), SMOKE)
+    replicas.servers["b"].stop()  # a restart: explicit model control starts with nothing
+    replicas.start("b")
+    # The watch notices at its next check and ends, so that the next watch loads it there
+    watch = _watch(settings)
+    ended = watch.step()
+    assert ended is not None and not ended["should_rollback"]
+    assert f"replica(s) b serve no version of {model}" in ended["watch"]["ended_because"]
+    assert ended["empty_replicas"] == ["b"]
+    # ... unless syncing b already failed when this watch started (alerted then): no loop
+    assert _watch(settings, unsyncable=["b"]).step() is None
+    assert main(["replicas", "status"]) == 0
+    out = capsys.readouterr().out
+    assert f"a {' ' * 23}v{v1}" in out and f"b {' ' * 23}nothing loaded" in out
+    assert main(["replicas", "sync"]) == 0
+    out = capsys.readouterr().out
+    assert "b                        synced (served [])" in out
+    assert "a                        in_sync" in out
+    assert replicas.serving(model) == {"a": [v1], "b": [v1]}
+    synced = read_records(settings.audit_log, model)[-1]
+    assert synced["action"] == "replica_synced" and synced["replica"] == "b"
+    assert synced["version"] == v1 and synced["was"] == []
+    with replicas.control("b") as control:
+        assert search(control, model, "wood glue", 3, version=v1)
+    # b down: status says so with exit 3; sync leaves it to the monitor and syncs nothing
+    replicas.kill("b")
+    assert main(["replicas", "status"]) == 3
+    assert "unreachable" in capsys.readouterr().out
+    assert main(["replicas", "sync"]) == 0
+    assert "b                        unreachable" in capsys.readouterr().out

@@ -127,6 +127,10 @@ class Verdict:
     bad_replica: str | None = None
     """The one replica that breached while the others served the same versions well: a
     replica's problem (its host, its process), not the version's, so no rollback is due."""
+    empty_replicas: list[str] = field(default_factory=list)
+    """Readable replicas that serve no version of the model while another replica does: they
+    joined or restarted since the last deploy (Triton loads nothing by itself); the watch ends
+    so that the next one loads the champion there (:func:`recsys.deploy.sync_replicas`)."""
     replica_events: list[dict[str, Any]] = field(default_factory=list)
     """What this check found that a person must hear about once (``kind``: ``replica_unhealthy``,
     ``replica_recovered``, ``replica_blind``, ``replica_readable``; ``replica``; ``reason``).
@@ -162,6 +166,7 @@ class Verdict:
                 {
                     "replicas": self.replicas,
                     "bad_replica": self.bad_replica,
+                    "empty_replicas": self.empty_replicas,
                     "replica_events": self.replica_events,
                 }
                 if self.replicas is not None
@@ -670,6 +675,8 @@ def check_replicas(
         verdict.closed_outage = closed_outage
         verdict.bad_replica = bad_replica
         verdict.replica_events = events
+        if any(snapshot.models for snapshot in snapshots.values()):
+            verdict.empty_replicas = sorted(n for n, s in snapshots.items() if not s.models)
         verdict.replicas = {
             name: {
                 **_replica_summary(per_replica.get(name), windows.get(name)),

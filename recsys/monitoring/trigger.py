@@ -143,9 +143,13 @@ class MetricsWatchTrigger(BaseTrigger):
         task_id: str = "",
         triton_repo: str = "",
         replicas: str = "",
+        unsyncable: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.replicas = replicas
+        self.unsyncable = sorted(unsyncable or [])
+        """Replicas the champion could not be loaded on when this watch started (alerted
+        then): their serving nothing does not end the watch again."""
         """``RECSYS_TRITON_REPLICAS`` (empty: the single server at ``metrics_url``)."""
         self.triton_repo = triton_repo
         """Where the model's router keeps its routing: the candidate of a rollout under way is
@@ -185,6 +189,7 @@ class MetricsWatchTrigger(BaseTrigger):
                 "task_id": self.task_id,
                 "triton_repo": self.triton_repo,
                 "replicas": self.replicas,
+                "unsyncable": self.unsyncable,
             },
         )
 
@@ -214,6 +219,12 @@ class MetricsWatchTrigger(BaseTrigger):
             self.last_verdict = verdict.to_dict()
             for event in verdict.replica_events:
                 self._note_replica_event(event)
+            empty = [r for r in verdict.empty_replicas if r not in self.unsyncable]
+            if empty:
+                return self._finish(
+                    f"replica(s) {', '.join(empty)} serve no version of {self.model}: the next "
+                    "watch loads the champion there"
+                )
             if verdict.closed_outage is not None:
                 self._note_restored(verdict.closed_outage)
             if verdict.judged:
@@ -413,6 +424,11 @@ class MetricsWatchOperator(BaseOperator):
         )
         watch = timedelta(minutes=float(params["watch_minutes"]))
         ti = context["ti"]
+        unsyncable = (
+            self._sync_replicas(settings, params.get("smoke_request"), ti)
+            if settings.has_replicas
+            else []
+        )
         self.defer(
             trigger=MetricsWatchTrigger(
                 settings.triton_metrics_url,
@@ -429,10 +445,53 @@ class MetricsWatchOperator(BaseOperator):
                 task_id=ti.task_id,
                 triton_repo=str(settings.triton_repo),
                 replicas=format_entries(settings.triton_replica_entries),
+                unsyncable=unsyncable,
             ),
             method_name="execute_complete",
             timeout=watch + TRIGGER_TIMEOUT_MARGIN,
         )
+
+    def _sync_replicas(self, settings: Any, smoke_request: Any, ti: Any) -> list[str]:
+        """Bring every Triton replica to the champion before watching
+        (:func:`recsys.deploy.sync_replicas`): a replica that joined or restarted since the last
+        deploy serves nothing until then. A failure never stops the watch; it alerts once per
+        repeat window (``RECSYS_ALERT_REPEAT_MINUTES``), since it recurs at every watch.
+        Returns the replicas that could not be synced (all of them when it failed as a whole).
+        """
+        from recsys import audit
+        from recsys.alerts import _fingerprint, _sent_recently, repeat_window_s
+        from recsys.deploy import ReplicaSyncError, sync_replicas
+
+        try:
+            result = sync_replicas(settings, smoke_request=smoke_request)
+        except Exception as exc:  # reported, then the watch goes on: watching matters more
+            log.error("syncing the replicas of %s failed: %s", settings.model_name, exc)
+            details = {
+                "model": settings.model_name,
+                "dag_id": ti.dag_id,
+                "task_id": ti.task_id,
+                "run_id": ti.run_id,
+                "error_type": exc.__class__.__name__,
+                "error": str(exc),
+            }
+            details["fingerprint"] = _fingerprint(details)
+            if not _sent_recently(settings.alerts_log, details["fingerprint"], repeat_window_s()):
+                audit.send_alert(
+                    settings.alerts_log,
+                    f"{settings.model_name}: Triton replicas could not be brought to the champion",
+                    details,
+                )
+            if isinstance(exc, ReplicaSyncError):
+                return sorted(exc.replicas)
+            return [replica.name for replica in settings.triton_replicas()]
+        synced = {n: s for n, s in result["replicas"].items() if s["state"] == "synced"}
+        if synced:
+            log.warning(
+                "loaded %s v%s on replica(s) %s, which served %s",
+                settings.model_name, result["champion"], ", ".join(synced),
+                {n: s["was"] for n, s in synced.items()},
+            )  # fmt: skip
+        return []
 
     def execute_complete(self, context: Mapping[str, Any], event: Any = None) -> dict[str, Any]:
         """Only reached under ``dag.test()``, which resumes a deferred task with the event's
