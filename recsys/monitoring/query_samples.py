@@ -1,7 +1,7 @@
 """Read the served-query samples that Triton's model appends, from where the last check stopped.
 
 The writer (:class:`recsys.families.search.serving_model.QuerySampler`) appends JSON lines to
-``<sample dir>/<model>/<version>/queries-<pid>-<n>.jsonl``, one writer per file, never
+``<sample dir>/<model>/<version>/queries-<host>-<pid>-<n>.jsonl``, one writer per file, never
 rewriting a byte. So "since the last check" is a byte offset per file: everything after it is
 new, and a line without its newline yet is left for the next read (the writer may be
 mid-write). A file that is gone (rotated out) or shorter than its offset (replaced) is read

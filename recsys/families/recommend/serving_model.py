@@ -54,7 +54,7 @@ The manifest's ``fault_injection`` works as in search (``"raise"``, ``{"mode": "
 version that passes its smoke test and then fails under traffic.
 
 With ``RECSYS_QUERY_SAMPLE_DIR`` set, a ``RECSYS_QUERY_SAMPLE_RATE`` share of the valid requests
-is appended to ``<dir>/<model>/<version>/queries-<pid>-<n>.jsonl`` as
+is appended to ``<dir>/<model>/<version>/queries-<host>-<pid>-<n>.jsonl`` as
 ``{"ts": ..., "request": {"known_user", "user", "items", "unknown_items", "source"}}`` for the
 drift check (:class:`RequestSampler`): ``known_user`` is ``None`` and ``items`` the sent ids for
 a session, ``items`` is empty for a user request (their stored history is not a served input).
@@ -67,6 +67,8 @@ import errno
 import json
 import os
 import random
+import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -239,12 +241,20 @@ def _error_key(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0) or type(exc).__name__
 
 
+def _writer_tag() -> str:
+    """``<host>-<pid>``: names this process's sample files. Several Triton replicas write into
+    one shared folder, and every container numbers its processes from 1, so the pid alone
+    would let two replicas append to the same file."""
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+    return f"{host}-{os.getpid()}"
+
+
 class RequestSampler:
     """Appends a random share of the served requests to JSON-lines files for the drift check.
 
     The search model's ``QuerySampler`` with a request object instead of a query string per
     line (``{"ts": ..., "request": {...}}``), and the same files and rules: one writer per
-    ``<dir>/<model>/<version>/queries-<pid>-<n>.jsonl`` (each model instance is its own
+    ``<dir>/<model>/<version>/queries-<host>-<pid>-<n>.jsonl`` (each model instance is its own
     process), append-only so the reader can keep a byte offset per file, rotated at
     ``max_bytes`` with only the newest :data:`SAMPLE_SEGMENTS_KEPT` segments kept.
 
@@ -300,10 +310,10 @@ class RequestSampler:
         return cls(Path(root) / model_name / str(version), rate, max_bytes, log, retry_s=retry_s)
 
     def _segment_path(self, segment: int) -> Path:
-        return self.directory / f"queries-{os.getpid()}-{segment:06d}.jsonl"
+        return self.directory / f"queries-{_writer_tag()}-{segment:06d}.jsonl"
 
     def _segments(self) -> list[int]:
-        prefix = f"queries-{os.getpid()}-"
+        prefix = f"queries-{_writer_tag()}-"
         found = []
         for path in self.directory.glob(f"{prefix}*.jsonl"):
             number = path.name[len(prefix) : -len(".jsonl")]
