@@ -448,3 +448,24 @@ def test_a_replica_that_restarted_empty_is_brought_to_the_champion(
     assert "unreachable" in capsys.readouterr().out
     assert main(["replicas", "sync"]) == 0
     assert "b                        unreachable" in capsys.readouterr().out
+
+
+def test_the_monitor_dag_loads_the_champion_on_a_restarted_replica(
+    replicas, search_artifacts, dagbag
+):
+    settings = replicas.configure()
+    model = settings.model_name
+    good = search_artifacts("good")
+    v1 = register_version(settings, good)
+    deploy_model(settings, v1, str(good), SMOKE)
+    replicas.servers["b"].stop()
+    replicas.start("b")
+    assert replicas.serving(model) == {"a": [v1], "b": []}
+    monitor = dagbag.get_dag("triton_monitor")
+    run = monitor.test(run_conf={"watch_minutes": 0.05, "check_interval_s": 1.0})
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert run.state == "success", states
+    assert states["rollback"] == "skipped", states
+    assert replicas.serving(model) == {"a": [v1], "b": [v1]}
+    synced = [r for r in read_records(settings.audit_log, model) if r["action"] == "replica_synced"]
+    assert [(r["replica"], r["version"], r["was"]) for r in synced] == [("b", v1, [])]
