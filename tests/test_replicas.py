@@ -409,18 +409,25 @@ def test_a_replica_whose_metrics_are_unreadable_is_left_out_and_named(replicas, 
     assert again.replica_events == []  # one outage, one event
 
 
+def _b_restarted_after_a_deploy(replicas: Replicas, search_artifacts: Any) -> tuple[Any, int]:
+    """v1 deployed on both replicas, then b restarted: explicit model control starts it with
+    nothing loaded. Returns the settings and v1."""
+    settings = replicas.configure()
+    good = search_artifacts("good")
+    v1 = register_version(settings, good)
+    deploy_model(settings, v1, str(good), SMOKE)
+    replicas.servers["b"].stop()
+    replicas.start("b")
+    return settings, v1
+
+
 def test_a_replica_that_restarted_empty_is_brought_to_the_champion(
     replicas, search_artifacts, capsys
 ):
     from recsys.cli import main
 
-    settings = replicas.configure()
+    settings, v1 = _b_restarted_after_a_deploy(replicas, search_artifacts)
     model = settings.model_name
-    good = search_artifacts("good")
-    v1 = register_version(settings, good)
-    deploy_model(settings, v1, str(good), SMOKE)
-    replicas.servers["b"].stop()  # a restart: explicit model control starts with nothing
-    replicas.start("b")
     # The watch notices at its next check and ends, so that the next watch loads it there
     watch = _watch(settings)
     ended = watch.step()
@@ -453,13 +460,8 @@ def test_a_replica_that_restarted_empty_is_brought_to_the_champion(
 def test_the_monitor_dag_loads_the_champion_on_a_restarted_replica(
     replicas, search_artifacts, dagbag
 ):
-    settings = replicas.configure()
+    settings, v1 = _b_restarted_after_a_deploy(replicas, search_artifacts)
     model = settings.model_name
-    good = search_artifacts("good")
-    v1 = register_version(settings, good)
-    deploy_model(settings, v1, str(good), SMOKE)
-    replicas.servers["b"].stop()
-    replicas.start("b")
     assert replicas.serving(model) == {"a": [v1], "b": []}
     monitor = dagbag.get_dag("triton_monitor")
     run = monitor.test(run_conf={"watch_minutes": 0.05, "check_interval_s": 1.0})

@@ -406,17 +406,7 @@ def check_once(
         current = scrape(metrics_url, timeout_s=timeout_s).for_model(model)
         previous = state.snapshots.get(model)
         count = state.consecutive.get(model, 0)
-        notes = []
-        if state.recovered_from is not None:
-            notes.append(f"monitor state was corrupt and has been reset ({state.recovered_from})")
-        if exclude_versions:
-            listed = ", ".join(f"v{v}" for v in sorted(exclude_versions))
-            notes.append(f"{listed} left out: a rollout's candidate, judged by its analysis")
-        closed_outage = state.outages.pop(model, None)
-        if closed_outage is not None:
-            notes.append(
-                f"metrics readable again (unreadable since {_clock(closed_outage.get('since'))})"
-            )
+        notes, closed_outage = _opening_notes(state, model, exclude_versions)
         keep_baseline = False
         if previous is None or current.taken_at <= previous.taken_at:
             why = "no baseline yet" if previous is None else "clock went backwards"
@@ -429,12 +419,7 @@ def check_once(
                 consecutive=count,
             )
         else:
-            window = {
-                key: value
-                for key, value in compute_window(previous, current).items()
-                if key[1] not in exclude_versions
-            }
-            stats = with_host_usage(aggregate_model(window, model), current)
+            stats = _model_window(previous, current, model, exclude_versions)
             age = current.taken_at - previous.taken_at
             if (
                 stats is not None
@@ -475,6 +460,41 @@ def check_once(
         "; ".join(verdict.reasons),
     )
     return verdict
+
+
+def _opening_notes(
+    state: MonitorState, model: str, exclude_versions: frozenset[str]
+) -> tuple[list[str], dict[str, Any] | None]:
+    """What every verdict starts with (a reset state, a left-out candidate, the end of a
+    metrics outage, which this closes), and the outage it closed."""
+    notes = []
+    if state.recovered_from is not None:
+        notes.append(f"monitor state was corrupt and has been reset ({state.recovered_from})")
+    if exclude_versions:
+        listed = ", ".join(f"v{v}" for v in sorted(exclude_versions))
+        notes.append(f"{listed} left out: a rollout's candidate, judged by its analysis")
+    closed_outage = state.outages.pop(model, None)
+    if closed_outage is not None:
+        notes.append(
+            f"metrics readable again (unreadable since {_clock(closed_outage.get('since'))})"
+        )
+    return notes, closed_outage
+
+
+def _model_window(
+    previous: MetricsSnapshot,
+    current: MetricsSnapshot,
+    model: str,
+    exclude_versions: frozenset[str],
+) -> WindowStats | None:
+    """``model``'s window between two snapshots of one server, its versions combined and a
+    rollout's candidate left out, with the host's gauges at the window's end."""
+    window = {
+        key: value
+        for key, value in compute_window(previous, current).items()
+        if key[1] not in exclude_versions
+    }
+    return with_host_usage(aggregate_model(window, model), current)
 
 
 def replica_key(model: str, replica: str) -> str:
@@ -537,17 +557,7 @@ def check_replicas(
             raise MetricsUnavailableError(f"no replica's metrics are readable ({listed})")
         now = max(snapshot.taken_at for snapshot in snapshots.values())
         events: list[dict[str, Any]] = []
-        notes = []
-        if state.recovered_from is not None:
-            notes.append(f"monitor state was corrupt and has been reset ({state.recovered_from})")
-        if exclude_versions:
-            listed = ", ".join(f"v{v}" for v in sorted(exclude_versions))
-            notes.append(f"{listed} left out: a rollout's candidate, judged by its analysis")
-        closed_outage = state.outages.pop(model, None)
-        if closed_outage is not None:
-            notes.append(
-                f"metrics readable again (unreadable since {_clock(closed_outage.get('since'))})"
-            )
+        notes, closed_outage = _opening_notes(state, model, exclude_versions)
         for name, error in unreadable.items():
             outage = state.outages.setdefault(replica_key(model, name), {"since": now})
             outage.update(error=error, last_failure_at=now)
@@ -575,12 +585,7 @@ def check_replicas(
             if previous is None or current.taken_at <= previous.taken_at:
                 baselined.append(name)
                 continue
-            window = {
-                key: value
-                for key, value in compute_window(previous, current).items()
-                if key[1] not in exclude_versions
-            }
-            stats = with_host_usage(aggregate_model(window, model), current)
+            stats = _model_window(previous, current, model, exclude_versions)
             if stats is not None:
                 windows[name] = stats
             age = max(age, current.taken_at - previous.taken_at)
