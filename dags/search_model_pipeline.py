@@ -17,11 +17,11 @@ from recsys.families.search.profiles import PROFILE_NAMES
 from recsys.model_pipeline import ROLLOUT_PARAMS, data_lineage, rollout_handoff, serving_params
 from recsys.model_pipeline import version_lineage as version_tags
 from recsys.scheduling import (
+    SERVING_QUEUE,
     TRAINING_POOL,
     TRAINING_PRIORITY,
     TRAINING_QUEUE,
     WEIGHT_RULE,
-    route_pipeline_tasks,
 )
 
 DOC = """
@@ -408,7 +408,7 @@ def search_model_pipeline():
             challenger_metrics=exported.get("metrics"),
         )
 
-    @task
+    @task(queue=SERVING_QUEUE)
     def register(
         validated: dict, trained: dict, evaluation: dict, exported: dict, decision: dict
     ) -> dict:
@@ -423,13 +423,13 @@ def search_model_pipeline():
         }
         return register_model(settings, trained["run_id"], exported["artifacts_dir"], lineage)
 
-    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    @task.short_circuit(ignore_downstream_trigger_rules=False, queue=SERVING_QUEUE)
     def promoted(decision: dict) -> bool:
         """Deploy only a challenger that beat the champion, or one forced for a rehearsal."""
         params = get_current_context()["params"]
         return bool(decision["promote"] or params["force_deploy"])
 
-    @task
+    @task(queue=SERVING_QUEUE)
     def deploy(registered: dict, exported: dict, decision: dict, model_suffix: str = "") -> dict:
         """Serve the registered version of the bi-encoder (or, with ``model_suffix``, of
         another served model of this run), saying in the audit record why."""
@@ -561,7 +561,7 @@ def search_model_pipeline():
             run_id=reranker["run_id"],
         )
 
-    @task
+    @task(queue=SERVING_QUEUE)
     def register_reranker(
         validated: dict, reranker: dict, evaluation: dict, exported: dict, decision: dict
     ) -> dict:
@@ -596,5 +596,4 @@ def search_model_pipeline():
     )
 
 
-# Register, deploy and the rollout handoff run on the `serving` queue, the rest on `training`.
-route_pipeline_tasks(search_model_pipeline())
+search_model_pipeline()

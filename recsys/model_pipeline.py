@@ -410,14 +410,16 @@ def rollout_handoff(family: str, suffix: str, deployed: Any) -> Any:
     from airflow.sdk import task
 
     from recsys.families import rollout_dag_id
+    from recsys.scheduling import SERVING_QUEUE
 
-    @task.short_circuit(task_id="rolled_out" + suffix)
+    @task.short_circuit(task_id="rolled_out" + suffix, queue=SERVING_QUEUE)
     def rolled_out(deployed: dict) -> bool:
         """Only a deploy that started a rollout hands it to the rollout DAG."""
         return deployed.get("rollout_conf") is not None
 
     trigger = TriggerDagRunOperator(
         task_id="start_rollout_analysis" + suffix,
+        queue=SERVING_QUEUE,
         trigger_dag_id=rollout_dag_id(family, suffix),
         conf=deployed["rollout_conf"],
     )
@@ -435,7 +437,13 @@ def pipeline_dag(family_name: str):
     from recsys.alerts import FailureAlert
     from recsys.config import pipeline_schedule
     from recsys.families import get_family
-    from recsys.scheduling import TRAINING_POOL, TRAINING_PRIORITY, TRAINING_QUEUE, WEIGHT_RULE
+    from recsys.scheduling import (
+        SERVING_QUEUE,
+        TRAINING_POOL,
+        TRAINING_PRIORITY,
+        TRAINING_QUEUE,
+        WEIGHT_RULE,
+    )
 
     family = get_family(family_name)
     params = {**PIPELINE_PARAMS, **ROLLOUT_PARAMS, **serving_params(), **family.pipeline_params()}
@@ -526,7 +534,7 @@ Trigger with params to point it at another export (`data_path`). `fault_injectio
                 settings, family, split, exported, values, run_dir=run_dir, run_id=trained["run_id"]
             )
 
-        @task
+        @task(queue=SERVING_QUEUE)
         def register(
             validated: dict, trained: dict, evaluation: dict, exported: dict, decision: dict
         ) -> dict:
@@ -542,12 +550,12 @@ Trigger with params to point it at another export (`data_path`). `fault_injectio
             }
             return register_model(settings, trained["run_id"], exported["artifacts_dir"], lineage)
 
-        @task.short_circuit(ignore_downstream_trigger_rules=False)
+        @task.short_circuit(ignore_downstream_trigger_rules=False, queue=SERVING_QUEUE)
         def promoted(decision: dict) -> bool:
             """Deploy only a challenger that beat the champion, or one forced for a rehearsal."""
             return bool(decision["promote"] or get_current_context()["params"]["force_deploy"])
 
-        @task
+        @task(queue=SERVING_QUEUE)
         def deploy(registered: dict, exported: dict, decision: dict) -> dict:
             settings, _, values = context_parts()
             forced = values["force_deploy"] and not decision["promote"]

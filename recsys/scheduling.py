@@ -56,21 +56,6 @@ AIRFLOW_DEFAULT_QUEUE = "default"
 """Airflow's ``[operators] default_queue``: where a task without a queue goes (a DAG someone
 adds by hand); the ``serving`` worker takes it too, so such a task still runs."""
 
-PIPELINE_SERVING_TASKS = frozenset(
-    {
-        "register",
-        "promoted",
-        "deploy",
-        "rolled_out",
-        "start_rollout_analysis",
-        "register_reranker",
-        "reranker_promoted",
-        "deploy_reranker",
-    }
-)
-"""Tasks of the model pipelines that register, gate the deploy of, deploy (publish, load,
-smoke-test, move the aliases) or hand a rollout on: ``serving``, not behind training."""
-
 MONITORING_PRIORITY = 1000
 """Priority weight of the monitor's tasks (rollback first among everything waiting)."""
 ROLLOUT_PRIORITY = 500
@@ -98,16 +83,6 @@ def worker_concurrency(path: Path = POOLS_FILE) -> dict[str, int]:
         SERVING_QUEUE: 2,
         MONITORING_QUEUE: RESERVED_MONITORING_SLOTS,
     }
-
-
-def route_pipeline_tasks(dag):
-    """Put a model pipeline's :data:`PIPELINE_SERVING_TASKS` on the ``serving`` queue (the
-    rest keep the DAG's ``training`` default); returns ``dag``. For pipelines whose tasks are
-    built elsewhere (:func:`recsys.model_pipeline.pipeline_dag`, its rollout handoff)."""
-    for task in dag.tasks:
-        if task.task_id in PIPELINE_SERVING_TASKS:
-            task.queue = SERVING_QUEUE
-    return dag
 
 
 NICE_ENV = "RECSYS_TRAINING_NICE"
