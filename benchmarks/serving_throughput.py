@@ -653,6 +653,59 @@ def build_artifacts(
     return {FP32: fp32, INT8: int8}, info
 
 
+def cross_encoder_checkpoint(model_dir: Path, target: Path, seed: int = 0) -> Path:
+    """``model_dir`` as a cross-encoder checkpoint with a seeded, saved classification head (a
+    base encoder gets a fresh random head at every load, so the export's check against PyTorch
+    needs one fixed head)."""
+    import torch
+
+    from recsys.families.search.encoder import load_tokenizer
+    from recsys.families.search.reranker import load_cross_encoder
+
+    torch.manual_seed(seed)
+    load_cross_encoder(model_dir).save_pretrained(str(target))
+    load_tokenizer(model_dir).save_pretrained(str(target))
+    return target
+
+
+def hybrid_reranker_folder(
+    fp32: Path, model_dir: Path, catalog: Any, target: Path, precision: str
+) -> tuple[Path, dict[str, Any]]:
+    """The cpu profile's served system built from the fp32 bi-encoder folder with the
+    platform's exporters: BM25 over the catalogue's titles fused by RRF (depth 100), and a
+    cross-encoder reranking the fused top 20 (``model_dir`` with a fresh classification head:
+    an untrained head costs exactly what a trained one does), served at ``precision``.
+    Cached in ``target`` (stamp: the fp32 folder's manifest and the precision)."""
+    from recsys.families.search.export import add_hybrid, add_reranker, copy_fp32_artifacts
+
+    key = {"fp32": json.loads((fp32 / "manifest.json").read_text()), "precision": precision}
+    stamp = target / "stamp.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        recorded = json.loads(stamp.read_text())
+        if recorded["key"] == json.loads(json.dumps(key, default=str)):
+            print(f"reusing hybrid + reranker folder {target}", flush=True)
+            return target / "folder", recorded["info"]
+    shutil.rmtree(target, ignore_errors=True)
+    started = time.perf_counter()
+    cross_encoder = cross_encoder_checkpoint(model_dir, target / "cross_encoder")
+    folder = copy_fp32_artifacts(fp32, target / "folder", model_name="bench_hybrid_reranker")
+    add_hybrid(folder, {"k1": 1.2, "b": 0.75}, {"method": "rrf", "depth": 100})
+    add_reranker(folder, cross_encoder, catalog, candidates=20, max_length=96, precision=precision)
+    section = json.loads((folder / "manifest.json").read_text())["reranker"]
+    info = {
+        "built_from": str(fp32),
+        "cross_encoder": f"{model_dir} with a fresh (untrained) single-logit head",
+        "retrieval": "hybrid: BM25 (k1 1.2, b 0.75) + dense, RRF, depth 100",
+        "rerank_candidates": section["candidates"],
+        "rerank_max_length": section["max_length"],
+        "reranker_onnx_file": section["onnx_file"],
+        "reranker_precision": section.get("precision", "fp32"),
+        "build_s": round(time.perf_counter() - started, 1),
+    }
+    stamp.write_text(json.dumps({"key": key, "info": info}, indent=2, default=str) + "\n")
+    return target / "folder", info
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cpus = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -715,6 +768,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also deploy and measure this serving folder on Triton (e.g. a hybrid + reranker "
         "export); reported as NAME with its ratios to the fp32 bi-encoder",
     )
+    parser.add_argument(
+        "--hybrid-reranker",
+        action="append",
+        default=[],
+        choices=["fp32", "int8"],
+        help="also build (from the fp32 folder and --model-dir as the cross-encoder) and "
+        "measure the cpu profile's hybrid + reranker system with this cross-encoder precision; "
+        "reported as hybrid_reranker_<precision> (cached under --artifacts-dir)",
+    )
     parser.add_argument("--keep-workdir", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -770,9 +832,19 @@ def main() -> int:
     print(f"Triton serving knobs: {knobs} (from flags: {requested_knobs(args)})", flush=True)
     try:
         artifacts, export_info = cached_artifacts(model_dir, catalog, work, args)
+        for precision in args.hybrid_reranker:
+            name = f"hybrid_reranker_{precision}"
+            base = args.artifacts_dir.resolve() if args.artifacts_dir else work
+            folder, info = hybrid_reranker_folder(
+                artifacts[FP32], model_dir, catalog, base / name, precision
+            )
+            args.served_folders[name] = folder
+            export_info[name] = info
         artifacts.update(args.served_folders)  # measured after fp32 and INT8, Triton only
         print(f"artifacts: {export_info}", flush=True)
+        load_before = os.getloadavg()
         results, answers, served = run_triton(work, artifacts, queries, args)
+        load_after = os.getloadavg()
         baseline_results, baseline_answers = run_baselines(
             model_dir, artifacts, queries, work / "baselines", args
         )
@@ -845,7 +917,11 @@ def main() -> int:
             },
             "run": args.baselines,
         },
-        "machine": machine,
+        "machine": {
+            **machine,
+            "load_average_before_triton": [round(x, 2) for x in load_before],
+            "load_average_after_triton": [round(x, 2) for x in load_after],
+        },
         "results": results,
         "ratios": comparisons,
         "agreement": agreements,

@@ -18,8 +18,10 @@ from recsys.families.search.hybrid import (
     LEXICAL_FILES,
     FusionConfig,
     LexicalConfig,
+    LexicalHits,
     LexicalIndex,
     fuse,
+    fuse_sparse,
 )
 
 TITLES = [
@@ -68,6 +70,44 @@ def test_fusion_rewards_agreement_and_adds_what_only_bm25_finds():
         FusionConfig(method="max")
     with pytest.raises(ValueError, match="differ"):
         fuse(dense, lexical[:, :4], config, 3)
+
+
+def test_the_top_k_bm25_path_ranks_exactly_as_the_full_score_path(frames):
+    """What serves (BM25 hits of the queries' terms, fusion over the union of the dense and
+    BM25 top-``depth`` lists) equals the full-array reference: same BM25 values to the bit,
+    same top-k products in the same order with the same fused scores, for both fusions."""
+    test, catalog = frames
+    titles = [*TITLES, *catalog["product_title"].astype(str)]
+    index = LexicalIndex.build(titles, LexicalConfig(k1=0.9, b=0.4))
+    queries = [*sorted(set(test["search_term"].astype(str)))[:60], "zzz unknown", "brackets"]
+    full = index.scores(queries)
+    hits = index.sparse_scores(queries)
+    reference = LexicalHits.from_dense(full)
+    np.testing.assert_array_equal(hits.indptr, reference.indptr)
+    np.testing.assert_array_equal(hits.docs, reference.docs)
+    np.testing.assert_array_equal(hits.values, reference.values)  # bit for bit
+    assert hits.row(len(queries) - 2)[0].size == 0  # no shared term: no hit at all
+
+    rng = np.random.default_rng(3)
+    dense = rng.standard_normal((len(queries), len(titles))).astype(np.float32)
+    dense[:, ::7] = dense[:, :1]  # ties in the dense scores must break the same way too
+    for config in (
+        FusionConfig(method="rrf", depth=15),
+        FusionConfig(method="weighted", depth=15, dense_weight=0.3),
+        FusionConfig(method="rrf", depth=len(titles) + 5),  # deeper than the catalogue
+    ):
+        for k in (1, 10, 40):
+            want = fuse(dense, full, config, k)
+            got = fuse_sparse(dense, hits, config, k)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+    batch = slice(5, 17)  # one request's rows of a dynamic batch
+    np.testing.assert_array_equal(
+        fuse_sparse(dense[batch], hits.rows(batch), FusionConfig(depth=20), 10)[0],
+        fuse(dense[batch], full[batch], FusionConfig(depth=20), 10)[0],
+    )
+    with pytest.raises(ValueError, match="BM25 hits for"):
+        fuse_sparse(dense[:3], hits, FusionConfig(), 3)
 
 
 def test_a_hybrid_version_serves_in_triton_exactly_what_the_gate_scored(

@@ -95,7 +95,11 @@ def dense_run(
 
 
 def hybrid_retriever(
-    index: Any, fusion: Any, block: int = 256, fuse: Callable[..., Any] | None = None
+    index: Any,
+    fusion: Any,
+    block: int = 256,
+    fuse: Callable[..., Any] | None = None,
+    sparse: bool | None = None,
 ) -> RetrieveFn:
     """A :data:`RetrieveFn` fusing the dense scores with ``index``'s BM25 scores exactly as the
     served model does (:func:`.hybrid.fuse`, the same code a version folder carries).
@@ -103,10 +107,16 @@ def hybrid_retriever(
     The run's scores encode the fused order (``depth`` for the best, then ``depth - 1``...):
     ranx and :func:`.reranker.rerank_run` break score ties by product id, the served model by
     the dense score, so handing them the order keeps offline and served rankings identical.
-    ``fuse`` defaults to the platform's :func:`.hybrid.fuse`; the gate passes a version
-    folder's own copy."""
+    ``fuse`` defaults to the platform's :func:`.hybrid.fuse_sparse` (the top-k path the served
+    model runs: BM25 hits only, fusion over the candidate union); the gate passes a version
+    folder's own copy. ``sparse`` says whether ``fuse`` takes ``index.sparse_scores`` (the
+    ``fuse_sparse`` of a folder that has it) or a full ``index.scores`` array (``fuse``)."""
     if fuse is None:
-        from recsys.families.search.hybrid import fuse
+        from recsys.families.search.hybrid import fuse_sparse as fuse
+
+        sparse = True
+    if sparse is None:
+        sparse = getattr(fuse, "__name__", "") == "fuse_sparse"
 
     def retrieve(
         query_texts: list[str],
@@ -120,7 +130,8 @@ def hybrid_retriever(
         for start in range(0, len(query_texts), block):
             queries = query_texts[start : start + block]
             dense = query_emb[start : start + block] @ product_emb.T
-            indices, _ = fuse(dense, index.scores(queries), fusion, depth)
+            lexical = index.sparse_scores(queries) if sparse else index.scores(queries)
+            indices, _ = fuse(dense, lexical, fusion, depth)
             for query, row in zip(queries, indices, strict=True):
                 run[query] = {product_ids[i]: float(depth - rank) for rank, i in enumerate(row)}
         return run
@@ -140,7 +151,13 @@ def catalog_hybrid_retriever(
     if module is None:
         from recsys.families.search import hybrid as module
     index = module.LexicalIndex.build(titles, module.LexicalConfig.from_dict(lexical or {}))
-    return hybrid_retriever(index, module.FusionConfig.from_dict(fusion or {}), fuse=module.fuse)
+    sparse = hasattr(module, "fuse_sparse") and hasattr(index, "sparse_scores")
+    return hybrid_retriever(
+        index,
+        module.FusionConfig.from_dict(fusion or {}),
+        fuse=module.fuse_sparse if sparse else module.fuse,
+        sparse=sparse,
+    )
 
 
 def ranking_metrics(

@@ -41,6 +41,8 @@ TOKENIZER_FILE = "tokenizer.json"
 PRODUCTS_FILE = "products.npz"
 MANIFEST_FILE = "manifest.json"
 RERANKER_ONNX_FILE = "reranker.onnx"
+RERANKER_INT8_ONNX_FILE = "reranker.int8.onnx"
+RERANKER_PRECISIONS = ("fp32", "int8")
 RERANKER_TOKENIZER_FILE = "reranker_tokenizer.json"
 
 
@@ -103,6 +105,7 @@ def build_serving_artifacts(
     reranker_dir: Path | None = None,
     rerank_candidates: int = 20,
     rerank_max_length: int = 96,
+    rerank_precision: str = "fp32",
 ) -> Path:
     """Write encoder.onnx, tokenizer.json, products.npz (ids, embeddings, titles) and
     manifest.json into ``output_dir``.
@@ -159,6 +162,7 @@ def build_serving_artifacts(
             catalog,
             candidates=rerank_candidates,
             max_length=rerank_max_length,
+            precision=rerank_precision,
         )
     return output_dir
 
@@ -239,12 +243,23 @@ def add_reranker(
     *,
     candidates: int = 20,
     max_length: int = 96,
+    precision: str = "fp32",
 ) -> Path:
     """Turn a bi-encoder serving folder into a reranker model's, in place: ``reranker.onnx``
     and ``reranker_tokenizer.json`` (a cross-encoder checkpoint from
     :func:`.reranker.fine_tune_reranker`), the product titles in ``products.npz`` and the
     manifest's ``reranker`` section. Triton then reranks the bi-encoder's best
-    ``max(candidates, TOP_K)`` products per query, pairs truncated to ``max_length`` tokens."""
+    ``max(candidates, TOP_K)`` products per query, pairs truncated to ``max_length`` tokens.
+
+    ``precision="int8"`` also writes ``reranker.int8.onnx`` (dynamic per-channel INT8, as the
+    bi-encoder's ``encoder.int8.onnx``) and the section's ``onnx_file`` names it, so Triton
+    serves it and the gate scores it; ``reranker.onnx`` stays beside it (``fp32_onnx_file``)
+    for comparisons. The cross-encoder is the served path's dominant cost (every candidate is
+    a full transformer pass over query + title), which INT8 cuts by about 2x on CPU."""
+    if precision not in RERANKER_PRECISIONS:
+        raise ValueError(
+            f"rerank precision must be one of {RERANKER_PRECISIONS}, got {precision!r}"
+        )
     with np.load(artifacts_dir / PRODUCTS_FILE, allow_pickle=False) as stored:
         products = {name: stored[name] for name in stored.files}
     title_of = dict(
@@ -261,7 +276,9 @@ def add_reranker(
             f"catalogue given for the reranker, e.g. {unknown[:3]}"
         )
     titles = [title_of[str(i)] for i in products["ids"]]
-    section = _export_reranker(reranker_dir, artifacts_dir, titles, candidates, max_length)
+    section = _export_reranker(
+        reranker_dir, artifacts_dir, titles, candidates, max_length, precision
+    )
     products["titles"] = np.array(titles, dtype=np.str_)
     np.savez(artifacts_dir / PRODUCTS_FILE, **products)
     manifest = json.loads((artifacts_dir / MANIFEST_FILE).read_text())
@@ -271,7 +288,12 @@ def add_reranker(
 
 
 def _export_reranker(
-    reranker_dir: Path, output_dir: Path, titles: list[str], candidates: int, max_length: int
+    reranker_dir: Path,
+    output_dir: Path,
+    titles: list[str],
+    candidates: int,
+    max_length: int,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Export and verify the cross-encoder; return the manifest's ``reranker`` section.
 
@@ -285,6 +307,10 @@ def _export_reranker(
         torch_pair_scorer,
     )
 
+    if precision not in RERANKER_PRECISIONS:
+        raise ValueError(
+            f"rerank precision must be one of {RERANKER_PRECISIONS}, got {precision!r}"
+        )
     if candidates < 1 or max_length < 8:
         raise ValueError(
             f"rerank_candidates must be >= 1 and rerank_max_length >= 8, "
@@ -307,7 +333,7 @@ def _export_reranker(
             f"served reranker ({RERANKER_TOKENIZER_FILE} + {RERANKER_ONNX_FILE}) deviates from "
             f"PyTorch: max |logit diff| {diff:.5f}"
         )
-    return {
+    section = {
         "onnx_file": RERANKER_ONNX_FILE,
         "tokenizer_file": RERANKER_TOKENIZER_FILE,
         "candidates": int(min(candidates, len(titles))),
@@ -315,4 +341,35 @@ def _export_reranker(
         "onnx_inputs": reranker_onnx_inputs(onnx_path),
         "scores": "logits",
         "onnx_max_abs_diff": diff,
+    }
+    if precision == "int8":
+        section.update(
+            _quantize_reranker(onnx_path, tokenizer_path, max_length, probe_queries, probe_titles)
+        )
+    return section
+
+
+def _quantize_reranker(
+    onnx_path: Path,
+    tokenizer_path: Path,
+    max_length: int,
+    probe_queries: list[str],
+    probe_titles: list[str],
+) -> dict[str, Any]:
+    """``reranker.int8.onnx`` beside ``onnx_path`` and the manifest keys that serve it, with
+    how far its logits are from fp32's on the probe pairs (recorded, for the audit trail; the
+    ranking quality is the gate's business, which scores the file the manifest serves)."""
+    from recsys.families.search.quantization import quantize_encoder
+    from recsys.families.search.reranker import onnx_pair_scorer
+
+    int8_path = quantize_encoder(onnx_path, onnx_path.with_name(RERANKER_INT8_ONNX_FILE))
+    fp32 = onnx_pair_scorer(onnx_path, tokenizer_path, max_length)(probe_queries, probe_titles)
+    int8 = onnx_pair_scorer(int8_path, tokenizer_path, max_length)(probe_queries, probe_titles)
+    return {
+        "onnx_file": RERANKER_INT8_ONNX_FILE,
+        "fp32_onnx_file": RERANKER_ONNX_FILE,
+        "precision": "int8",
+        "int8_max_abs_diff": float(np.max(np.abs(int8 - fp32))),
+        "int8_onnx_bytes": int8_path.stat().st_size,
+        "fp32_onnx_bytes": onnx_path.stat().st_size,
     }

@@ -175,7 +175,8 @@ def save_index(retriever: Any, directory: Path, config: LexicalConfig) -> Path:
 
 
 class LexicalIndex:
-    """A loaded BM25 index: full-catalogue scores for a batch of queries."""
+    """A loaded BM25 index: the scores of a batch of queries, as a full ``[queries, products]``
+    array (:meth:`scores`) or as the queries' hits only (:meth:`sparse_scores`, what serves)."""
 
     def __init__(self, retriever: Any, config: LexicalConfig, products: int) -> None:
         self.retriever = retriever
@@ -212,6 +213,89 @@ class LexicalIndex:
             if terms:
                 out[row] = self.retriever.get_scores(terms)
         return out
+
+    def sparse_scores(self, queries: Sequence[str]) -> LexicalHits:
+        """The positive BM25 scores of a batch of queries, without a ``[queries, products]``
+        array: only the postings of the queries' terms are read, all queries in one vectorised
+        pass (no Python loop over products or postings). Values are exactly :meth:`scores`'
+        (float32, each query's terms added in the same order), so the served top-k path ranks
+        as the full-array one does; an index whose BM25 variant scores products that share
+        no term (``bm25l``/``bm25+``) takes the full-array path."""
+        retriever = self.retriever
+        if getattr(retriever, "nonoccurrence_array", None) is not None:
+            return LexicalHits.from_dense(self.scores(queries))
+        postings = retriever.scores
+        data, indices, indptr = postings["data"], postings["indices"], postings["indptr"]
+        vocab = retriever.vocab_dict
+        rows: list[int] = []
+        tokens: list[int] = []
+        for row, terms in enumerate(tokenize(queries, self.config)):
+            ids = [vocab[t] for t in terms if t in vocab]
+            rows.extend([row] * len(ids))
+            tokens.extend(ids)
+        n = len(queries)
+        if not tokens:
+            return LexicalHits.empty(n)
+        tokens_arr = np.asarray(tokens, dtype=np.int64)
+        starts, ends = indptr[tokens_arr].astype(np.int64), indptr[tokens_arr + 1].astype(np.int64)
+        lengths = ends - starts
+        total = int(lengths.sum())
+        if total == 0:
+            return LexicalHits.empty(n)
+        # Position of every posting of every (query, term), in query then term order.
+        offsets = np.cumsum(lengths) - lengths
+        positions = np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, lengths)
+        keys = np.repeat(np.asarray(rows, dtype=np.int64), lengths) * self.products + indices[
+            positions
+        ].astype(np.int64)
+        unique, inverse = np.unique(keys, return_inverse=True)
+        values = np.zeros(len(unique), dtype=np.dtype(retriever.dtype))
+        np.add.at(values, inverse, data[positions])  # in posting order, as get_scores adds
+        keep = values > 0
+        unique, values = unique[keep], values[keep]
+        row_of = unique // self.products
+        return LexicalHits(
+            np.searchsorted(row_of, np.arange(n + 1)),
+            (unique % self.products).astype(np.int64),
+            values.astype(np.float32, copy=False),
+        )
+
+
+@dataclass(frozen=True)
+class LexicalHits:
+    """The positive BM25 scores of a batch of queries, row by row (CSR): query ``i``'s
+    products are ``docs[indptr[i]:indptr[i + 1]]`` (ascending) with scores ``values[...]``."""
+
+    indptr: np.ndarray
+    docs: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int) -> LexicalHits:
+        return cls(np.zeros(n + 1, dtype=np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+
+    @classmethod
+    def from_dense(cls, scores: np.ndarray) -> LexicalHits:
+        rows, docs = np.nonzero(scores > 0)
+        indptr = np.searchsorted(rows, np.arange(scores.shape[0] + 1))
+        return cls(indptr, docs.astype(np.int64), scores[rows, docs].astype(np.float32))
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        start, end = self.indptr[i], self.indptr[i + 1]
+        return self.docs[start:end], self.values[start:end]
+
+    def rows(self, selected: slice) -> LexicalHits:
+        """The hits of the queries ``selected`` (a step-1 slice), as their own batch."""
+        start, stop, _ = selected.indices(len(self))
+        base = self.indptr[start]
+        return LexicalHits(
+            self.indptr[start : stop + 1] - base,
+            self.docs[base : self.indptr[stop]],
+            self.values[base : self.indptr[stop]],
+        )
 
 
 def top_indices(scores: np.ndarray, depth: int) -> np.ndarray:
@@ -276,6 +360,55 @@ def fuse(
         if len(ranked) < k:
             taken = set(ranked.tolist())
             rest = [c for c in top_indices(dense[row], products) if c not in taken]
+            floor = float(ranked_scores.min()) if len(ranked_scores) else 0.0
+            ranked = np.concatenate([ranked, np.asarray(rest[: k - len(ranked)], dtype=np.int64)])
+            ranked_scores = np.concatenate(
+                [ranked_scores, np.full(k - len(ranked_scores), floor - 1.0)]
+            )
+        indices[row] = ranked[:k]
+        scores[row] = ranked_scores[:k]
+    return indices, scores
+
+
+def fuse_sparse(
+    dense: np.ndarray, lexical: LexicalHits, config: FusionConfig, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fuse` from the queries' BM25 hits (:meth:`LexicalIndex.sparse_scores`) instead of
+    a full BM25 array: the same candidates (dense top-``depth`` and BM25 top-``depth``), the same
+    fused scores and the same order, computed on the union of the two lists only. This is what
+    the served model runs; :func:`fuse` stays as the reference it is tested against."""
+    n, products = dense.shape
+    if len(lexical) != n:
+        raise ValueError(f"dense scores for {n} queries but BM25 hits for {len(lexical)}")
+    k = min(k, products)
+    depth = max(config.depth, k)
+    indices = np.empty((n, k), dtype=np.int64)
+    scores = np.empty((n, k), dtype=np.float32)
+    for row in range(n):
+        dense_row = dense[row]
+        hit_docs, hit_values = lexical.row(row)
+        dense_top = top_indices(dense_row, depth)
+        lexical_top = hit_docs[top_indices(hit_values, depth)]  # docs ascend: ties to lower id
+        candidates = np.union1d(dense_top, lexical_top)
+        if config.method == "rrf":
+            values = np.zeros(len(candidates), dtype=np.float64)
+            for top in (dense_top, lexical_top):
+                at = np.searchsorted(candidates, top)
+                values[at] += 1.0 / (config.rrf_k + 1.0 + np.arange(len(top)))
+        else:
+            at = np.searchsorted(hit_docs, candidates)
+            found = at < len(hit_docs)
+            found[found] = hit_docs[at[found]] == candidates[found]
+            bm25 = np.zeros(len(candidates), dtype=np.float32)
+            bm25[found] = hit_values[at[found]]
+            values = config.dense_weight * _min_max(dense_row[candidates]) + (
+                1.0 - config.dense_weight
+            ) * _min_max(bm25)
+        order = np.lexsort((candidates, -dense_row[candidates], -values))
+        ranked, ranked_scores = candidates[order], values[order]
+        if len(ranked) < k:
+            taken = set(ranked.tolist())
+            rest = [c for c in top_indices(dense_row, products) if c not in taken]
             floor = float(ranked_scores.min()) if len(ranked_scores) else 0.0
             ranked = np.concatenate([ranked, np.asarray(rest[: k - len(ranked)], dtype=np.int64)])
             ranked_scores = np.concatenate(

@@ -46,7 +46,10 @@ arrived, and the state of the sample folder.
 A manifest with a ``hybrid`` section makes retrieval hybrid: BM25 over the product titles
 (the ``bm25.*`` index files) is fused with the dense scores by ``hybrid.py``, a copy of
 ``recsys.families.search.hybrid`` that the export put in the version folder and that this model
-loads from there (the gate scored that same code). SCORES are then fused scores.
+loads from there (the gate scored that same code). SCORES are then fused scores. BM25 is read
+only for the queries' terms (``LexicalIndex.sparse_scores``) and fused over the union of the
+dense and BM25 top-``depth`` lists (``fuse_sparse``); a folder whose ``hybrid.py`` predates
+them fuses full arrays (``fuse``), with the same results.
 
 ONNX Runtime runs on the CPU unless ``RECSYS_ORT_DEVICE`` (inherited from tritonserver's
 environment) says ``cuda`` (the CUDA execution provider, an error if this onnxruntime has none)
@@ -54,10 +57,12 @@ or ``auto`` (CUDA when available, else CPU, logged): the compose GPU override se
 
 A manifest with a ``reranker`` section (see :func:`reranker_config`) makes this a two-stage
 model: the bi-encoder retrieves the ``max(candidates, TOP_K)`` best products by dot product, a
-cross-encoder (``reranker.onnx`` + ``reranker_tokenizer.json``, titles from ``products.npz``)
-rescores every (query, title) pair of the batch in one ONNX call, and the TOP_K best by
-cross-encoder are returned. SCORES are then the cross-encoder's raw logits (``sigmoid(score)``
-is the predicted relevance probability; >= 0 means "relevant"), not cosines.
+cross-encoder (the section's ``onnx_file``: ``reranker.onnx``, or ``reranker.int8.onnx`` for an
+INT8 export; ``reranker_tokenizer.json``; titles from ``products.npz``) rescores every (query,
+title) pair of the batch, tokenised once and scored in length-sorted chunks of
+:data:`RERANK_CHUNK_PAIRS`, and the TOP_K best by cross-encoder are returned. SCORES are then
+the cross-encoder's raw logits (``sigmoid(score)`` is the predicted relevance probability; >= 0
+means "relevant"), not cosines.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ import importlib.util
 import json
 import os
 import random
+import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -79,6 +86,10 @@ import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
 REQUIRED_FILES = ("encoder.onnx", "tokenizer.json", "products.npz", "manifest.json")
+RERANK_CHUNK_PAIRS = 32
+"""Cross-encoder pairs per ONNX call: a batch's pairs are sorted by token length and scored in
+chunks of this many, each padded to its own longest pair (one call over all of a dynamic batch's
+pairs pads every pair to the longest one and ran 2-3x slower per pair on CPU)."""
 DEFAULT_ONNX_FILE = "encoder.onnx"
 
 
@@ -184,6 +195,29 @@ def _onnx_feed(encodings: list[Any], names: list[str]) -> dict[str, np.ndarray]:
         "token_type_ids": lambda: [e.type_ids for e in encodings],
     }
     return {name: np.asarray(columns[name](), dtype=np.int64) for name in names}
+
+
+def _pad_id(path: Path) -> int:
+    """The tokenizer's padding id (``[PAD]``'s, else 0), as :func:`_padded_tokenizer` pads."""
+    tokenizer = Tokenizer.from_file(str(path))
+    pad_token = (tokenizer.padding or {}).get("pad_token") or "[PAD]"
+    return tokenizer.token_to_id(pad_token) or 0
+
+
+def _padded_feed(encodings: list[Any], names: list[str], pad_id: int) -> dict[str, np.ndarray]:
+    """:func:`_onnx_feed` for unpadded encodings: right-padded to the longest of them, with
+    ``pad_id`` / mask 0 / segment 0, exactly as the padding tokenizer pads a batch."""
+    width = max(len(e.ids) for e in encodings)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
+    field = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+    feed = {}
+    for name in names:
+        array = np.full((len(encodings), width), fill[name], dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            values = getattr(encoding, field[name])
+            array[row, : len(values)] = values
+        feed[name] = array
+    return feed
 
 
 def _best(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -345,10 +379,18 @@ def _error_key(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0) or type(exc).__name__
 
 
+def _writer_tag() -> str:
+    """``<host>-<pid>``: names this process's sample files. Several Triton replicas write into
+    one shared folder, and every container numbers its processes from 1, so the pid alone
+    would let two replicas append to the same file."""
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+    return f"{host}-{os.getpid()}"
+
+
 class QuerySampler:
     """Appends a random share of the served queries to JSON-lines files for the drift check.
 
-    Files are ``<dir>/<model>/<version>/queries-<pid>-<n>.jsonl`` holding one
+    Files are ``<dir>/<model>/<version>/queries-<host>-<pid>-<n>.jsonl`` holding one
     ``{"ts": ..., "query": ...}`` per line: one writer per file (each model instance is its own
     process), append-only, so the reader can keep a byte offset per file. A file that reaches
     ``max_bytes`` is closed and the next segment started; only the newest
@@ -421,10 +463,10 @@ class QuerySampler:
         return cls(directory, rate, max_bytes, log, retry_s=retry_s)
 
     def _segment_path(self, segment: int) -> Path:
-        return self.directory / f"queries-{os.getpid()}-{segment:06d}.jsonl"
+        return self.directory / f"queries-{_writer_tag()}-{segment:06d}.jsonl"
 
     def _segments(self) -> list[int]:
-        prefix = f"queries-{os.getpid()}-"
+        prefix = f"queries-{_writer_tag()}-"
         found = []
         for path in self.directory.glob(f"{prefix}*.jsonl"):
             number = path.name[len(prefix) : -len(".jsonl")]
@@ -686,8 +728,13 @@ class TritonPythonModel:
             raise ValueError(f"manifest hybrid must be an object, got {section!r}")
         module = load_hybrid_module(version_dir, version)
         self.fusion = module.FusionConfig.from_dict(section)
-        self.fuse = module.fuse
         self.lexical = module.LexicalIndex.load(version_dir, products=n_products)
+        # The top-k path (BM25 hits of the queries' terms only, fusion over the union of the
+        # two candidate lists); a folder exported before it existed fuses full arrays.
+        self.sparse_fusion = hasattr(module, "fuse_sparse") and hasattr(
+            self.lexical, "sparse_scores"
+        )
+        self.fuse = module.fuse_sparse if self.sparse_fusion else module.fuse
 
     def _load_reranker(self, version_dir: Path, options: Any, titles: Any) -> None:
         """The cross-encoder session, its pair tokenizer and the titles it reads, or
@@ -722,6 +769,8 @@ class TritonPythonModel:
         self.reranker_tokenizer = _padded_tokenizer(
             version_dir / config["tokenizer_file"], config["max_length"]
         )
+        self.reranker_tokenizer.no_padding()  # each chunk is padded to its own longest pair
+        self.reranker_pad_id = _pad_id(version_dir / config["tokenizer_file"])
         self.rerank_candidates = config["candidates"]
         self.product_titles = [str(title) for title in titles]
 
@@ -782,7 +831,13 @@ class TritonPythonModel:
         if self.query_sampler is not None:
             self._sample(texts)
         scores = self._embed(texts) @ self.product_embeddings.T
-        lexical = self.lexical.scores(texts) if self.lexical is not None else None
+        lexical = None
+        if self.lexical is not None:
+            lexical = (
+                self.lexical.sparse_scores(texts)
+                if self.sparse_fusion
+                else self.lexical.scores(texts)
+            )
         ranked = []
         row = 0
         for index, queries, top_k in parsed:
@@ -793,7 +848,8 @@ class TritonPythonModel:
             if lexical is None:
                 top = _best(scores[rows], depth)
             else:
-                top = self.fuse(scores[rows], lexical[rows], self.fusion, depth)
+                lexical_rows = lexical.rows(rows) if self.sparse_fusion else lexical[rows]
+                top = self.fuse(scores[rows], lexical_rows, self.fusion, depth)
             ranked.append((index, queries, top_k, *top))
         if self.reranker is not None:
             ranked = self._rerank(ranked)
@@ -808,8 +864,10 @@ class TritonPythonModel:
         return responses
 
     def _rerank(self, ranked: list[tuple]) -> list[tuple]:
-        """Rescore every retrieved (query, title) pair of the batch with one cross-encoder
-        call and re-sort each row by its logits (ties keep the bi-encoder's order)."""
+        """Rescore every retrieved (query, title) pair of the batch with the cross-encoder and
+        re-sort each row by its logits (ties keep the first stage's order). The pairs are
+        tokenised once, in one call, then scored in length-sorted chunks of
+        :data:`RERANK_CHUNK_PAIRS`, each padded only to its own longest pair."""
         pairs = [
             (query, self.product_titles[column])
             for _, queries, _, top, _ in ranked
@@ -817,8 +875,14 @@ class TritonPythonModel:
             for column in columns
         ]
         encodings = self.reranker_tokenizer.encode_batch(pairs)
-        logits = self.reranker.run(None, _onnx_feed(encodings, self.reranker_inputs))[0]
-        logits = logits.astype(np.float32, copy=False).reshape(-1)
+        logits = np.empty(len(pairs), dtype=np.float32)
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        for start in range(0, len(order), RERANK_CHUNK_PAIRS):
+            chunk = order[start : start + RERANK_CHUNK_PAIRS]
+            feed = _padded_feed(
+                [encodings[i] for i in chunk], self.reranker_inputs, self.reranker_pad_id
+            )
+            logits[chunk] = self.reranker.run(None, feed)[0].reshape(-1)
         reranked = []
         start = 0
         for index, queries, top_k, top, _ in ranked:
