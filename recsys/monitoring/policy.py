@@ -410,14 +410,7 @@ def check_once(
         keep_baseline = False
         if previous is None or current.taken_at <= previous.taken_at:
             why = "no baseline yet" if previous is None else "clock went backwards"
-            verdict = Verdict(
-                model=model,
-                breached=False,
-                should_rollback=False,
-                reasons=[*notes, f"{why}: stored a baseline snapshot, nothing to compare yet"],
-                stats=None,
-                consecutive=count,
-            )
+            verdict = _undecided(model, [*notes, f"{why}: stored a baseline snapshot"], count)
         else:
             stats = _model_window(previous, current, model, exclude_versions)
             age = current.taken_at - previous.taken_at
@@ -460,6 +453,19 @@ def check_once(
         "; ".join(verdict.reasons),
     )
     return verdict
+
+
+def _undecided(model: str, reasons: list[str], consecutive: int) -> Verdict:
+    """A verdict that decides nothing: a baseline was just stored, there is nothing to compare
+    yet; the breach count stays as it was."""
+    return Verdict(
+        model=model,
+        breached=False,
+        should_rollback=False,
+        reasons=[*reasons[:-1], f"{reasons[-1]}, nothing to compare yet"],
+        stats=None,
+        consecutive=consecutive,
+    )
 
 
 def _opening_notes(
@@ -600,14 +606,7 @@ def check_replicas(
                 if baselined
                 else "no metrics for the model on any replica"
             )
-            verdict = Verdict(
-                model=model,
-                breached=False,
-                should_rollback=False,
-                reasons=[*notes, f"{why}: stored baseline snapshots, nothing to compare yet"],
-                stats=None,
-                consecutive=count,
-            )
+            verdict = _undecided(model, [*notes, f"{why}: stored baseline snapshots"], count)
         elif whole.requests < thresholds.min_requests and age < thresholds.max_window_s:
             keep_baseline = True
             verdict = Verdict(

@@ -325,6 +325,25 @@ def _min_max(values: np.ndarray) -> np.ndarray:
     return (values.astype(np.float64) - low) / (high - low)
 
 
+def _ranked(
+    candidates: np.ndarray, values: np.ndarray, dense_row: np.ndarray, products: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best ``candidates`` by fused ``values``, ties broken by the dense score, then by
+    index (deterministic); when fewer than ``k`` were fused, padded with the best remaining
+    products by dense score, scored below every fused one."""
+    order = np.lexsort((candidates, -dense_row[candidates], -values))
+    ranked, ranked_scores = candidates[order], values[order]
+    if len(ranked) < k:
+        taken = set(ranked.tolist())
+        rest = [c for c in top_indices(dense_row, products) if c not in taken]
+        floor = float(ranked_scores.min()) if len(ranked_scores) else 0.0
+        ranked = np.concatenate([ranked, np.asarray(rest[: k - len(ranked)], dtype=np.int64)])
+        ranked_scores = np.concatenate(
+            [ranked_scores, np.full(k - len(ranked_scores), floor - 1.0)]
+        )
+    return ranked[:k], ranked_scores[:k]
+
+
 def fuse(
     dense: np.ndarray, lexical: np.ndarray, config: FusionConfig, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -355,18 +374,7 @@ def fuse(
                 1.0 - config.dense_weight
             ) * _min_max(lexical[row, candidates])
         # Best fused first; ties broken by the dense score, then by index (deterministic).
-        order = np.lexsort((candidates, -dense[row, candidates], -values))
-        ranked, ranked_scores = candidates[order], values[order]
-        if len(ranked) < k:
-            taken = set(ranked.tolist())
-            rest = [c for c in top_indices(dense[row], products) if c not in taken]
-            floor = float(ranked_scores.min()) if len(ranked_scores) else 0.0
-            ranked = np.concatenate([ranked, np.asarray(rest[: k - len(ranked)], dtype=np.int64)])
-            ranked_scores = np.concatenate(
-                [ranked_scores, np.full(k - len(ranked_scores), floor - 1.0)]
-            )
-        indices[row] = ranked[:k]
-        scores[row] = ranked_scores[:k]
+        indices[row], scores[row] = _ranked(candidates, values, dense[row], products, k)
     return indices, scores
 
 
@@ -404,16 +412,5 @@ def fuse_sparse(
             values = config.dense_weight * _min_max(dense_row[candidates]) + (
                 1.0 - config.dense_weight
             ) * _min_max(bm25)
-        order = np.lexsort((candidates, -dense_row[candidates], -values))
-        ranked, ranked_scores = candidates[order], values[order]
-        if len(ranked) < k:
-            taken = set(ranked.tolist())
-            rest = [c for c in top_indices(dense_row, products) if c not in taken]
-            floor = float(ranked_scores.min()) if len(ranked_scores) else 0.0
-            ranked = np.concatenate([ranked, np.asarray(rest[: k - len(ranked)], dtype=np.int64)])
-            ranked_scores = np.concatenate(
-                [ranked_scores, np.full(k - len(ranked_scores), floor - 1.0)]
-            )
-        indices[row] = ranked[:k]
-        scores[row] = ranked_scores[:k]
+        indices[row], scores[row] = _ranked(candidates, values, dense_row, products, k)
     return indices, scores
