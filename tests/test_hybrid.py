@@ -101,6 +101,11 @@ def test_the_top_k_bm25_path_ranks_exactly_as_the_full_score_path(frames):
             got = fuse_sparse(dense, hits, config, k)
             np.testing.assert_array_equal(got[0], want[0])
             np.testing.assert_array_equal(got[1], want[1])
+        # The first results do not depend on how many are asked (a client's 10, the gate's 100),
+        # even when more are asked than the fusion depth.
+        few, many = fuse_sparse(dense, hits, config, 10), fuse_sparse(dense, hits, config, 40)
+        np.testing.assert_array_equal(many[0][:, :10], few[0])
+        np.testing.assert_array_equal(many[1][:, :10], few[1])
     batch = slice(5, 17)  # one request's rows of a dynamic batch
     np.testing.assert_array_equal(
         fuse_sparse(dense[batch], hits.rows(batch), FusionConfig(depth=20), 10)[0],

@@ -350,14 +350,16 @@ def fuse(
     """The ``k`` best products per query by fused score: (indices ``[n, k]``, scores ``[n, k]``).
 
     ``dense`` and ``lexical`` are ``[n, products]`` score matrices. Products BM25 scores 0 share
-    no term with the query and are not in the lexical list. When the candidate set is smaller
-    than ``k`` (a tiny catalogue), the remaining slots follow the dense order below it.
+    no term with the query and are not in the lexical list. Both lists are ``config.depth``
+    deep whatever ``k`` is, so the first results are the same whether a client asks for 10 or
+    the gate for 100 (deeper lists would add reciprocal ranks and reorder them). When the
+    candidate set is smaller than ``k``, the remaining slots follow the dense order below it.
     """
     if dense.shape != lexical.shape:
         raise ValueError(f"dense scores {dense.shape} and BM25 scores {lexical.shape} differ")
     n, products = dense.shape
     k = min(k, products)
-    depth = max(config.depth, k)
+    depth = config.depth  # never k: the first results must not depend on how many are asked
     indices = np.empty((n, k), dtype=np.int64)
     scores = np.empty((n, k), dtype=np.float32)
     for row in range(n):
@@ -389,7 +391,7 @@ def fuse_sparse(
     if len(lexical) != n:
         raise ValueError(f"dense scores for {n} queries but BM25 hits for {len(lexical)}")
     k = min(k, products)
-    depth = max(config.depth, k)
+    depth = config.depth  # never k: the first results must not depend on how many are asked
     indices = np.empty((n, k), dtype=np.int64)
     scores = np.empty((n, k), dtype=np.float32)
     for row in range(n):
