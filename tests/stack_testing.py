@@ -25,6 +25,19 @@ STACK_PORT_VARIABLES = (
 )
 
 
+LOCAL_SERVICES = frozenset(
+    {
+        "triton",
+        "mlflow",
+        "airflow-api-server",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+    }
+)
+"""The services ``recsys stack up`` starts with the default (local) executor."""
+
+
 def isolated_stack_environment(root: Path) -> dict[str, str | None]:
     """The variables that put a whole stack on free ports with its state under ``root``
     (``None``: unset it): the default model name, no cron for the pipeline, the stack's own

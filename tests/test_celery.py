@@ -25,7 +25,12 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.stack_testing import apply_environment, isolated_stack_environment, wait_for
+from tests.stack_testing import (
+    LOCAL_SERVICES,
+    apply_environment,
+    isolated_stack_environment,
+    wait_for,
+)
 from tests.triton_testing import free_port
 
 pytestmark = pytest.mark.celery
@@ -37,14 +42,6 @@ CELERY_SERVICES = {
     "airflow-worker-training",
     "airflow-worker-serving",
     "airflow-worker-monitoring",
-}
-LOCAL_SERVICES = {
-    "triton",
-    "mlflow",
-    "airflow-api-server",
-    "airflow-scheduler",
-    "airflow-dag-processor",
-    "airflow-triggerer",
 }
 
 

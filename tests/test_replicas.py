@@ -33,7 +33,8 @@ from recsys.triton.replicas import (
     resolve_entries,
 )
 from recsys.triton.server import TritonServer, cleanup_shared_memory
-from tests.triton_testing import free_port, register_version
+from tests.stack_testing import wait_for
+from tests.triton_testing import free_port, register_version, settled_value
 
 SMOKE = {"query": "angle bracket", "top_k": 5}
 QUERIES = ["angle bracket", "deck screws", "wood glue", "paint roller", "door hinge"]
@@ -267,13 +268,14 @@ def test_a_replica_killed_during_rollback_fails_it_cleanly(replicas, search_arti
 
     def kill_b_once_a_switched() -> None:
         with replicas.control("a") as control:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                if control.loaded_versions(model) == [v1]:
-                    replicas.kill("b")
-                    killed.set()
-                    return
-                time.sleep(0.02)
+            wait_for(
+                f"replica a to serve v{v1}",
+                lambda: control.loaded_versions(model) == [v1],
+                timeout_s=120,
+                poll_s=0.02,
+            )
+        replicas.kill("b")
+        killed.set()
 
     killer = threading.Thread(target=kill_b_once_a_switched, daemon=True)
     killer.start()
@@ -316,18 +318,13 @@ def _settled(replicas: Replicas, model: str, expected: dict[str, float]) -> None
     records a request's statistics just after answering it."""
     from recsys.monitoring.metrics import scrape
 
-    deadline = time.monotonic() + 15
-    while True:
-        seen = {}
-        for name in expected:
-            snapshot = scrape(f"http://127.0.0.1:{replicas.servers[name].metrics_port}/metrics")
-            seen[name] = sum(
-                c.success + c.failure for (m, _), c in snapshot.models.items() if m == model
-            )
-        if seen == expected or time.monotonic() > deadline:
-            assert seen == expected
-            return
-        time.sleep(0.1)
+    def requests(name: str) -> float:
+        snapshot = scrape(f"http://127.0.0.1:{replicas.servers[name].metrics_port}/metrics")
+        return sum(c.success + c.failure for (m, _), c in snapshot.models.items() if m == model)
+
+    seen = {name: settled_value(lambda n=name: requests(n), count, timeout_s=15)
+            for name, count in expected.items()}  # fmt: skip
+    assert seen == expected
 
 
 def _watch(settings: Any, **options: Any) -> Any:

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import requests
 
-from tests.stack_testing import apply_environment, isolated_stack_environment
+from tests.stack_testing import LOCAL_SERVICES, apply_environment, isolated_stack_environment
 
 
 @pytest.fixture
@@ -43,14 +43,7 @@ def test_stack_up_status_login_and_down(stack_settings):
     try:
         stack.up(stack_settings, echo=lambda _: None)
         rows = {row["service"]: row for row in stack.status(stack_settings)}
-        assert set(rows) == {
-            "triton",
-            "mlflow",
-            "airflow-api-server",
-            "airflow-scheduler",
-            "airflow-dag-processor",
-            "airflow-triggerer",
-        }
+        assert set(rows) == LOCAL_SERVICES
         assert all(row["healthy"] for row in rows.values()), rows
 
         pids = set()

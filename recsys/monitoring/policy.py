@@ -420,19 +420,7 @@ def check_once(
                 and age < thresholds.max_window_s
             ):
                 keep_baseline = True
-                verdict = Verdict(
-                    model=model,
-                    breached=False,
-                    should_rollback=False,
-                    reasons=[
-                        *notes,
-                        f"window growing: {stats.requests:g} requests in {age:.0f}s (judged at "
-                        f"{thresholds.min_requests} requests or after "
-                        f"{thresholds.max_window_s:g}s); no decision yet",
-                    ],
-                    stats=stats,
-                    consecutive=count,
-                )
+                verdict = _growing(model, notes, stats, "", age, thresholds, count)
             else:
                 verdict = evaluate(stats, thresholds, count)
                 verdict.model = model
@@ -464,6 +452,32 @@ def _undecided(model: str, reasons: list[str], consecutive: int) -> Verdict:
         should_rollback=False,
         reasons=[*reasons[:-1], f"{reasons[-1]}, nothing to compare yet"],
         stats=None,
+        consecutive=consecutive,
+    )
+
+
+def _growing(
+    model: str,
+    notes: list[str],
+    stats: WindowStats,
+    where: str,
+    age: float,
+    thresholds: Thresholds,
+    consecutive: int,
+) -> Verdict:
+    """No decision yet: the window has too few requests and is younger than ``max_window_s``,
+    so it keeps its baseline and grows (``where``: e.g. " on 2 replicas")."""
+    return Verdict(
+        model=model,
+        breached=False,
+        should_rollback=False,
+        reasons=[
+            *notes,
+            f"window growing: {stats.requests:g} requests{where} in {age:.0f}s (judged at "
+            f"{thresholds.min_requests} requests or after {thresholds.max_window_s:g}s); "
+            "no decision yet",
+        ],
+        stats=stats,
         consecutive=consecutive,
     )
 
@@ -609,19 +623,8 @@ def check_replicas(
             verdict = _undecided(model, [*notes, f"{why}: stored baseline snapshots"], count)
         elif whole.requests < thresholds.min_requests and age < thresholds.max_window_s:
             keep_baseline = True
-            verdict = Verdict(
-                model=model,
-                breached=False,
-                should_rollback=False,
-                reasons=[
-                    *notes,
-                    f"window growing: {whole.requests:g} requests on {len(windows)} replicas in "
-                    f"{age:.0f}s (judged at {thresholds.min_requests} requests or after "
-                    f"{thresholds.max_window_s:g}s); no decision yet",
-                ],
-                stats=whole,
-                consecutive=count,
-            )
+            where = f" on {len(windows)} replicas"
+            verdict = _growing(model, notes, whole, where, age, thresholds, count)
         else:
             for name, stats in windows.items():
                 judged = evaluate(
