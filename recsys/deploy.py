@@ -250,15 +250,14 @@ class ReplicaSyncError(RuntimeError):
 def replica_versions(settings: Settings) -> dict[str, list[int] | str]:
     """What every Triton replica serves of ``settings.model_name`` now: the READY versions, or
     the reason the replica could not be asked (it is reported, never guessed)."""
+    from recsys.rollback import serving_now
     from recsys.triton.control import TritonControl
 
     answer: dict[str, list[int] | str] = {}
     for replica in settings.triton_replicas():
-        try:
-            with TritonControl(replica.grpc_url, timeout_s=10.0) as control:
-                answer[replica.name] = control.loaded_versions(settings.model_name)
-        except Exception as exc:  # reported per replica, with its reason
-            answer[replica.name] = f"unreachable: {exc.__class__.__name__}: {exc}"
+        with TritonControl(replica.grpc_url, timeout_s=10.0) as control:
+            versions, why = serving_now(control, settings.model_name)
+        answer[replica.name] = versions if versions is not None else f"unreachable: {why}"
     return answer
 
 
